@@ -1,0 +1,351 @@
+"""mmopd/MathText-v0: single-turn math problems as a text env (question in, reply text out)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import operator
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import gymnasium
+
+from .answers import check_answer
+from .spaces import text_space
+
+__all__ = [
+    "DatasetError",
+    "MathTextEnv",
+    "Problem",
+    "check_answer",
+    "generate_problem",
+    "load_problems",
+]
+
+LEVELS = (1, 2, 3, 4, 5)
+# Number of distinct questions per level (a - b only with a >= b), so the held-out set can be
+# capped at half of it and never eats the whole train space.
+_CAPACITY = {
+    1: 10 * 10,
+    2: 90 * 90,
+    3: 90 * 90 + 90 * 91 // 2,
+    4: 900 * 900 + 900 * 901 // 2,
+    5: 90 * 8,
+}
+_TEST_SEED = 20_240_917  # fixed: the held-out set must be identical on every machine and run
+TEACHER_TEMPLATE = "{question}\n\nReference solution: {solution}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One problem; `solution` (a worked solution, may be None) is the teacher's privileged view."""
+
+    question: str
+    answer: str
+    solution: str | None
+    id: str
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def _columns(n: int) -> list[int]:
+    return [int(d) for d in reversed(str(n))]  # least significant digit first
+
+
+def _add_solution(a: int, b: int) -> str:
+    xs, ys, steps, carry = _columns(a), _columns(b), [], 0
+    width = max(len(xs), len(ys))
+    for i in range(width):
+        terms = xs[i : i + 1] + ys[i : i + 1] + ([carry] if carry else [])
+        total = sum(terms)
+        expr = "+".join(map(str, terms)) + f"={total}"
+        if i == width - 1:
+            steps.append(expr + ".")
+        else:
+            carry = total // 10
+            steps.append(expr + f", write {total % 10}" + (f" carry {carry}." if carry else "."))
+    return " ".join(steps)
+
+
+def _sub_solution(a: int, b: int) -> str:  # requires a >= b, so the top column never borrows
+    xs, ys, steps, borrow = _columns(a), _columns(b), [], 0
+    for i, x in enumerate(xs):
+        y = ys[i] if i < len(ys) else 0
+        top = x + 10 if x - borrow - y < 0 else x
+        expr = str(top) + (f"-{borrow}" if borrow else "") + (f"-{y}" if i < len(ys) else "")
+        expr += f"={top - borrow - y}"
+        borrow = int(top > x)
+        steps.append(expr + (", borrow 1." if borrow else "."))
+    return " ".join(steps)
+
+
+def _mul_solution(a: int, d: int) -> str:
+    xs, steps, carry = _columns(a), [], 0
+    for i, x in enumerate(xs):
+        total = x * d + carry
+        expr = f"{x}*{d}" + (f"+{carry}" if carry else "") + f"={total}"
+        if i == len(xs) - 1:
+            steps.append(expr + ".")
+        else:
+            carry = total // 10
+            steps.append(expr + f", write {total % 10}" + (f" carry {carry}." if carry else "."))
+    return " ".join(steps)
+
+
+def generate_problem(rng: random.Random, level: int, problem_id: str | None = None) -> Problem:
+    """One arithmetic problem with a column-by-column worked solution ending in \\boxed{}.
+
+    Levels: 1 single-digit +; 2 two-digit +; 3 two-digit + or - (result >= 0);
+    4 three-digit + or -; 5 two-digit * one-digit (2..9).
+    """
+    _check_level(level)
+    if level == 5:
+        a, b, op = rng.randint(10, 99), rng.randint(2, 9), "*"
+    else:
+        lo, hi = {1: (0, 9), 2: (10, 99), 3: (10, 99), 4: (100, 999)}[level]
+        op = rng.choice("+-") if level >= 3 else "+"
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        if op == "-" and a < b:
+            a, b = b, a
+    result, solve = {"+": (a + b, _add_solution), "-": (a - b, _sub_solution),
+                     "*": (a * b, _mul_solution)}[op]  # fmt: skip
+    question = f"{a}{op}{b}="
+    solution = f"{solve(a, b)} \\boxed{{{result}}}"
+    return Problem(question, str(result), solution, problem_id or f"synthetic-L{level}-{a}{op}{b}")
+
+
+def _check_level(level: Any) -> None:
+    if isinstance(level, bool) or not isinstance(level, int) or level not in LEVELS:
+        raise ValueError(f"level must be an int in 1..5, got {level!r}")
+
+
+@functools.lru_cache(maxsize=32)
+def _test_set(level: int, test_size: int) -> tuple[Problem, ...]:
+    # At most half of a level's questions are held out, so training always has problems left
+    # (level 1 only has 100 distinct questions).
+    size = min(test_size, _CAPACITY[level] // 2)
+    rng, seen, problems = random.Random(_TEST_SEED + level), set(), []
+    while len(problems) < size:
+        p = generate_problem(rng, level, f"synthetic-L{level}-test-{len(problems)}")
+        if p.question not in seen:
+            seen.add(p.question)
+            problems.append(p)
+    return tuple(problems)
+
+
+@functools.lru_cache(maxsize=32)
+def _test_questions(level: int, test_size: int) -> frozenset[str]:
+    return frozenset(p.question for p in _test_set(level, test_size))
+
+
+# ----------------------------------------------------------------------------- files
+
+
+class DatasetError(ValueError):
+    """A problem file that cannot be loaded; the message names the file, row and field."""
+
+
+_JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def _field(row: Any, key: str, where: str, required: bool) -> str | None:
+    value = row.get(key) if isinstance(row, dict) else None
+    if value is None:
+        if required:
+            raise DatasetError(f"{where}: missing field {key!r}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DatasetError(
+            f"{where}: field {key!r} must be a string or a number, got {type(value).__name__}"
+        )
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise DatasetError(f"{where}: field {key!r} is {value}")
+        value = int(value) if value.is_integer() else value  # 3.0 -> "3", the natural gold
+    text = str(value).strip()
+    if not text and required:
+        raise DatasetError(f"{where}: field {key!r} is an empty string")
+    return text or None
+
+
+def _read_rows(path: Path) -> list[tuple[int, Any]]:
+    """(1-based row number, record): the line number for JSON lines, the row for parquet."""
+    suffix = path.suffix.lower()
+    if suffix in _PARQUET_SUFFIXES:
+        import pyarrow.parquet as pq  # imported lazily: only file-backed envs need pyarrow
+
+        try:
+            return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+        except Exception as e:  # corrupt file, not parquet at all, ...
+            raise DatasetError(f"{path}: cannot read parquet file ({e})") from e
+    if suffix not in _JSONL_SUFFIXES:
+        supported = ", ".join(_JSONL_SUFFIXES + _PARQUET_SUFFIXES)
+        raise DatasetError(f"{path}: unknown file type {suffix!r}; supported: {supported}")
+    rows = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue  # blank lines (e.g. a trailing newline) are not rows
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from e
+                if not isinstance(record, dict):
+                    raise DatasetError(f"{path}: line {lineno}: expected a JSON object")
+                rows.append((lineno, record))
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e})") from e
+    return rows
+
+
+def load_problems(
+    path: str | os.PathLike[str],
+    question_key: str = "question",
+    answer_key: str = "answer",
+    solution_key: str = "solution",
+) -> list[Problem]:
+    """Problems from a .jsonl or .parquet file; ids are "<file name>:<row>" (1-based rows)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    kind = "line" if path.suffix.lower() in _JSONL_SUFFIXES else "row"
+    problems = []
+    for row_no, record in _read_rows(path):
+        where = f"{path}: {kind} {row_no}"
+        question = _field(record, question_key, where, required=True)
+        answer = _field(record, answer_key, where, required=True)
+        solution = _field(record, solution_key, where, required=False)
+        problems.append(Problem(question, answer, solution, f"{path.name}:{row_no}"))
+    if not problems:
+        raise DatasetError(f"{path}: the dataset is empty (no problems)")
+    return problems
+
+
+# ----------------------------------------------------------------------------- env
+
+
+def _check_key(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+
+
+class MathTextEnv(gymnasium.Env):
+    """One math problem per episode: reset() gives the question, step(reply) grades the reply.
+
+    source="synthetic" generates arithmetic (split "train": endless, never a test question;
+    split "test": a fixed held-out set of test_size problems); a file path loads problems.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] = "synthetic",
+        split: str = "train",
+        level: int = 2,
+        system_prompt: str | None = None,
+        test_size: int = 200,
+        question_key: str = "question",
+        answer_key: str = "answer",
+        solution_key: str = "solution",
+    ) -> None:
+        if not isinstance(source, (str, os.PathLike)) or not str(source):
+            raise ValueError(f"source must be 'synthetic' or a file path, got {source!r}")
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        _check_level(level)
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise ValueError(f"system_prompt must be a string or None, got {system_prompt!r}")
+        if isinstance(test_size, bool) or not isinstance(test_size, int) or test_size < 1:
+            raise ValueError(f"test_size must be a positive int, got {test_size!r}")
+        for name, key in (("question_key", question_key), ("answer_key", answer_key),
+                          ("solution_key", solution_key)):  # fmt: skip
+            _check_key(name, key)
+        self.source, self.split, self.level = str(source), split, level
+        self.system_prompt, self.test_size = system_prompt, test_size
+
+        self._problems: tuple[Problem, ...] | None
+        if self.source == "synthetic":
+            self._problems = _test_set(level, test_size) if split == "test" else None
+            self.observation_space = text_space()
+        else:
+            self._problems = tuple(load_problems(source, question_key, answer_key, solution_key))
+            # Widen the space to the file's own characters/lengths: observations must be in it.
+            questions = [p.question for p in self._problems]
+            self.observation_space = text_space(
+                max(8192, *map(len, questions)), extra_chars="".join(set("".join(questions)))
+            )
+        self.action_space = self.observation_space
+        self.num_problems: int | None = None if self._problems is None else len(self._problems)
+        self._current: Problem | None = None
+
+    def problem(self, i: int) -> Problem:
+        """The i-th problem of a finite set; for the endless train split, the problem of seed i."""
+        i = operator.index(i)
+        if self._problems is None:
+            if i < 0:
+                raise IndexError(f"problem seed must be >= 0, got {i}")
+            rng, exclude = random.Random(i), _test_questions(self.level, self.test_size)
+            while True:  # reject held-out questions so train never overlaps test
+                p = generate_problem(rng, self.level, f"synthetic-L{self.level}-{i}")
+                if p.question not in exclude:
+                    return p
+        if not 0 <= i < len(self._problems):
+            raise IndexError(
+                f"problem index {i} out of range: this set has {len(self._problems)} problems "
+                f"(valid indices 0..{len(self._problems) - 1})"
+            )
+        return self._problems[i]
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        super().reset(seed=seed)
+        options = dict(options or {})
+        unknown = set(options) - {"index"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: ['index']")
+        if "index" in options:
+            if self._problems is None:
+                raise ValueError("options['index'] needs a finite set (split='test' or a file)")
+            problem = self.problem(options["index"])
+        elif self._problems is not None:
+            problem = self._problems[int(self.np_random.integers(len(self._problems)))]
+        else:
+            # The seed itself names the problem, so the same seed always gives the same one.
+            problem = self.problem(
+                seed if seed is not None else int(self.np_random.integers(2**62))
+            )
+        self._current = problem
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        info: dict[str, Any] = {
+            "messages": system + [{"role": "user", "content": problem.question}],
+            "answer": problem.answer,
+            "solution": problem.solution,
+            "problem_id": problem.id,
+        }
+        if problem.solution:
+            teacher_text = TEACHER_TEMPLATE.format(
+                question=problem.question, solution=problem.solution
+            )
+            info["teacher_messages"] = system + [{"role": "user", "content": teacher_text}]
+        return problem.question, info
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        if self._current is None:
+            raise RuntimeError(
+                "MathTextEnv.step() called before reset(): every episode is a single step, "
+                "call reset() to get a new problem first"
+            )
+        if not isinstance(action, str):
+            raise TypeError(f"action must be the reply text (str), got {type(action).__name__}")
+        correct, pred = check_answer(action, self._current.answer)
+        self._current = None  # single-turn: the episode is over
+        return "", float(correct), True, False, {"correct": correct, "pred": pred}
