@@ -1,0 +1,406 @@
+"""Typed run configuration: YAML supplies values, dotted CLI overrides adjust them, and every
+field is checked up front so a bad value fails before any model is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the field."""
+
+
+def _check(ok: bool, where: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {msg}")
+
+
+@dataclass
+class TinyModelConfig:
+    """A small Qwen2 decoder built from a config (random init), for CPU tests and demos."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        w = "model.tiny"
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            _check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
+        _check(self.hidden_size % self.num_heads == 0, f"{w}.hidden_size",
+               f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        _check(self.num_heads % self.num_kv_heads == 0, f"{w}.num_kv_heads",
+               f"num_heads={self.num_heads} must be a multiple of num_kv_heads")
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from: a hub name or local directory, or a tiny config to build."""
+
+    path: str | None = None
+    tokenizer: str | None = None  # defaults to `path`; required with `tiny`
+    tiny: TinyModelConfig | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Attention implementation passed to from_pretrained ("sdpa", "eager", "flash_attention_2").
+    attn_implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        _check((self.path is None) != (self.tiny is None), "model",
+               "set exactly one of `path` (hub name or directory) or `tiny` (build from config)")
+        if self.tiny is not None:
+            _check(self.tokenizer is not None, "model.tokenizer",
+                   "a tiny model needs a tokenizer directory (`mmopd tokenizer OUT` builds one)")
+
+
+@dataclass
+class EnvConfig:
+    """Which environment produces episodes, and its held-out twin for evaluation."""
+
+    id: str = "mmopd/MathText-v0"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Overrides applied on top of `kwargs` for the held-out evaluation env.
+    eval_kwargs: dict[str, Any] = field(default_factory=lambda: {"split": "test"})
+    imports: list[str] = field(default_factory=list)  # user modules that register envs
+
+
+@dataclass
+class RolloutConfig:
+    """How student episodes are sampled each rollout batch."""
+
+    backend: Literal["hf"] = "hf"
+    prompts_per_batch: int = 16
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+    batch_size: int = 64  # sequences per generate() call
+    minibatches: int = 2  # optimiser steps per rollout batch (so rho != 1 after the first)
+    max_turns: int = 8  # safety bound on assistant turns (single-turn envs end after one)
+
+    def __post_init__(self) -> None:
+        w = "rollout"
+        for name in ("prompts_per_batch", "samples_per_prompt", "max_new_tokens", "batch_size",
+                     "minibatches", "max_turns"):
+            _check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
+        _check(self.temperature > 0, f"{w}.temperature", "must be > 0 (use eval for greedy)")
+        _check(0 < self.top_p <= 1, f"{w}.top_p", "must be in (0, 1]")
+        n = self.prompts_per_batch * self.samples_per_prompt
+        _check(n % self.minibatches == 0, f"{w}.minibatches",
+               f"{n} episodes per batch do not split into {self.minibatches} equal minibatches")
+
+
+@dataclass
+class TeacherConfig:
+    """Who scores the student's tokens.
+
+    kind "model": a separate in-process model. kind "self": the student's initial weights, frozen,
+    usually with view "privileged" (self-distillation from a prompt that holds the solution).
+    """
+
+    kind: Literal["model", "self"] = "model"
+    model: ModelConfig | None = None
+    view: Literal["same", "privileged"] = "same"
+    topk: int = 0  # also return the teacher's top-k log-probs (0 = off)
+
+    def __post_init__(self) -> None:
+        if self.kind == "model":
+            _check(self.model is not None, "teacher.model",
+                   "teacher.kind=model needs teacher.model.path (or teacher.kind=self)")
+        _check(self.topk >= 0, "teacher.topk", "must be >= 0")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The distillation objective and its hyper-parameters (see ALGORITHMS in the README)."""
+
+    name: str = "reopold"
+    lam: float = 0.3  # REOPOLD mixture clip: floor ln(lam)/(1-lam)
+    beta: float = 0.2  # REOPOLD: keep the top-beta fraction of tokens by student entropy
+    switch_frac: float = 1 / 3  # REOPOLD exploration -> refinement at this fraction of steps
+    switch_step: int | None = None  # explicit optimiser step; overrides switch_frac
+    jsd_beta: float = 0.5  # generalised JSD mixture weight
+    topk: int = 0  # distribution-level objectives: 0 = full vocabulary, k > 0 = top-k + tail
+    topk_source: Literal["student", "teacher"] = "student"
+    grpo_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        w = "objective"
+        _check(0 < self.lam < 1, f"{w}.lam", f"{self.lam} is outside (0, 1)")
+        _check(0 < self.beta <= 1, f"{w}.beta", f"{self.beta} is outside (0, 1]")
+        _check(0 <= self.switch_frac <= 1, f"{w}.switch_frac", "must be in [0, 1]")
+        _check(0 <= self.jsd_beta <= 1, f"{w}.jsd_beta", "must be in [0, 1]")
+        _check(self.topk >= 0, f"{w}.topk", "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then constant or cosine decay."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", "must be > 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: greedy accuracy and pass@k."""
+
+    every: int = 0  # optimiser steps between evals (0 = only at the start and the end)
+    num_problems: int = 100
+    pass_k: int = 4  # samples per problem for pass@k (0 = greedy only)
+    temperature: float = 1.0
+    max_new_tokens: int | None = None  # defaults to rollout.max_new_tokens
+    at_start: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: how many optimiser steps, batching, precision, where results go."""
+
+    steps: int = 30  # optimiser steps
+    micro_batch_size: int = 16  # sequences per forward/backward (gradient accumulation below it)
+    output_dir: str = "runs/default"
+    seed: int = 0
+    resume: str = "never"  # "never", "auto" (newest complete checkpoint), or a checkpoint dir
+    save_every: int = 0  # optimiser steps between checkpoints (0 = only at the end)
+    keep_last: int = 2
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    chunk_size: int = 256  # positions per chunk when turning hidden states into log-probs
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.steps > 0, "trainer.steps", "must be positive")
+        _check(self.micro_batch_size > 0, "trainer.micro_batch_size", "must be positive")
+        _check(self.chunk_size > 0, "trainer.chunk_size", "must be positive")
+        _check(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """A distillation run: `mmopd train CONFIG.yaml [dotted.key=value ...]`."""
+
+    model: ModelConfig
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.trainer.steps % self.rollout.minibatches == 0, "trainer.steps",
+               f"{self.trainer.steps} is not a multiple of rollout.minibatches="
+               f"{self.rollout.minibatches} (each rollout batch gives that many optimiser steps)")
+        from mmopd.objectives import OBJECTIVES  # late import: objectives import torch
+
+        _check(self.objective.name in OBJECTIVES, "objective.name",
+               f"unknown objective {self.objective.name!r}; choose one of {sorted(OBJECTIVES)}"
+               + _suggest(self.objective.name, OBJECTIVES))
+        if self.teacher.kind == "self" and self.teacher.view == "same":
+            raise ConfigError("teacher: kind=self with view=same scores the student against "
+                              "itself (zero signal); set teacher.view=privileged")
+
+
+@dataclass
+class SFTDataConfig:
+    """Supervised examples: prompts and worked solutions drawn from an environment."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    num_examples: int = 2000
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on an env's worked solutions: `mmopd sft CONFIG.yaml`."""
+
+    model: ModelConfig
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20,
+                                                                   schedule="cosine"))
+    epochs: int = 3
+    batch_size: int = 32
+    output_dir: str = "runs/sft"
+    seed: int = 0
+    eval_problems: int = 100
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "epochs", "must be positive")
+        _check(self.data.num_examples > 0, "data.num_examples", "must be positive")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _suggest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{where}: {value!r} does not match {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]")
+                         for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        return origin(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{where}." if where else ""
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        raise ConfigError(f"{prefix}{k}: unknown field" + _suggest(k, fields)
+                          + f"; {cls.__name__} takes {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: required field is missing")
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r}: bad key {key!r}")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for p in path[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+            node = node[p]
+        node[path[-1]] = value
+    return data
+
+
+def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
+    """Read YAML (optional), apply dotted overrides, build and validate `cls`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    data = apply_overrides(data, list(overrides))
+    return _build(cls, data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict (for the run directory's resolved config.yaml)."""
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,104 @@
+"""The Episode: one student interaction as exact token ids with explicit per-token masks.
+
+Per-token lists all have the length of `input_ids`; index t describes token t. Losses read only
+where `loss_mask` is 1 (tokens the student sampled); everything else is context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Stop reasons recorded on episodes (model output problems are data, not exceptions).
+STOP_EOS = "eos"  # the student ended its turn with an end-of-turn token
+STOP_STRING = "stop"  # a configured stop string appeared
+STOP_LENGTH = "length"  # the per-turn token budget ran out (the generation never stopped)
+STOP_ENV = "env"  # the environment terminated the episode
+STOP_ERROR = "error"  # the environment raised; details in metadata["error"]
+
+
+@dataclass
+class Episode:
+    """One episode of the student: prompt, generated turns and observations."""
+
+    input_ids: list[int]
+    """Every token in order: prompt, student tokens exactly as sampled, observations."""
+    loss_mask: list[int]
+    """1 on tokens the student generated, 0 on prompt / observation / template tokens."""
+    step_index: list[int]
+    """Assistant turn number (0, 1, ...) of each student token; -1 on other tokens."""
+    sampled_logprobs: list[float]
+    """The sampler's log-probability of each student token (0.0 elsewhere)."""
+    prompt_len: int
+    """Number of tokens before the first student token (the student's prompt)."""
+    reward: float = 0.0
+    """Environment reward summed over the episode."""
+    stop_reason: str = STOP_EOS
+    """Why the episode ended: eos, stop, length, env, error."""
+    group: int = 0
+    """Index of the prompt this episode was sampled for (samples of one prompt share it)."""
+    teacher_prompt_ids: list[int] | None = None
+    """Optional teacher view: different prompt tokens; the continuation is identical."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Env info (answer, problem id, correctness), error text, anything for logs."""
+
+    def __post_init__(self) -> None:
+        n = len(self.input_ids)
+        if not (len(self.loss_mask) == len(self.step_index) == len(self.sampled_logprobs) == n):
+            raise ValueError("Episode per-token lists must all have len(input_ids)")
+
+    @property
+    def continuation(self) -> list[int]:
+        """Everything after the student's prompt (student turns and observations)."""
+        return self.input_ids[self.prompt_len:]
+
+    @property
+    def teacher_input_ids(self) -> list[int]:
+        """The teacher's sequence: its own prompt, then the identical continuation."""
+        if self.teacher_prompt_ids is None:
+            return self.input_ids
+        return self.teacher_prompt_ids + self.continuation
+
+    @property
+    def teacher_offset(self) -> int:
+        """Add to a student position to get the same token's position in the teacher sequence."""
+        if self.teacher_prompt_ids is None:
+            return 0
+        return len(self.teacher_prompt_ids) - self.prompt_len
+
+    @property
+    def num_generated(self) -> int:
+        return sum(self.loss_mask)
+
+    def append(self, ids: list[int], *, student: bool, step: int = -1,
+               logprobs: list[float] | None = None) -> None:
+        """Append tokens without touching earlier ones (incremental multi-turn episodes)."""
+        self.input_ids += ids
+        self.loss_mask += [int(student)] * len(ids)
+        self.step_index += [step if student else -1] * len(ids)
+        self.sampled_logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
+
+
+@dataclass
+class PaddedBatch:
+    """Right-padded tensors for a forward pass over several episodes."""
+
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long
+    loss_mask: torch.Tensor  # [B, T] bool
+
+
+def pad_right(seqs: list[list[int]], masks: list[list[int]], pad_id: int,
+              device: torch.device | str = "cpu") -> PaddedBatch:
+    """Collate token lists (right padding: positions start at 0 for every row)."""
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), t), dtype=torch.long)
+    lm = torch.zeros((len(seqs), t), dtype=torch.bool)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, : len(s)] = torch.tensor(s)
+        att[i, : len(s)] = 1
+        lm[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    return PaddedBatch(ids.to(device), att.to(device), lm.to(device))

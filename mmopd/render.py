@@ -1,0 +1,83 @@
+"""Chat rendering through the tokenizer's own chat template, incremental across turns.
+
+The first prompt is rendered whole. Later turns are appended as token deltas: what the template
+adds for the new messages (plus the next generation prompt) is found by rendering a fixed stand-in
+conversation with and without them, so tokens already in an episode — in particular the ones the
+student sampled — are never re-tokenised from text.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from transformers import PreTrainedTokenizerBase
+
+Message = dict[str, str]
+
+# A stand-in history: only the template's framing of *new* messages is taken from renders of it.
+_STAND_IN: list[Message] = [
+    {"role": "user", "content": "x"},
+    {"role": "assistant", "content": "y"},
+]
+
+
+class RenderError(ValueError):
+    """The chat template cannot be used incrementally (or rendered at all) for these messages."""
+
+
+class ChatRenderer:
+    """Turns chat messages into token ids with `tokenizer.apply_chat_template`."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+
+    def _ids(self, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+        try:
+            out = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                return_dict=True)
+        except Exception as e:  # jinja raises its own exception types for bad roles/content
+            raise RenderError(f"chat template failed on {len(messages)} message(s): {e}") from e
+        return list(out["input_ids"])
+
+    def prompt(self, messages: list[Message]) -> list[int]:
+        """Token ids of a conversation followed by the assistant generation prompt."""
+        return self._ids(messages, add_generation_prompt=True)
+
+    def full(self, messages: list[Message]) -> list[int]:
+        """Token ids of a finished conversation (for supervised data)."""
+        return self._ids(messages, add_generation_prompt=False)
+
+    @cached_property
+    def turn_closer(self) -> list[int]:
+        """Tokens the template writes after an assistant message's content (e.g. <|im_end|>\\n)."""
+        text = self.tokenizer.apply_chat_template(_STAND_IN, tokenize=False)
+        tail = text[text.rindex("y") + 1:]
+        return self.tokenizer.encode(tail, add_special_tokens=False)
+
+    def close_turn(self, generated: list[int]) -> list[int]:
+        """Tokens to append after a student turn so the context reads as a finished message.
+
+        A turn that ended on the end-of-turn token gets the rest of the closer (a newline in
+        ChatML); a truncated turn gets the whole closer.
+        """
+        if generated and generated[-1] in self.stop_token_ids:
+            return self.turn_closer[1:]
+        return list(self.turn_closer)
+
+    @cached_property
+    def stop_token_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        if self.turn_closer:
+            ids.add(self.turn_closer[0])
+        return {i for i in ids if i is not None}
+
+    def continuation(self, new_messages: list[Message]) -> list[int]:
+        """Token ids that follow a closed assistant turn: the new messages (tool results, user
+        replies) and the next assistant generation prompt."""
+        base = self.full(_STAND_IN)
+        ext = self.prompt(_STAND_IN + list(new_messages))
+        if ext[: len(base)] != base:
+            raise RenderError("the chat template re-renders earlier turns when messages are "
+                              "appended; incremental multi-turn rendering is not possible with it")
+        return ext[len(base):]
