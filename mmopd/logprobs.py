@@ -1,0 +1,101 @@
+"""Per-token quantities from a causal LM, computed in chunks from final hidden states.
+
+Only positions that predict a student token are projected through the LM head, `chunk_size` rows
+at a time, so no [tokens x vocab] float32 tensor exists for more than one chunk. With gradients
+on, each chunk runs under activation checkpointing: its logits are recomputed in backward instead
+of being kept alive for the whole sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+Head = Callable[[torch.Tensor], torch.Tensor]  # hidden [n, H] -> float32 logits [n, V]
+
+
+def lm_head_fn(model: PreTrainedModel, vocab: int | None = None) -> Head:
+    """The model's output layer as a function, with its final logit soft-capping if any.
+
+    `vocab` trims padded output rows so two models with different padding compare equal ids.
+    """
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    scale = getattr(model.config, "logit_scale", None)
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if scale is not None:
+            logits = logits * scale
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits[..., :vocab] if vocab is not None else logits
+
+    return fn
+
+
+def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states [B, T, H]; the forward skips the full-sequence logits."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1]
+
+
+def predicting_positions(loss_mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of every loss token, row-major; the hidden state at position-1 predicts
+    it."""
+    rows, cols = loss_mask_BT.nonzero(as_tuple=True)
+    if (cols == 0).any():
+        raise ValueError("a loss token at position 0 has no context to be predicted from")
+    return rows, cols
+
+
+def chunked_map(fn: Callable[..., tuple[torch.Tensor, ...]], chunk_size: int,
+                *tensors_N: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Apply `fn` to row chunks of the [N, ...] tensors and concatenate its outputs.
+
+    Under autograd, each chunk is checkpointed so its [chunk x V] intermediates are recomputed in
+    backward rather than stored.
+    """
+    n = tensors_N[0].shape[0]
+    outs: list[tuple[torch.Tensor, ...]] = []
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors_N)
+    for s in range(0, n, chunk_size):
+        parts = [t[s: s + chunk_size] for t in tensors_N]
+        if grad:
+            outs.append(checkpoint(fn, *parts, use_reentrant=False))
+        else:
+            outs.append(fn(*parts))
+    if not outs:
+        probe = fn(*[t[:0] for t in tensors_N])
+        return tuple(p for p in probe)
+    return tuple(torch.cat(cols) for cols in zip(*outs))
+
+
+def token_logprobs(head: Head, hidden_NH: torch.Tensor, targets_N: torch.Tensor,
+                   chunk_size: int, topk: int = 0) -> dict[str, torch.Tensor]:
+    """log p(target), entropy and optionally top-k (ids, log-probs) for N positions.
+
+    `logp` carries gradients when `hidden_NH` does; entropy and top-k are always detached.
+    """
+
+    def fn(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = head(h)
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, y[:, None]).squeeze(-1)
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+            if topk:
+                tv, ti = logp_all.topk(topk, dim=-1)
+                return logp, ent, tv, ti
+        return logp, ent
+
+    outs = chunked_map(fn, chunk_size, hidden_NH, targets_N)
+    res = {"logp": outs[0], "entropy": outs[1].detach()}
+    if topk:
+        res["topk_logp"], res["topk_ids"] = outs[2].detach(), outs[3]
+    return res

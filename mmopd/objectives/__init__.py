@@ -1,0 +1,196 @@
+"""Objectives: registered by name, pure functions of per-token tensors.
+
+An objective has two parts. `plan` runs once per optimiser step on detached quantities of the whole
+rollout batch (flat over its N student tokens) and decides which tokens count (`keep`) and, for
+policy-gradient objectives, each token's advantage. The loss itself is then either the
+policy-gradient surrogate `-rho * advantage` or a per-token divergence to the teacher, summed over
+kept tokens and divided by the number of kept tokens in the optimisation batch — a count the
+trainer knows before the first micro-batch, which keeps the token mean exact under gradient
+accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mmopd.config import ObjectiveConfig
+from mmopd.objectives.divergences import (
+    KINDS,
+    divergence_from_logp,
+    full_vocab_divergence,
+    topk_divergence,
+    with_tail,
+)
+
+__all__ = [
+    "OBJECTIVES", "Objective", "Plan", "TokenBatch", "register_objective", "policy_loss_sum",
+    "reopold_floor", "grpo_advantages", "full_vocab_divergence", "topk_divergence",
+    "divergence_from_logp", "with_tail", "masked_mean",
+]
+
+
+@dataclass
+class TokenBatch:
+    """Detached per-token quantities of one rollout batch, flat over its N student tokens."""
+
+    episode_N: torch.Tensor  # long: which episode each token belongs to
+    logp_old_N: torch.Tensor  # log pi_old(y_t): the weights that sampled the episode
+    logp_teacher_N: torch.Tensor  # log pi_T(y_t) under the teacher's view
+    entropy_N: torch.Tensor  # student entropy H_t under pi_old
+    reward_E: torch.Tensor  # environment reward per episode [E]
+    group_E: torch.Tensor  # long: prompt group per episode [E] (GRPO)
+
+    @property
+    def token_reward_N(self) -> torch.Tensor:
+        """R_t = log pi_T(y_t) - log pi_old(y_t)."""
+        return self.logp_teacher_N - self.logp_old_N
+
+
+@dataclass
+class Plan:
+    """Which tokens an optimiser step trains on, and with what advantage."""
+
+    keep_N: torch.Tensor  # bool
+    advantage_N: torch.Tensor  # detached; unused by divergence objectives
+    metrics: dict[str, float]
+
+
+PlanFn = Callable[[TokenBatch, int, int, ObjectiveConfig], Plan]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A named objective: its plan and the form of its per-token loss."""
+
+    name: str
+    kind: Literal["pg", "divergence"]
+    plan: PlanFn
+    needs_teacher: bool = True
+    # For kind "divergence": rkl, fkl or jsd (full vocabulary, or top-k + tail per config).
+    divergence: str | None = None
+    doc: str = ""
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(obj: Objective) -> Objective:
+    """Make an objective selectable as `objective.name` in configs."""
+    if obj.kind == "divergence" and obj.divergence not in KINDS:
+        raise ValueError(f"objective {obj.name}: divergence must be one of {KINDS}")
+    OBJECTIVES[obj.name] = obj
+    return obj
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    if mask is not None:
+        x = x[mask]
+    return float(x.float().mean()) if x.numel() else 0.0
+
+
+def policy_loss_sum(logp_new_N: torch.Tensor, logp_old_N: torch.Tensor,
+                    advantage_N: torch.Tensor, keep_N: torch.Tensor) -> torch.Tensor:
+    """sum_t -rho_t * A_t over kept tokens, rho_t = exp(log pi_theta - log pi_old).
+
+    The caller divides by the kept-token count of the whole optimisation batch.
+    """
+    rho = torch.exp(logp_new_N - logp_old_N.detach())
+    return -(rho * advantage_N.detach() * keep_N).sum()
+
+
+def reopold_floor(lam: float) -> float:
+    """Mixture-clip floor f(lambda) = ln(lambda) / (1 - lambda)  (lambda = 0.3 -> -1.72)."""
+    return math.log(lam) / (1.0 - lam)
+
+
+def reopold_switch_step(cfg: ObjectiveConfig, total_steps: int) -> int:
+    if cfg.switch_step is not None:
+        return cfg.switch_step
+    return round(cfg.switch_frac * total_steps)
+
+
+def _common_metrics(tb: TokenBatch) -> dict[str, float]:
+    r = tb.token_reward_N
+    return {
+        "distill_reward": masked_mean(r),
+        "kl_estimate": masked_mean(-r),  # sampled-token estimate of KL(pi_old || pi_T)
+        "student_entropy": masked_mean(tb.entropy_N),
+    }
+
+
+def _opd_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> Plan:
+    keep = torch.ones_like(tb.logp_old_N, dtype=torch.bool)
+    return Plan(keep, tb.token_reward_N, {**_common_metrics(tb), "kept_frac": 1.0})
+
+
+def _reopold_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> Plan:
+    r = tb.token_reward_N
+    floor = reopold_floor(cfg.lam)
+    below = r < floor
+    refine = step >= reopold_switch_step(cfg, total)
+    tau = float("nan")
+    if not refine:  # exploration: drop tokens below the floor from the sum and the normaliser
+        keep = ~below
+        adv = r
+    else:  # refinement: high-entropy tokens only, rewards clipped at the floor
+        h = tb.entropy_N.float()
+        tau = float(torch.quantile(h, 1.0 - cfg.beta)) if h.numel() else float("nan")
+        keep = h >= tau if h.numel() else torch.zeros_like(below)
+        adv = r.clamp(min=floor)
+    n = max(r.numel(), 1)
+    metrics = {
+        **_common_metrics(tb),
+        "kept_frac": float(keep.sum()) / n,
+        "floor_frac": float(below.sum()) / n,
+        "entropy_threshold": tau,
+        "phase": float(refine),  # 0 = exploration, 1 = refinement
+    }
+    return Plan(keep, adv, metrics)
+
+
+def grpo_advantages(reward_E: torch.Tensor, group_E: torch.Tensor,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """(r - mean of its group) / (std of its group + eps); population std over the group."""
+    reward_E = reward_E.float()
+    adv = torch.zeros_like(reward_E)
+    for g in group_E.unique():
+        idx = group_E == g
+        r = reward_E[idx]
+        adv[idx] = (r - r.mean()) / (r.std(correction=0) + eps)
+    return adv
+
+
+def _grpo_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> Plan:
+    adv_E = grpo_advantages(tb.reward_E, tb.group_E, cfg.grpo_eps)
+    keep = torch.ones_like(tb.logp_old_N, dtype=torch.bool)
+    return Plan(keep, adv_E[tb.episode_N], {**_common_metrics(tb), "kept_frac": 1.0})
+
+
+def _all_tokens_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> Plan:
+    keep = torch.ones_like(tb.logp_old_N, dtype=torch.bool)
+    return Plan(keep, torch.zeros_like(tb.logp_old_N), {**_common_metrics(tb), "kept_frac": 1.0})
+
+
+register_objective(Objective(
+    "opd", "pg", _opd_plan,
+    doc="sampled-token reverse KL as a dense reward: L = -mean(rho * sg(R))"))
+register_objective(Objective(
+    "reopold", "pg", _reopold_plan,
+    doc="REOPOLD: mixture reward clip, entropy top-beta selection, exploration->refinement"))
+register_objective(Objective(
+    "grpo", "pg", _grpo_plan, needs_teacher=False,
+    doc="outcome-reward baseline: group-normalised env reward on every token"))
+register_objective(Objective(
+    "rkl", "divergence", _all_tokens_plan, divergence="rkl",
+    doc="reverse KL(student || teacher) per position, full vocabulary or top-k + tail"))
+register_objective(Objective(
+    "fkl", "divergence", _all_tokens_plan, divergence="fkl",
+    doc="forward KL(teacher || student) per position, full vocabulary or top-k + tail"))
+register_objective(Objective(
+    "jsd", "divergence", _all_tokens_plan, divergence="jsd",
+    doc="generalised JSD_beta per position (beta=0: forward KL, beta=1: reverse KL)"))
