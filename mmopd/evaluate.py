@@ -1,0 +1,66 @@
+"""Held-out evaluation: greedy accuracy and pass@k on the first problems of an eval env."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import gymnasium as gym
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mmopd.episode import Episode
+from mmopd.render import ChatRenderer
+from mmopd.rollout import collect_episodes
+from mmopd.sampler import HFSampler, SamplingParams
+
+
+def is_correct(ep: Episode) -> bool:
+    return bool(ep.metadata.get("correct", ep.reward > 0))
+
+
+class EnvPool:
+    """Env instances reused across batches (envs are configs until made; make them once)."""
+
+    def __init__(self, make: Callable[[], gym.Env]) -> None:
+        self.make = make
+        self.envs: list[gym.Env] = []
+
+    def take(self, n: int) -> list[gym.Env]:
+        while len(self.envs) < n:
+            self.envs.append(self.make())
+        return self.envs[:n]
+
+
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pool: EnvPool, *,
+             num_problems: int, pass_k: int = 0, temperature: float = 1.0,
+             max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0,
+             stop: list[str] | None = None, env_id: str = "env") -> dict[str, float]:
+    """Greedy accuracy over problems 0..num_problems-1; with pass_k > 0 also pass@k (any of k
+    samples correct) and the mean per-sample accuracy. Sampling uses its own RNG stream, so an
+    evaluation never changes the training run's random state."""
+    num = num_problems
+    probe = pool.take(1)[0].unwrapped
+    if getattr(probe, "num_problems", None) is not None:
+        num = min(num, probe.num_problems)
+    renderer = ChatRenderer(tokenizer)
+    sampler = HFSampler(model, tokenizer, batch_size=batch_size,
+                        stop_token_ids=renderer.stop_token_ids)
+    starts = [{"options": {"index": i}} for i in range(num)]
+    stop = stop or []
+    greedy = collect_episodes(pool.take(num), starts, sampler, renderer,
+                              SamplingParams(1, 0.0, 1.0, max_new_tokens, stop),
+                              env_id=env_id, desc="eval greedy")
+    out = {"accuracy": sum(map(is_correct, greedy)) / max(num, 1), "num_problems": float(num),
+           "mean_response_tokens": sum(e.num_generated for e in greedy) / max(num, 1)}
+    if pass_k:
+        cuda = [model.device.index or 0] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            sampled = collect_episodes(
+                pool.take(num * pass_k), starts, sampler, renderer,
+                SamplingParams(pass_k, temperature, 1.0, max_new_tokens, stop),
+                env_id=env_id, desc=f"eval pass@{pass_k}")
+        hits = [[is_correct(e) for e in sampled[i * pass_k:(i + 1) * pass_k]] for i in range(num)]
+        out[f"pass@{pass_k}"] = sum(any(h) for h in hits) / max(num, 1)
+        out["sample_accuracy"] = sum(sum(h) for h in hits) / max(num * pass_k, 1)
+    return out

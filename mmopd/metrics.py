@@ -1,0 +1,84 @@
+"""Run-directory logging: metrics.jsonl (one line per optimiser step), eval.jsonl, curves.png,
+and a one-line console summary per step."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN; an undefined value (e.g. tau in exploration) is null
+    return v
+
+
+class JsonlLog:
+    """Append-only JSON lines keyed by "step"; on resume, lines after the resumed step go."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+
+def summary_line(row: dict[str, Any], total: int) -> str:
+    phase = {0.0: "explore", 1.0: "refine"}.get(row.get("phase"), "")
+    parts = [f"step {row['step']}/{total}"] + ([phase] if phase else [])
+    for key, label, fmt in [("loss", "loss", "{:+.4f}"), ("env_reward", "reward", "{:.3f}"),
+                            ("distill_reward", "R", "{:+.3f}"), ("kept_frac", "kept", "{:.2f}"),
+                            ("student_entropy", "H", "{:.3f}"), ("train_tokens_per_s", "tok/s",
+                                                                 "{:.0f}")]:
+        if row.get(key) is not None:
+            parts.append(f"{label} {fmt.format(row[key])}")
+    return " | ".join(parts)
+
+
+def plot_curves(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], out: Path) -> None:
+    """curves.png: loss, env reward, distillation reward / KL, kept fraction, eval accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", ["loss"]), ("env reward", ["env_reward"]),
+              ("token reward / KL", ["distill_reward", "kl_estimate"]),
+              ("kept fraction", ["kept_frac", "floor_frac"]),
+              ("student entropy", ["student_entropy"])]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for k in keys:
+            pts = [(m["step"], m[k]) for m in metrics if m.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=k)
+        ax.set_title(title)
+        ax.set_xlabel("optimiser step")
+        ax.legend(fontsize=7)
+    ax = axes.flat[-1]
+    for k in sorted({k for e in evals for k in e if k == "accuracy" or k.startswith("pass@")
+                     or k == "sample_accuracy"}):
+        pts = [(e["step"], e[k]) for e in evals if e.get(k) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=k)
+    ax.set_title("held-out eval")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,113 @@
+"""`sft(config)`: supervised fine-tuning on an environment's worked solutions.
+
+Used to make teachers for the tiny worlds (and weak starting students): the loss is the token
+mean of -log p over the assistant reply only, computed in chunks like every other log-prob.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from mmopd.config import SFTConfig, dump_yaml
+from mmopd.envs import import_env_modules, make_env
+from mmopd.episode import pad_right
+from mmopd.evaluate import EnvPool, evaluate
+from mmopd.logprobs import final_hidden, lm_head_fn, predicting_positions, token_logprobs
+from mmopd.metrics import JsonlLog
+from mmopd.models import load_model, load_tokenizer
+from mmopd.render import ChatRenderer
+
+
+class SFTDataError(ValueError):
+    """The env cannot provide supervised examples."""
+
+
+def build_examples(cfg: SFTConfig, renderer: ChatRenderer) -> list[tuple[list[int], list[int]]]:
+    """(token ids, loss mask) per example: mask 1 on the assistant reply and its end token."""
+    env_cfg = cfg.data.env
+    env = make_env(env_cfg.id, **env_cfg.kwargs)
+    closer = renderer.turn_closer
+    out = []
+    for i in range(cfg.data.num_examples):
+        _, info = env.reset(seed=cfg.seed * 1_000_003 + i)
+        solution = info.get("solution")
+        if not solution:
+            raise SFTDataError(f"{env_cfg.id}: problem {info.get('problem_id', i)} has no worked "
+                               "solution; SFT needs info['solution'] from reset()")
+        msgs = info["messages"]
+        prompt = renderer.prompt(msgs)
+        ids = renderer.full(msgs + [{"role": "assistant", "content": solution}])
+        if ids[: len(prompt)] != prompt:
+            raise SFTDataError("the chat template renders the prompt differently once an "
+                               "assistant reply follows; cannot locate the reply tokens")
+        end = len(ids) - len(closer) + 1 if closer else len(ids)  # keep <|im_end|>, drop "\n"
+        out.append((ids, [0] * len(prompt) + [1] * (end - len(prompt)) + [0] * (len(ids) - end)))
+    return out
+
+
+def sft(cfg: SFTConfig) -> dict[str, Any]:
+    """Fine-tune, save the model + tokenizer to `output_dir`, return held-out accuracy."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sft_config.yaml").write_text(dump_yaml(cfg))
+    set_seed(cfg.seed)
+    accelerator = Accelerator()
+    import_env_modules(cfg.data.env.imports)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer)
+    renderer = ChatRenderer(tokenizer)
+    examples = build_examples(cfg, renderer)
+    steps_per_epoch = (len(examples) + cfg.batch_size - 1) // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = get_scheduler(cfg.optim.schedule, optimizer, cfg.optim.warmup_steps, total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    head = lm_head_fn(accelerator.unwrap_model(model))
+    log = JsonlLog(out / "sft_log.jsonl")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(total=total, desc="sft", unit="step", disable=None)
+    step, t_start = 0, time.perf_counter()
+    model.train()
+    for epoch in range(cfg.epochs):
+        for idx in torch.randperm(len(examples), generator=gen).split(cfg.batch_size):
+            batch = pad_right([examples[i][0] for i in idx], [examples[i][1] for i in idx],
+                              tokenizer.pad_token_id, accelerator.device)
+            hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
+            rows, cols = predicting_positions(batch.loss_mask)
+            logp = token_logprobs(head, hidden[rows, cols - 1], batch.input_ids[rows, cols],
+                                  256)["logp"]
+            loss = -logp.mean()
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_val = loss.item()
+            log.write({"step": step, "epoch": epoch, "loss": loss_val,
+                       "lr": scheduler.get_last_lr()[0]})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_val:.4f}")
+    bar.close()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    result: dict[str, Any] = {"model_dir": str(out), "steps": step,
+                              "seconds": time.perf_counter() - t_start}
+    if cfg.eval_problems:
+        ev = cfg.data.env
+        pool = EnvPool(lambda: make_env(ev.id, **{**ev.kwargs, **ev.eval_kwargs}))
+        result.update(evaluate(unwrapped, tokenizer, pool, num_problems=cfg.eval_problems,
+                               max_new_tokens=cfg.max_new_tokens, env_id=ev.id))
+        tqdm.write(f"sft eval: accuracy {result['accuracy']:.3f} on {cfg.eval_problems} "
+                   "held-out problems")
+    return result

@@ -1,0 +1,94 @@
+"""Teachers: score every student token of a batch of episodes.
+
+`HFScorer` runs an in-process model over episodes (no gradients) and returns, flat over the N
+student tokens in episode order, log p(sampled token), the entropy and optionally the top-k and the
+final hidden states (so full-vocabulary objectives can rebuild logits chunk by chunk later). The
+teacher is an `HFScorer` over a separate model, or over a frozen copy of the initial student that
+reads a privileged prompt (self-distillation); the trainer also uses one over the student itself to
+get log pi_old.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel
+
+from mmopd.episode import Episode, pad_right
+from mmopd.logprobs import final_hidden, lm_head_fn, predicting_positions, token_logprobs
+
+
+@dataclass
+class TokenScores:
+    """Per-token quantities flat over the N student tokens of a list of episodes."""
+
+    logp_N: torch.Tensor
+    entropy_N: torch.Tensor
+    topk_ids_NK: torch.Tensor | None = None
+    topk_logp_NK: torch.Tensor | None = None
+    hidden_NH: torch.Tensor | None = None  # final hidden states, for full-vocab objectives
+
+
+class Teacher(Protocol):
+    """Anything that scores the student's tokens in the context of the whole episode."""
+
+    def score(self, episodes: list[Episode], *, topk: int = 0,
+              keep_hidden: bool = False) -> TokenScores:
+        ...
+
+
+class HFScorer:
+    """No-grad chunked scoring with an in-process Hugging Face model."""
+
+    def __init__(self, model: PreTrainedModel, pad_id: int, *, use_teacher_view: bool,
+                 micro_batch_size: int = 16, chunk_size: int = 256,
+                 vocab: int | None = None) -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.use_teacher_view = use_teacher_view
+        self.micro_batch_size = micro_batch_size
+        self.chunk_size = chunk_size
+        self.head = lm_head_fn(model, vocab)
+
+    def _view(self, ep: Episode) -> tuple[list[int], list[int]]:
+        if not self.use_teacher_view or ep.teacher_prompt_ids is None:
+            return ep.input_ids, ep.loss_mask
+        off = ep.teacher_offset
+        ids = ep.teacher_input_ids
+        mask = [0] * len(ids)
+        for t, m in enumerate(ep.loss_mask):
+            if m:
+                mask[t + off] = 1
+        return ids, mask
+
+    @torch.no_grad()
+    def score(self, episodes: list[Episode], *, topk: int = 0,
+              keep_hidden: bool = False) -> TokenScores:
+        was_training = self.model.training
+        self.model.eval()
+        parts: dict[str, list[torch.Tensor]] = {}
+        device = self.model.device
+        try:
+            for s in range(0, len(episodes), self.micro_batch_size):
+                views = [self._view(ep) for ep in episodes[s: s + self.micro_batch_size]]
+                batch = pad_right([v[0] for v in views], [v[1] for v in views], self.pad_id,
+                                  device)
+                hidden = final_hidden(self.model, batch.input_ids, batch.attention_mask)
+                rows, cols = predicting_positions(batch.loss_mask)
+                h = hidden[rows, cols - 1]
+                res = token_logprobs(self.head, h, batch.input_ids[rows, cols], self.chunk_size,
+                                     topk)
+                if keep_hidden:
+                    res["hidden"] = h
+                for k, v in res.items():
+                    parts.setdefault(k, []).append(v.cpu() if k != "hidden" else v)
+        finally:
+            self.model.train(was_training)
+        cat = {k: torch.cat(v) for k, v in parts.items()}
+        return TokenScores(
+            logp_N=cat["logp"].float(), entropy_N=cat["entropy"].float(),
+            topk_ids_NK=cat.get("topk_ids"), topk_logp_NK=cat.get("topk_logp"),
+            hidden_NH=cat.get("hidden"),
+        )

@@ -1,0 +1,311 @@
+"""`train(config)`: the on-policy distillation loop, top to bottom.
+
+Each iteration: roll out a batch of student episodes -> score every student token with the
+student's own rollout-time weights (log pi_old, entropy) and with the teacher -> split the batch
+into minibatches, one optimiser step each (gradient accumulation over micro-batches, token-mean
+normalised by the kept-token count of the whole minibatch) -> the sampler sees the new weights ->
+metrics, periodic eval, checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, get_scheduler
+
+from mmopd.checkpoint import (
+    load_state,
+    resolve_resume,
+    save_checkpoint,
+    set_rng_state,
+)
+from mmopd.config import TrainConfig, dump_yaml
+from mmopd.envs import import_env_modules, make_env
+from mmopd.episode import STOP_LENGTH, Episode, pad_right
+from mmopd.evaluate import EnvPool, evaluate, is_correct
+from mmopd.logprobs import chunked_map, final_hidden, lm_head_fn, predicting_positions
+from mmopd.metrics import JsonlLog, plot_curves, summary_line
+from mmopd.models import check_same_vocab, load_model, load_tokenizer
+from mmopd.objectives import (
+    OBJECTIVES,
+    Objective,
+    Plan,
+    TokenBatch,
+    full_vocab_divergence,
+    policy_loss_sum,
+    topk_divergence,
+)
+from mmopd.render import ChatRenderer
+from mmopd.rollout import collect_episodes
+from mmopd.sampler import HFSampler, SamplingParams
+from mmopd.teacher import HFScorer, TokenScores
+
+_PROBLEMS, _SAMPLING, _SHUFFLE = 0, 1, 2  # independent random streams derived from the seed
+
+
+def _derived_seed(seed: int, iteration: int, stream: int, i: int = 0) -> int:
+    """A seed that depends only on (run seed, iteration, purpose): resumed runs replay exactly."""
+    return int(np.random.SeedSequence([seed, iteration, stream, i]).generate_state(1)[0])
+
+
+def _crossed(step: int, advanced: int, every: int) -> bool:
+    """Did the last `advanced` steps pass a multiple of `every` (0 = never)?"""
+    return every > 0 and step // every > (step - advanced) // every
+
+
+def _token_slices(episodes: list[Episode]) -> list[torch.Tensor]:
+    """Indices of each episode's student tokens in the flat [N] layout (episode, then position)."""
+    counts = [ep.num_generated for ep in episodes]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    return [torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in range(len(episodes))]
+
+
+def _needs_teacher_hidden(obj: Objective, cfg: TrainConfig) -> bool:
+    """Full-vocabulary objectives (and top-k over the student's ids) rebuild teacher logits."""
+    return obj.kind == "divergence" and (cfg.objective.topk == 0
+                                         or cfg.objective.topk_source == "student")
+
+
+def _divergence_sum(obj: Objective, cfg: TrainConfig, s_head, t_head, h_NH: torch.Tensor,
+                    scores: TokenScores, tok: torch.Tensor, keep_N: torch.Tensor) -> torch.Tensor:
+    """sum over kept tokens of the per-token divergence, chunked and checkpointed."""
+    kind, beta, k = obj.divergence, cfg.objective.jsd_beta, cfg.objective.topk
+    chunk = cfg.trainer.chunk_size
+    if k == 0:
+        def fn(h, ht):
+            return (full_vocab_divergence(kind, s_head(h), t_head(ht), beta),)
+        (d,) = chunked_map(fn, chunk, h_NH, scores.hidden_NH[tok.to(scores.hidden_NH.device)])
+    elif cfg.objective.topk_source == "student":
+        def fn(h, ht):
+            s = torch.log_softmax(s_head(h), -1)
+            ids = s.detach().topk(k, -1).indices
+            t = torch.log_softmax(t_head(ht), -1)
+            return (topk_divergence(kind, s.gather(-1, ids), t.gather(-1, ids), beta),)
+        (d,) = chunked_map(fn, chunk, h_NH, scores.hidden_NH[tok.to(scores.hidden_NH.device)])
+    else:
+        dev = h_NH.device
+
+        def fn(h, ids, tlp):
+            s = torch.log_softmax(s_head(h), -1)
+            return (topk_divergence(kind, s.gather(-1, ids), tlp, beta),)
+        (d,) = chunked_map(fn, chunk, h_NH, scores.topk_ids_NK[tok].to(dev),
+                           scores.topk_logp_NK[tok].to(dev))
+    return (d * keep_N.to(d.device)).sum()
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run on-policy distillation as configured; returns the final eval and the run directory."""
+    tcfg, rcfg = cfg.trainer, cfg.rollout
+    out = Path(tcfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(mixed_precision="bf16" if tcfg.bf16 else "no")
+    device = accelerator.device
+    set_seed(tcfg.seed)
+    objective = OBJECTIVES[cfg.objective.name]
+
+    # Environments first: a bad env id or data file fails before any model is loaded.
+    import_env_modules(cfg.env.imports)
+    train_pool = EnvPool(lambda: make_env(cfg.env.id, **cfg.env.kwargs))
+    eval_pool = EnvPool(lambda: make_env(cfg.env.id, **{**cfg.env.kwargs, **cfg.env.eval_kwargs}))
+    train_pool.take(1), eval_pool.take(1)
+
+    tokenizer = load_tokenizer(cfg.model)
+    student = load_model(cfg.model, tokenizer)
+    renderer = ChatRenderer(tokenizer)
+
+    teacher_scorer: HFScorer | None = None
+    vocab = None
+    if objective.needs_teacher:
+        if cfg.teacher.kind == "self":  # OPSD: the initial student, frozen, privileged prompt
+            t_model = copy.deepcopy(student)
+        else:
+            t_tok = load_tokenizer(cfg.teacher.model, "teacher.model")
+            t_model = load_model(cfg.teacher.model, t_tok, "teacher.model")
+            check_same_vocab(tokenizer, t_tok, t_model, student)
+        t_model.requires_grad_(False).to(device)
+        vocab = min(student.get_output_embeddings().weight.shape[0],
+                    t_model.get_output_embeddings().weight.shape[0])
+        teacher_scorer = HFScorer(t_model, tokenizer.pad_token_id,
+                                  use_teacher_view=cfg.teacher.view == "privileged",
+                                  micro_batch_size=tcfg.micro_batch_size,
+                                  chunk_size=tcfg.chunk_size, vocab=vocab)
+
+    resume_dir = resolve_resume(tcfg.resume, out / "checkpoints")
+    if resume_dir is not None:
+        student = AutoModelForCausalLM.from_pretrained(resume_dir, dtype=student.dtype)
+    if tcfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+        student.config.use_cache = False
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = get_scheduler(cfg.optim.schedule, optimizer, cfg.optim.warmup_steps, tcfg.steps)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    model = accelerator.unwrap_model(student)
+    start_step = 0
+    if resume_dir is not None:
+        state = load_state(resume_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        print(f"resumed from {resume_dir} at step {start_step}")
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    metrics_log = JsonlLog(out / "metrics.jsonl", start_step if resume_dir else None)
+    eval_log = JsonlLog(out / "eval.jsonl", start_step if resume_dir else None)
+
+    sampler = HFSampler(model, tokenizer, batch_size=rcfg.batch_size,
+                        stop_token_ids=renderer.stop_token_ids)
+    old_scorer = HFScorer(model, tokenizer.pad_token_id, use_teacher_view=False,
+                          micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
+    s_head = lm_head_fn(model, vocab)
+    t_head = teacher_scorer.head if teacher_scorer else None
+    params = SamplingParams(n=rcfg.samples_per_prompt, temperature=rcfg.temperature,
+                            top_p=rcfg.top_p, max_new_tokens=rcfg.max_new_tokens, stop=rcfg.stop)
+    need_hidden = _needs_teacher_hidden(objective, cfg)
+    teacher_topk = cfg.objective.topk if (objective.kind == "divergence" and not need_hidden) \
+        else cfg.teacher.topk
+
+    def run_eval(step: int) -> dict[str, Any]:
+        ecfg = cfg.eval
+        res = evaluate(model, tokenizer, eval_pool, num_problems=ecfg.num_problems,
+                       pass_k=ecfg.pass_k, temperature=ecfg.temperature,
+                       max_new_tokens=ecfg.max_new_tokens or rcfg.max_new_tokens,
+                       batch_size=rcfg.batch_size, seed=tcfg.seed, stop=rcfg.stop,
+                       env_id=cfg.env.id)
+        row = {"step": step, **res}
+        eval_log.write(row)
+        tqdm.write(f"eval step {step}: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in res.items() if k != "num_problems"))
+        return row
+
+    last_eval = run_eval(0) if cfg.eval.at_start and start_step == 0 else None
+    total, mbs = tcfg.steps, rcfg.minibatches
+    world = accelerator.num_processes
+    step = start_step
+    bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=None)
+    for it in range(start_step // mbs, total // mbs):
+        # ---- rollout: the student's own episodes under its current weights
+        torch.manual_seed(_derived_seed(tcfg.seed, it, _SAMPLING))
+        t0 = time.perf_counter()
+        starts = [{"seed": _derived_seed(tcfg.seed, it, _PROBLEMS, i)}
+                  for i in range(rcfg.prompts_per_batch)]
+        episodes = collect_episodes(
+            train_pool.take(len(starts) * params.n), starts, sampler, renderer, params,
+            teacher_view=cfg.teacher.view == "privileged" and objective.needs_teacher,
+            max_turns=rcfg.max_turns, env_id=cfg.env.id)
+        t_rollout = time.perf_counter() - t0
+
+        # ---- scoring: log pi_old and entropy from the student, log pi_T from the teacher
+        t0 = time.perf_counter()
+        old = old_scorer.score(episodes)
+        teach = (teacher_scorer.score(episodes, topk=teacher_topk, keep_hidden=need_hidden)
+                 if teacher_scorer else old)
+        slices = _token_slices(episodes)
+        tb = TokenBatch(
+            episode_N=torch.cat([torch.full((len(s),), i) for i, s in enumerate(slices)]),
+            logp_old_N=old.logp_N, logp_teacher_N=teach.logp_N, entropy_N=old.entropy_N,
+            reward_E=torch.tensor([ep.reward for ep in episodes]),
+            group_E=torch.tensor([ep.group for ep in episodes]))
+        t_teacher = time.perf_counter() - t0
+        gen_tokens = sum(ep.num_generated for ep in episodes)
+        batch_stats = {
+            "env_reward": float(tb.reward_E.mean()),
+            "train_accuracy": sum(map(is_correct, episodes)) / len(episodes),
+            "response_tokens": gen_tokens / len(episodes),
+            "stop_length_frac": sum(ep.stop_reason == STOP_LENGTH for ep in episodes)
+            / len(episodes),
+            "env_error_frac": sum(ep.stop_reason == "error" for ep in episodes) / len(episodes),
+            "rollout_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
+            "time_rollout_s": t_rollout / mbs, "time_teacher_s": t_teacher / mbs,
+        }
+
+        # ---- minibatch updates: several optimiser steps per rollout batch (rho != 1 after one)
+        shuffle = torch.Generator().manual_seed(_derived_seed(tcfg.seed, it, _SHUFFLE))
+        order = torch.randperm(len(episodes), generator=shuffle)
+        for mb in order.chunk(mbs):
+            t0 = time.perf_counter()
+            plan = objective.plan(tb, step, total, cfg.objective)
+            loss_val, ratio_sum, seq_tokens = _update(
+                student, model, optimizer, accelerator, [episodes[i] for i in mb.tolist()],
+                [slices[i] for i in mb.tolist()], tb, plan, teach, objective, cfg, s_head,
+                t_head, tokenizer.pad_token_id, world)
+            grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            t_train = time.perf_counter() - t0
+            kept = plan.keep_N[torch.cat([slices[i] for i in mb.tolist()])]
+            row = {"step": step, "loss": loss_val, **batch_stats, **plan.metrics,
+                   "ratio_mean": ratio_sum / max(int(kept.sum()), 1),
+                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                   "train_tokens_per_s": seq_tokens / max(t_train, 1e-9),
+                   "time_train_s": t_train}
+            metrics_log.write(row)
+            bar.update(1)
+            if step % tcfg.log_every == 0 or step == total:
+                tqdm.write(summary_line(row, total))
+        sampler.load_weights(model)  # the next rollout uses the updated student
+
+        # ---- periodic eval and checkpoint (at rollout-batch boundaries)
+        if _crossed(step, mbs, cfg.eval.every) or step == total:
+            last_eval = run_eval(step)
+        if _crossed(step, mbs, tcfg.save_every) or step == total:
+            save_checkpoint(out / "checkpoints", step, model, tokenizer,
+                            {"optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict()}, tcfg.keep_last)
+    bar.close()
+    plot_curves(metrics_log.rows(), eval_log.rows(), out / "curves.png")
+    return {"run_dir": str(out), "eval": last_eval, "step": step}
+
+
+def _update(student, model, optimizer, accelerator: Accelerator, episodes: list[Episode],
+            slices: list[torch.Tensor], tb: TokenBatch, plan: Plan, teach: TokenScores,
+            objective: Objective, cfg: TrainConfig, s_head, t_head, pad_id: int,
+            world: int) -> tuple[float, float, int]:
+    """Accumulate gradients of one minibatch; returns (loss, sum of rho over kept, tokens)."""
+    device = accelerator.device
+    tok_all = torch.cat(slices)
+    # Token mean over the whole minibatch (and all ranks): the divisor is known before any
+    # micro-batch runs, so accumulation gives exactly the full-batch gradient.
+    n_keep = accelerator.reduce(plan.keep_N[tok_all].sum().to(device), "sum")
+    denom = max(float(n_keep), 1.0)
+    mb = cfg.trainer.micro_batch_size
+    loss_total, ratio_sum, seq_tokens = 0.0, 0.0, 0
+    parts = range(0, len(episodes), mb)
+    for j, s in enumerate(parts):
+        eps, tok = episodes[s: s + mb], torch.cat(slices[s: s + mb])
+        batch = pad_right([e.input_ids for e in eps], [e.loss_mask for e in eps], pad_id, device)
+        seq_tokens += int(batch.attention_mask.sum())
+        keep = plan.keep_N[tok]
+        sync = j == len(parts) - 1
+        with accelerator.no_sync(student) if not sync else nullcontext():
+            hidden = final_hidden(student, batch.input_ids, batch.attention_mask)
+            rows, cols = predicting_positions(batch.loss_mask)
+            h = hidden[rows, cols - 1]
+            if objective.kind == "pg":
+                y = batch.input_ids[rows, cols]
+                (logp,) = chunked_map(
+                    lambda hh, yy: (torch.log_softmax(s_head(hh), -1).gather(
+                        -1, yy[:, None]).squeeze(-1),), cfg.trainer.chunk_size, h, y)
+                logp_old = tb.logp_old_N[tok].to(device)
+                loss_sum = policy_loss_sum(logp, logp_old, plan.advantage_N[tok].to(device),
+                                           keep.to(device))
+                with torch.no_grad():
+                    ratio_sum += float((torch.exp(logp - logp_old) * keep.to(device)).sum())
+            else:
+                loss_sum = _divergence_sum(objective, cfg, s_head, t_head, h, teach, tok, keep)
+                ratio_sum += float(keep.sum())
+            loss = loss_sum / denom * world  # DDP averages over ranks; undo it for a token mean
+            accelerator.backward(loss)
+        loss_total += float(loss_sum) / denom
+    return loss_total, ratio_sum, seq_tokens
