@@ -1,0 +1,7 @@
+"""python -m mmopd: the same as the `mmopd` command."""
+
+import sys
+
+from mmopd.cli import main
+
+sys.exit(main())

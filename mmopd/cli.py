@@ -1,0 +1,138 @@
+"""The `mmopd` command: train, sft, eval, demo, envs, objectives, tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from mmopd.checkpoint import CheckpointError
+    from mmopd.config import ConfigError
+    from mmopd.envs.math_text import DatasetError
+    from mmopd.envs.registration import EnvNotFoundError
+    from mmopd.models import ModelLoadError
+    from mmopd.render import RenderError
+    from mmopd.rollout import EnvContractError
+    from mmopd.sft import SFTDataError
+
+    return (ConfigError, ModelLoadError, CheckpointError, RenderError, EnvContractError,
+            SFTDataError, DatasetError, EnvNotFoundError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmopd", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="on-policy distillation run from a YAML config")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.lam=0.2")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+
+    s = sub.add_parser("sft", help="supervised fine-tuning on an env's worked solutions")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+
+    e = sub.add_parser("eval", help="greedy accuracy / pass@k of a model on an env")
+    e.add_argument("model", help="hub name or save_pretrained directory")
+    e.add_argument("--env", default="mmopd/MathText-v0")
+    e.add_argument("--env-kwargs", default='{"split": "test"}', help="JSON kwargs for the env")
+    e.add_argument("--num-problems", type=int, default=200)
+    e.add_argument("--pass-k", type=int, default=0)
+    e.add_argument("--max-new-tokens", type=int, default=64)
+
+    d = sub.add_parser("demo", help="tiny end-to-end demo: SFT teacher, weak student, REOPOLD")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--fast", action="store_true", help="a smoke-sized run (seconds, not minutes)")
+
+    sub.add_parser("envs", help="list registered environments").add_argument(
+        "--import", dest="imports", action="append", default=[],
+        help="also import this module (which registers its envs)")
+    sub.add_parser("objectives", help="list registered objectives")
+    k = sub.add_parser("tokenizer", help="build the character tokenizer used by tiny models")
+    k.add_argument("out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars drown the run's own progress
+    try:
+        return _run(args)
+    except _known_errors() as e:
+        print(f"mmopd {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the newest complete checkpoint is intact", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "envs":
+        from mmopd.envs import import_env_modules, list_envs
+
+        import_env_modules(args.imports)
+        print("\n".join(list_envs()))
+        return 0
+    if args.cmd == "objectives":
+        from mmopd.objectives import OBJECTIVES
+
+        for name, obj in sorted(OBJECTIVES.items()):
+            print(f"{name:10s} {obj.doc}")
+        return 0
+    if args.cmd == "tokenizer":
+        from mmopd.tokenizer import build_char_tokenizer
+
+        build_char_tokenizer(args.out)
+        print(f"wrote {args.out}")
+        return 0
+    if args.cmd == "train":
+        from mmopd.config import TrainConfig, dump_yaml, load_config
+
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        if args.print_config:
+            print(dump_yaml(cfg))
+            return 0
+        from mmopd.train import train
+
+        res = train(cfg)
+        print(json.dumps({"run_dir": res["run_dir"], "eval": res["eval"]}))
+        return 0
+    if args.cmd == "sft":
+        from mmopd.config import SFTConfig, load_config
+        from mmopd.sft import sft
+
+        print(json.dumps(sft(load_config(SFTConfig, args.config, args.overrides))))
+        return 0
+    if args.cmd == "eval":
+        from mmopd.config import ConfigError, ModelConfig
+        from mmopd.envs import make_env
+        from mmopd.evaluate import EnvPool, evaluate
+        from mmopd.models import load_model, load_tokenizer
+
+        try:
+            kwargs = json.loads(args.env_kwargs)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--env-kwargs: not JSON: {e}") from None
+        cfg = ModelConfig(path=args.model)
+        tok = load_tokenizer(cfg)
+        pool = EnvPool(lambda: make_env(args.env, **kwargs))
+        res = evaluate(load_model(cfg, tok), tok, pool, num_problems=args.num_problems,
+                       pass_k=args.pass_k, max_new_tokens=args.max_new_tokens, env_id=args.env)
+        print(json.dumps(res))
+        return 0
+    if args.cmd == "demo":
+        from mmopd.demo import run_demo
+
+        run_demo(args.out, fast=args.fast)
+        return 0
+    raise AssertionError(args.cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

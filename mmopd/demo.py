@@ -1,0 +1,113 @@
+"""`mmopd demo`: the whole pipeline on a tiny math world, with nothing to download.
+
+Builds a character tokenizer, supervises a small teacher on worked solutions, supervises a smaller
+student briefly (a weak start), measures both on held-out problems, distils the student from the
+teacher with REOPOLD on its own samples, and prints student before / after / teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from mmopd.config import SFTConfig, TrainConfig, load_config
+from mmopd.sft import sft
+from mmopd.tokenizer import build_char_tokenizer
+from mmopd.train import train
+
+LEVEL = 2  # two-digit addition with carries: a worked solution of ~35 characters
+
+TEACHER = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
+           "intermediate_size": 384, "seed": 1}
+STUDENT = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+           "intermediate_size": 192, "seed": 2}
+
+
+def demo_configs(out: Path, fast: bool = False) -> tuple[SFTConfig, SFTConfig, TrainConfig]:
+    """The three runs of the demo as configs (printable, overridable, reusable in tests)."""
+    tok = str(out / "tokenizer")
+    env = {"id": "mmopd/MathText-v0", "kwargs": {"level": LEVEL}}
+    teacher_sft = load_config(SFTConfig, None, [
+        f"model={json.dumps({'tiny': TEACHER, 'tokenizer': tok})}",
+        f"data={json.dumps({'env': env, 'num_examples': 600 if fast else 6000})}",
+        f"epochs={1 if fast else 3}", "batch_size=32", "optim.lr=3e-3", "optim.warmup_steps=30",
+        f"output_dir={out / 'teacher'}", "eval_problems=0", "seed=1",
+    ])
+    student_sft = load_config(SFTConfig, None, [
+        f"model={json.dumps({'tiny': STUDENT, 'tokenizer': tok})}",
+        f"data={json.dumps({'env': env, 'num_examples': 400 if fast else 1600})}",
+        "epochs=1", "batch_size=32", "optim.lr=3e-3", "optim.warmup_steps=10",
+        f"output_dir={out / 'student-init'}", "eval_problems=0", "seed=2",
+    ])
+    distill = load_config(TrainConfig, None, [
+        f"model.path={out / 'student-init'}",
+        f"teacher.model.path={out / 'teacher'}",
+        f"env={json.dumps(env)}",
+        "objective.name=reopold",
+        "rollout.prompts_per_batch=32", "rollout.samples_per_prompt=4",
+        "rollout.max_new_tokens=48", "rollout.minibatches=2",
+        f"trainer.steps={4 if fast else 60}", "trainer.micro_batch_size=64",
+        f"trainer.output_dir={out / 'reopold'}", "trainer.log_every=5",
+        "optim.lr=1e-3", "optim.warmup_steps=2",
+        "eval.num_problems=200", "eval.pass_k=4", "eval.every=0", "eval.at_start=false",
+    ])
+    return teacher_sft, student_sft, distill
+
+
+def run_demo(out: str | Path = "runs/demo", fast: bool = False) -> dict[str, Any]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    build_char_tokenizer(out / "tokenizer")
+    teacher_sft, student_sft, distill = demo_configs(out, fast)
+
+    print("== 1/4 supervised teacher on worked solutions")
+    sft(teacher_sft)
+    print("== 2/4 weak student: brief supervision")
+    sft(student_sft)
+
+    from mmopd.envs import make_env
+    from mmopd.evaluate import EnvPool, evaluate
+    from mmopd.models import load_model, load_tokenizer
+
+    pool = EnvPool(lambda: make_env("mmopd/MathText-v0", level=LEVEL, split="test"))
+
+    def measure(cfg_model) -> dict[str, float]:
+        tokz = load_tokenizer(cfg_model)
+        model = load_model(cfg_model, tokz)
+        res = evaluate(model, tokz, pool, num_problems=distill.eval.num_problems,
+                       pass_k=distill.eval.pass_k, max_new_tokens=distill.rollout.max_new_tokens,
+                       seed=0, env_id="mmopd/MathText-v0")
+        return {**res, "params": sum(p.numel() for p in model.parameters())}
+
+    print("== 3/4 measuring teacher and student before distillation")
+    before = measure(distill.model)
+    teacher = measure(distill.teacher.model)
+    print(f"teacher accuracy {teacher['accuracy']:.3f}, student {before['accuracy']:.3f}")
+
+    print("== 4/4 REOPOLD on the student's own samples")
+    result = train(distill)
+    after = result["eval"]
+    seconds = time.perf_counter() - t_start
+    rows = [("student before", str(out / "student-init"), before),
+            ("student after (REOPOLD)", str(out / "reopold" / "checkpoints"), after),
+            ("teacher", str(out / "teacher"), teacher)]
+    k = distill.eval.pass_k
+    table = [f"| model | params | greedy accuracy | pass@{k} | mean reply tokens |",
+             "|---|---:|---:|---:|---:|"]
+    for name, _, r in rows:
+        table.append(f"| {name} | {before['params'] if name != 'teacher' else r['params']:,} | "
+                     f"{r['accuracy']:.3f} | {r.get(f'pass@{k}', 0):.3f} | "
+                     f"{r['mean_response_tokens']:.1f} |")
+    ratio = after["accuracy"] / max(teacher["accuracy"], 1e-9)
+    summary = {"before": before, "after": after, "teacher": teacher,
+               "after_over_teacher": ratio, "wall_seconds": seconds,
+               "curves": str(out / "reopold" / "curves.png")}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    text = "\n".join(table) + (f"\n\nstudent after / teacher accuracy: {ratio:.1%}; "
+                               f"wall time {seconds / 60:.1f} min; curves: {summary['curves']}")
+    (out / "results.md").write_text(text + "\n")
+    print("\n" + text)
+    return summary
