@@ -1,0 +1,63 @@
+"""Shared fixtures: a locally built tokenizer and tiny random Qwen2 checkpoints on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> Path:
+    from mmopd.tokenizer import build_char_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    build_char_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tok_dir):
+    from mmopd.config import ModelConfig, TinyModelConfig
+    from mmopd.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(tiny=TinyModelConfig(), tokenizer=str(tok_dir)))
+
+
+def _save_tiny(root: Path, tok_dir: Path, **tiny) -> Path:
+    from mmopd.config import ModelConfig, TinyModelConfig
+    from mmopd.models import load_model, load_tokenizer
+
+    cfg = ModelConfig(tiny=TinyModelConfig(**tiny), tokenizer=str(tok_dir))
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, tok)
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory, tok_dir) -> Path:
+    return _save_tiny(tmp_path_factory.mktemp("student"), tok_dir, hidden_size=32, num_layers=1,
+                      intermediate_size=64, seed=1)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tok_dir) -> Path:
+    return _save_tiny(tmp_path_factory.mktemp("teacher"), tok_dir, hidden_size=48, num_layers=2,
+                      intermediate_size=96, seed=2)
+
+
+@pytest.fixture
+def tiny_overrides(student_dir, teacher_dir, tmp_path) -> list[str]:
+    """Overrides for a train config that runs in a few seconds on random tiny models."""
+    return [
+        f"model.path={student_dir}", f"teacher.model.path={teacher_dir}",
+        "env.kwargs={level: 1}", "rollout.prompts_per_batch=4", "rollout.samples_per_prompt=2",
+        "rollout.max_new_tokens=8", "rollout.minibatches=2", "trainer.steps=2",
+        "trainer.micro_batch_size=3", f"trainer.output_dir={tmp_path / 'run'}",
+        "eval.num_problems=4", "eval.pass_k=2", "eval.at_start=false", "optim.lr=1e-3",
+    ]

@@ -1,0 +1,146 @@
+"""Rendering, episodes, chunked log-probs and the HF sampler on tiny local models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmopd.episode import Episode, pad_right
+from mmopd.logprobs import chunked_map, final_hidden, lm_head_fn, token_logprobs
+from mmopd.render import ChatRenderer
+from mmopd.sampler import HFSampler, SamplingParams
+from mmopd.teacher import HFScorer
+
+
+@pytest.fixture(scope="module")
+def model(student_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(student_dir).eval()
+
+
+def test_incremental_rendering_equals_full_render(tokenizer):
+    r = ChatRenderer(tokenizer)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "12+30="}]
+    ids = r.prompt(msgs)
+    reply = tokenizer.encode("42", add_special_tokens=False) + [tokenizer.eos_token_id]
+    ids = ids + reply + r.close_turn(reply)
+    ids += r.continuation([{"role": "user", "content": "and 1+1="}])
+    full = r.prompt(msgs + [{"role": "assistant", "content": "42"},
+                            {"role": "user", "content": "and 1+1="}])
+    assert ids == full
+    # a truncated turn (no end token) gets the whole closer
+    assert r.close_turn(reply[:-1]) == r.turn_closer
+
+
+def test_episode_masks_and_teacher_view():
+    ep = Episode(input_ids=[1, 2, 3], loss_mask=[0, 0, 0], step_index=[-1] * 3,
+                 sampled_logprobs=[0.0] * 3, prompt_len=3, teacher_prompt_ids=[9, 9, 9, 9, 9])
+    ep.append([4, 5], student=True, step=0, logprobs=[-0.1, -0.2])
+    ep.append([6], student=False)
+    ep.append([7], student=True, step=1, logprobs=[-0.3])
+    assert ep.loss_mask == [0, 0, 0, 1, 1, 0, 1]
+    assert ep.step_index == [-1, -1, -1, 0, 0, -1, 1]
+    assert ep.teacher_input_ids == [9, 9, 9, 9, 9, 4, 5, 6, 7]
+    assert ep.teacher_offset == 2 and ep.num_generated == 3
+    with pytest.raises(ValueError):
+        Episode(input_ids=[1], loss_mask=[], step_index=[], sampled_logprobs=[], prompt_len=1)
+
+
+def test_chunked_logprobs_match_full_logits_with_grad(model):
+    torch.manual_seed(0)
+    ids = torch.randint(3, 90, (3, 17))
+    att = torch.ones_like(ids)
+    h = final_hidden(model, ids, att)[:, :-1].reshape(-1, h_dim := model.config.hidden_size)
+    y = ids[:, 1:].reshape(-1)
+    seen = []
+    head = lm_head_fn(model)
+
+    def spy(x):
+        seen.append(x.shape[0])
+        return head(x)
+
+    h1 = h.detach().clone().requires_grad_(True)
+    res = token_logprobs(spy, h1, y, chunk_size=7, topk=4)
+    assert max(seen) <= 7  # never more than one chunk of rows through the LM head at once
+    logits = head(h.detach())
+    ref = torch.log_softmax(logits, -1)
+    assert torch.allclose(res["logp"], ref.gather(-1, y[:, None]).squeeze(-1), atol=1e-5)
+    assert torch.allclose(res["entropy"], -(ref.exp() * ref).sum(-1), atol=1e-5)
+    assert torch.equal(res["topk_ids"], ref.topk(4, -1).indices)
+    res["logp"].sum().backward()
+    h2 = h.detach().clone().requires_grad_(True)
+    torch.log_softmax(head(h2), -1).gather(-1, y[:, None]).sum().backward()
+    assert torch.allclose(h1.grad, h2.grad, atol=1e-5)
+    assert h_dim > 0
+
+
+def test_chunked_map_empty_input():
+    (out,) = chunked_map(lambda x: (x.sum(-1),), 4, torch.zeros(0, 3))
+    assert out.shape == (0,)
+
+
+def test_sampler_logprobs_match_teacher_forced_scores(model, tokenizer):
+    r = ChatRenderer(tokenizer)
+    sampler = HFSampler(model, tokenizer, batch_size=5, stop_token_ids=r.stop_token_ids)
+    prompts = [r.prompt([{"role": "user", "content": q}]) for q in ["1+1=", "23+45=", "9="]]
+    torch.manual_seed(0)
+    out = sampler.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=12))
+    assert [len(o) for o in out] == [3, 3, 3]
+    eps = []
+    for p, samples in zip(prompts, out):
+        for s in samples:
+            assert 1 <= len(s.token_ids) <= 12 and len(s.logprobs) == len(s.token_ids)
+            assert s.stop_reason in ("eos", "length")
+            if s.stop_reason == "eos":
+                assert s.token_ids[-1] in sampler.eos_ids
+            eps.append(Episode(p + s.token_ids, [0] * len(p) + [1] * len(s.token_ids),
+                               [-1] * len(p) + [0] * len(s.token_ids),
+                               [0.0] * len(p) + s.logprobs, len(p)))
+    scores = HFScorer(model, tokenizer.pad_token_id, use_teacher_view=False,
+                      micro_batch_size=4, chunk_size=5).score(eps)
+    sampled = torch.tensor([lp for e in eps for lp, m in zip(e.sampled_logprobs, e.loss_mask)
+                            if m])
+    # left-padded batched generation vs right-padded teacher forcing: same distribution
+    assert torch.allclose(scores.logp_N, sampled, atol=1e-4)
+
+
+def test_sampler_stop_strings_and_length(model, tokenizer):
+    r = ChatRenderer(tokenizer)
+    sampler = HFSampler(model, tokenizer)
+    prompt = r.prompt([{"role": "user", "content": "x"}])
+    torch.manual_seed(1)
+    [samples] = sampler.generate([prompt], SamplingParams(n=16, max_new_tokens=40, stop=["e"]))
+    stops = [s for s in samples if s.stop_reason == "stop"]
+    assert stops, "a random char model emits 'e' within 40 tokens"
+    for s in stops:  # the stop string completes exactly at the last token
+        assert "e" in tokenizer.decode(s.token_ids)
+        assert "e" not in tokenizer.decode(s.token_ids[:-1])
+    [[greedy]] = sampler.generate([prompt], SamplingParams(n=1, temperature=0.0,
+                                                           max_new_tokens=3))
+    assert greedy.stop_reason in ("length", "eos") and len(greedy.token_ids) <= 3
+
+
+def test_pad_right():
+    b = pad_right([[1, 2, 3], [4]], [[0, 1, 1], [1]], pad_id=0)
+    assert b.input_ids.tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert b.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b.loss_mask.tolist() == [[False, True, True], [True, False, False]]
+
+
+def test_char_tokenizer_survives_autotokenizer_next_to_a_model_config(tmp_path):
+    """Saved beside a Qwen2 config.json, AutoTokenizer resolves the model family's tokenizer
+    class; the tiny tokenizer must come back identical (spaces and newlines included)."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    from mmopd.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer(tmp_path)
+    Qwen2Config(vocab_size=len(tok)).save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    text = "12 + 30 =\n\\boxed{42}"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert again.encode(text, add_special_tokens=False) == ids and len(ids) == len(text)
+    assert again.decode(ids) == text
+    msgs = [{"role": "user", "content": "a b\nc"}]
+    assert ChatRenderer(again).prompt(msgs) == ChatRenderer(tok).prompt(msgs)
