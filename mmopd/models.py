@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -25,6 +27,14 @@ class ModelLoadError(ValueError):
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def make_accelerator(bf16: bool = False) -> Accelerator:
+    """An Accelerator for one run. Its precision state is a process-wide singleton in accelerate;
+    it is reset first so that several runs in one process (a notebook, the demo, tests) may use
+    different precisions. The distributed state (PartialState) is kept."""
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision="bf16" if bf16 else "no")
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """"auto" = bf16 where the GPU supports it, float32 on CPU (bf16 matmuls are slow there)."""
     if name != "auto":
@@ -34,14 +44,23 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.float32
 
 
+def _check_local(path: str, field: str) -> str:
+    """Paths that look local must exist; anything else is tried as a hub name."""
+    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise ModelLoadError(f"{field}: {path!r} is not a directory (expected a "
+                             "save_pretrained checkpoint or a hub name like 'Qwen/Qwen2.5-1.5B')")
+    return os.path.expanduser(path)
+
+
 def load_tokenizer(cfg: ModelConfig, field: str = "model") -> PreTrainedTokenizerBase:
-    source = cfg.tokenizer or cfg.path
+    where = f"{field}.tokenizer" if cfg.tokenizer else f"{field}.path"
+    source = _check_local(cfg.tokenizer or cfg.path, where)
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"{field}.tokenizer: cannot load a tokenizer from {source!r} (not a local directory "
-            f"and not loadable from the hub): {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(f"{where}: cannot load a tokenizer from {source!r}: "
+                             f"{str(e).splitlines()[0]}") from None
     if tok.chat_template is None:
         raise ModelLoadError(f"{field}: tokenizer {source!r} has no chat template; mmopd renders "
                              "every prompt through it (use an instruct/chat checkpoint)")
@@ -69,19 +88,14 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
             torch.manual_seed(t.seed)
             model = Qwen2ForCausalLM(config)
         return model.to(dtype)
-    path = cfg.path
-    assert path is not None
-    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise ModelLoadError(f"{field}.path: {path!r} is not a directory (expected a "
-                             "save_pretrained checkpoint or a hub name like 'Qwen/Qwen2.5-1.5B')")
+    path = _check_local(cfg.path, f"{field}.path")
     kwargs = {"dtype": dtype}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{field}.path: cannot load {path!r}: "
+        raise ModelLoadError(f"{field}.path: cannot load {cfg.path!r}: "
                              f"{str(e).splitlines()[0]}") from None
     return model
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -22,7 +21,7 @@ from mmopd.episode import pad_right
 from mmopd.evaluate import EnvPool, evaluate
 from mmopd.logprobs import final_hidden, lm_head_fn, predicting_positions, token_logprobs
 from mmopd.metrics import JsonlLog
-from mmopd.models import load_model, load_tokenizer
+from mmopd.models import load_model, load_tokenizer, make_accelerator
 from mmopd.render import ChatRenderer
 
 
@@ -59,7 +58,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sft_config.yaml").write_text(dump_yaml(cfg))
     set_seed(cfg.seed)
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     import_env_modules(cfg.data.env.imports)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer)

@@ -32,9 +32,9 @@ from mmopd.config import TrainConfig, dump_yaml
 from mmopd.envs import import_env_modules, make_env
 from mmopd.episode import STOP_LENGTH, Episode, pad_right
 from mmopd.evaluate import EnvPool, evaluate, is_correct
-from mmopd.logprobs import chunked_map, final_hidden, lm_head_fn, predicting_positions
+from mmopd.logprobs import Head, chunked_map, final_hidden, lm_head_fn, predicting_positions
 from mmopd.metrics import JsonlLog, plot_curves, summary_line
-from mmopd.models import check_same_vocab, load_model, load_tokenizer
+from mmopd.models import check_same_vocab, load_model, load_tokenizer, make_accelerator
 from mmopd.objectives import (
     OBJECTIVES,
     Objective,
@@ -75,7 +75,8 @@ def _needs_teacher_hidden(obj: Objective, cfg: TrainConfig) -> bool:
                                          or cfg.objective.topk_source == "student")
 
 
-def _divergence_sum(obj: Objective, cfg: TrainConfig, s_head, t_head, h_NH: torch.Tensor,
+def _divergence_sum(obj: Objective, cfg: TrainConfig, s_head: Head, t_head: Head,
+                    h_NH: torch.Tensor,
                     scores: TokenScores, tok: torch.Tensor, keep_N: torch.Tensor) -> torch.Tensor:
     """sum over kept tokens of the per-token divergence, chunked and checkpointed."""
     kind, beta, k = obj.divergence, cfg.objective.jsd_beta, cfg.objective.topk
@@ -102,12 +103,28 @@ def _divergence_sum(obj: Objective, cfg: TrainConfig, s_head, t_head, h_NH: torc
     return (d * keep_N.to(d.device)).sum()
 
 
+def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: HFScorer | None,
+                teacher_topk: int = 0, keep_hidden: bool = False,
+                ) -> tuple[TokenBatch, TokenScores, list[torch.Tensor]]:
+    """log pi_old and entropy from the student, log pi_T from the teacher, flat over tokens."""
+    old = old_scorer.score(episodes)
+    teach = (teacher_scorer.score(episodes, topk=teacher_topk, keep_hidden=keep_hidden)
+             if teacher_scorer else old)
+    slices = _token_slices(episodes)
+    tb = TokenBatch(
+        episode_N=torch.cat([torch.full((len(s),), i) for i, s in enumerate(slices)]),
+        logp_old_N=old.logp_N, logp_teacher_N=teach.logp_N, entropy_N=old.entropy_N,
+        reward_E=torch.tensor([ep.reward for ep in episodes]),
+        group_E=torch.tensor([ep.group for ep in episodes]))
+    return tb, teach, slices
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run on-policy distillation as configured; returns the final eval and the run directory."""
     tcfg, rcfg = cfg.trainer, cfg.rollout
     out = Path(tcfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision="bf16" if tcfg.bf16 else "no")
+    accelerator = make_accelerator(tcfg.bf16)
     device = accelerator.device
     set_seed(tcfg.seed)
     objective = OBJECTIVES[cfg.objective.name]
@@ -143,7 +160,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if resume_dir is not None:
         student = AutoModelForCausalLM.from_pretrained(resume_dir, dtype=student.dtype)
     if tcfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        # transformers >= 5.20 renamed it; 5.19 only has the old name
+        enable = getattr(student, "activation_checkpointing_enable", None)
+        (enable or student.gradient_checkpointing_enable)()
         student.config.use_cache = False
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
@@ -189,7 +208,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     last_eval = run_eval(0) if cfg.eval.at_start and start_step == 0 else None
     total, mbs = tcfg.steps, rcfg.minibatches
-    world = accelerator.num_processes
     step = start_step
     bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=None)
     for it in range(start_step // mbs, total // mbs):
@@ -206,15 +224,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         # ---- scoring: log pi_old and entropy from the student, log pi_T from the teacher
         t0 = time.perf_counter()
-        old = old_scorer.score(episodes)
-        teach = (teacher_scorer.score(episodes, topk=teacher_topk, keep_hidden=need_hidden)
-                 if teacher_scorer else old)
-        slices = _token_slices(episodes)
-        tb = TokenBatch(
-            episode_N=torch.cat([torch.full((len(s),), i) for i, s in enumerate(slices)]),
-            logp_old_N=old.logp_N, logp_teacher_N=teach.logp_N, entropy_N=old.entropy_N,
-            reward_E=torch.tensor([ep.reward for ep in episodes]),
-            group_E=torch.tensor([ep.group for ep in episodes]))
+        tb, teach, slices = score_batch(episodes, old_scorer, teacher_scorer, teacher_topk,
+                                        need_hidden)
         t_teacher = time.perf_counter() - t0
         gen_tokens = sum(ep.num_generated for ep in episodes)
         batch_stats = {
@@ -234,10 +245,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for mb in order.chunk(mbs):
             t0 = time.perf_counter()
             plan = objective.plan(tb, step, total, cfg.objective)
-            loss_val, ratio_sum, seq_tokens = _update(
-                student, model, optimizer, accelerator, [episodes[i] for i in mb.tolist()],
+            loss_val, ratio_sum, seq_tokens = accumulate_gradients(
+                student, accelerator, [episodes[i] for i in mb.tolist()],
                 [slices[i] for i in mb.tolist()], tb, plan, teach, objective, cfg, s_head,
-                t_head, tokenizer.pad_token_id, world)
+                t_head, tokenizer.pad_token_id)
             grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -268,12 +279,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return {"run_dir": str(out), "eval": last_eval, "step": step}
 
 
-def _update(student, model, optimizer, accelerator: Accelerator, episodes: list[Episode],
-            slices: list[torch.Tensor], tb: TokenBatch, plan: Plan, teach: TokenScores,
-            objective: Objective, cfg: TrainConfig, s_head, t_head, pad_id: int,
-            world: int) -> tuple[float, float, int]:
+def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
+                         episodes: list[Episode], slices: list[torch.Tensor], tb: TokenBatch,
+                         plan: Plan, teach: TokenScores, objective: Objective, cfg: TrainConfig,
+                         s_head: Head, t_head: Head | None, pad_id: int,
+                         ) -> tuple[float, float, int]:
     """Accumulate gradients of one minibatch; returns (loss, sum of rho over kept, tokens)."""
-    device = accelerator.device
+    device, world = accelerator.device, accelerator.num_processes
     tok_all = torch.cat(slices)
     # Token mean over the whole minibatch (and all ranks): the divisor is known before any
     # micro-batch runs, so accumulation gives exactly the full-batch gradient.
@@ -307,5 +319,5 @@ def _update(student, model, optimizer, accelerator: Accelerator, episodes: list[
                 ratio_sum += float(keep.sum())
             loss = loss_sum / denom * world  # DDP averages over ranks; undo it for a token mean
             accelerator.backward(loss)
-        loss_total += float(loss_sum) / denom
+        loss_total += loss_sum.item() / denom
     return loss_total, ratio_sum, seq_tokens

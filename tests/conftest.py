@@ -61,3 +61,17 @@ def tiny_overrides(student_dir, teacher_dir, tmp_path) -> list[str]:
         "trainer.micro_batch_size=3", f"trainer.output_dir={tmp_path / 'run'}",
         "eval.num_problems=4", "eval.pass_k=2", "eval.at_start=false", "optim.lr=1e-3",
     ]
+
+
+@pytest.fixture(scope="session")
+def sft_teacher_dir(tmp_path_factory, tok_dir) -> Path:
+    """A teacher with a peaked distribution: a few seconds of SFT on level-1 worked solutions."""
+    from mmopd.config import SFTConfig, load_config
+    from mmopd.sft import sft
+
+    out = tmp_path_factory.mktemp("sft-teacher")
+    sft(load_config(SFTConfig, None, [
+        "model={tiny: {hidden_size: 48, num_layers: 2, intermediate_size: 96, seed: 3}, "
+        f"tokenizer: {tok_dir}}}", "data={env: {kwargs: {level: 1}}, num_examples: 640}",
+        "epochs=2", "batch_size=32", "optim.lr=3e-3", f"output_dir={out}", "eval_problems=0"]))
+    return out

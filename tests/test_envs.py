@@ -11,11 +11,12 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import gymnasium
-import mmopd.envs as envs
 import pytest
 from gymnasium.utils.env_checker import check_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import mmopd.envs as envs
 from mmopd.envs import EnvNotFoundError, import_env_modules, list_envs, make_env, text_space
 from mmopd.envs.math_text import (
     DatasetError,
