@@ -116,9 +116,6 @@ class TeacherConfig:
     topk: int = 0  # also return the teacher's top-k log-probs (0 = off)
 
     def __post_init__(self) -> None:
-        if self.kind == "model":
-            _check(self.model is not None, "teacher.model",
-                   "teacher.kind=model needs teacher.model.path (or teacher.kind=self)")
         _check(self.topk >= 0, "teacher.topk", "must be >= 0")
 
 
@@ -218,6 +215,10 @@ class TrainConfig:
         _check(self.objective.name in OBJECTIVES, "objective.name",
                f"unknown objective {self.objective.name!r}; choose one of {sorted(OBJECTIVES)}"
                + _suggest(self.objective.name, OBJECTIVES))
+        needs_teacher = OBJECTIVES[self.objective.name].needs_teacher
+        if needs_teacher and self.teacher.kind == "model" and self.teacher.model is None:
+            raise ConfigError(f"teacher.model: objective {self.objective.name!r} needs a teacher; "
+                              "set teacher.model.path (or teacher.kind=self)")
         if self.teacher.kind == "self" and self.teacher.view == "same":
             raise ConfigError("teacher: kind=self with view=same scores the student against "
                               "itself (zero signal); set teacher.view=privileged")

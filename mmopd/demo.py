@@ -21,8 +21,8 @@ LEVEL = 2  # two-digit addition with carries: a worked solution of ~35 character
 
 TEACHER = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
            "intermediate_size": 384, "seed": 1}
-STUDENT = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-           "intermediate_size": 192, "seed": 2}
+STUDENT = {"hidden_size": 96, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
+           "intermediate_size": 256, "seed": 2}
 
 
 def demo_configs(out: Path, fast: bool = False) -> tuple[SFTConfig, SFTConfig, TrainConfig]:
@@ -37,8 +37,8 @@ def demo_configs(out: Path, fast: bool = False) -> tuple[SFTConfig, SFTConfig, T
     ])
     student_sft = load_config(SFTConfig, None, [
         f"model={json.dumps({'tiny': STUDENT, 'tokenizer': tok})}",
-        f"data={json.dumps({'env': env, 'num_examples': 400 if fast else 1600})}",
-        "epochs=1", "batch_size=32", "optim.lr=3e-3", "optim.warmup_steps=10",
+        f"data={json.dumps({'env': env, 'num_examples': 400 if fast else 6500})}",
+        f"epochs={1 if fast else 2}", "batch_size=32", "optim.lr=3e-3", "optim.warmup_steps=10",
         f"output_dir={out / 'student-init'}", "eval_problems=0", "seed=2",
     ])
     distill = load_config(TrainConfig, None, [
@@ -46,12 +46,13 @@ def demo_configs(out: Path, fast: bool = False) -> tuple[SFTConfig, SFTConfig, T
         f"teacher.model.path={out / 'teacher'}",
         f"env={json.dumps(env)}",
         "objective.name=reopold",
-        "rollout.prompts_per_batch=32", "rollout.samples_per_prompt=4",
+        "rollout.prompts_per_batch=64", "rollout.samples_per_prompt=4",
         "rollout.max_new_tokens=48", "rollout.minibatches=2",
-        f"trainer.steps={4 if fast else 60}", "trainer.micro_batch_size=64",
-        f"trainer.output_dir={out / 'reopold'}", "trainer.log_every=5",
-        "optim.lr=1e-3", "optim.warmup_steps=2",
-        "eval.num_problems=200", "eval.pass_k=4", "eval.every=0", "eval.at_start=false",
+        f"trainer.steps={4 if fast else 200}", "trainer.micro_batch_size=64",
+        f"trainer.output_dir={out / 'reopold'}",
+        "optim.lr=3e-4", "optim.warmup_steps=2", "trainer.log_every=10",
+        "eval.num_problems=200", "eval.pass_k=4", f"eval.every={0 if fast else 40}",
+        "eval.at_start=false",
     ])
     return teacher_sft, student_sft, distill
 

@@ -78,3 +78,10 @@ def test_tiny_configs_are_what_the_demo_runs():
     assert to_dict(load_config(SFTConfig, root / "teacher_sft.yaml")) == to_dict(teacher)
     assert to_dict(load_config(SFTConfig, root / "student_sft.yaml")) == to_dict(student)
     assert to_dict(load_config(TrainConfig, root / "reopold.yaml")) == to_dict(distill)
+
+
+def test_teacher_required_only_when_the_objective_uses_one():
+    with pytest.raises(ConfigError, match="teacher.model: objective 'reopold' needs a teacher"):
+        load_config(TrainConfig, None, ["model.path=a"])
+    cfg = load_config(TrainConfig, None, ["model.path=a", "objective.name=grpo"])
+    assert cfg.teacher.model is None

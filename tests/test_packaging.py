@@ -3,7 +3,6 @@ the editable install the suite runs on and a regular (non-editable) `pip install
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,19 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
-def test_editable_install_maps_subpackages():
-    import mmopd.envs
-    import mmopd.tools
-
-    assert Path(mmopd.envs.__file__).parent == ROOT / "envs"
-    assert Path(mmopd.tools.__file__).parent == ROOT / "tools"
-    assert importlib.util.find_spec("envs") is None
-    assert importlib.util.find_spec("tools") is None
+def test_editable_install_maps_subpackages(tmp_path):
+    # In a fresh interpreter outside the repository (the suite itself runs with the repository
+    # root on sys.path, where a directory named envs/ is visible by accident).
+    code = ("import importlib.util, mmopd.envs, mmopd.tools; "
+            "print(mmopd.envs.__file__); print(mmopd.tools.__file__); "
+            "print(importlib.util.find_spec('envs'), importlib.util.find_spec('tools'))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    envs_file, tools_file, specs = run.stdout.strip().splitlines()
+    assert Path(envs_file).parent == ROOT / "envs"
+    assert Path(tools_file).parent == ROOT / "tools"
+    assert specs == "None None"
 
 
 @pytest.mark.slow
