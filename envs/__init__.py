@@ -17,21 +17,6 @@ from .registration import (
 )
 from .spaces import text_space
 
-__all__ = [
-    "EnvNotFoundError",
-    "import_env_modules",
-    "list_envs",
-    "make_env",
-    "register_env",
-    "text_space",
-    "MathTextEnv",
-    "Problem",
-    "check_answer",
-    "generate_problem",
-    "load_problems",
-    "DatasetError",
-]
-
 # Entry points are strings so that importing mmopd.envs stays cheap: math_text pulls in
 # math-verify and sympy (about a second), which only loads when the env is actually made.
 # order_enforce=False: the env raises its own clear RuntimeError for step-before-reset.
@@ -45,6 +30,16 @@ _MATH_TEXT_NAMES = {
     "load_problems",
     "DatasetError",
 }
+
+__all__ = [
+    "EnvNotFoundError",
+    "import_env_modules",
+    "list_envs",
+    "make_env",
+    "register_env",
+    "text_space",
+    *sorted(_MATH_TEXT_NAMES),
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mmopd.config import SFTConfig, TrainConfig, load_config
+from mmopd.config import ModelConfig, SFTConfig, TrainConfig, load_config
 from mmopd.sft import sft
 from mmopd.tokenizer import build_char_tokenizer
 from mmopd.train import train
@@ -73,14 +73,15 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False) -> dict[str, Any
     from mmopd.evaluate import EnvPool, evaluate
     from mmopd.models import load_model, load_tokenizer
 
-    pool = EnvPool(lambda: make_env("mmopd/MathText-v0", level=LEVEL, split="test"))
+    env = distill.env  # the held-out split the training run evaluates on
+    pool = EnvPool(lambda: make_env(env.id, **{**env.kwargs, **env.eval_kwargs}))
 
-    def measure(cfg_model) -> dict[str, float]:
+    def measure(cfg_model: ModelConfig) -> dict[str, float]:
         tokz = load_tokenizer(cfg_model)
         model = load_model(cfg_model, tokz)
         res = evaluate(model, tokz, pool, num_problems=distill.eval.num_problems,
                        pass_k=distill.eval.pass_k, max_new_tokens=distill.rollout.max_new_tokens,
-                       seed=0, env_id="mmopd/MathText-v0")
+                       seed=distill.trainer.seed, env_id=env.id)
         return {**res, "params": sum(p.numel() for p in model.parameters())}
 
     print("== 3/4 measuring teacher and student before distillation")
@@ -92,16 +93,15 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False) -> dict[str, Any
     result = train(distill)
     after = result["eval"]
     seconds = time.perf_counter() - t_start
-    rows = [("student before", str(out / "student-init"), before),
-            ("student after (REOPOLD)", str(out / "reopold" / "checkpoints"), after),
-            ("teacher", str(out / "teacher"), teacher)]
+    rows = [("student before", before, before["params"]),
+            ("student after (REOPOLD)", after, before["params"]),
+            ("teacher", teacher, teacher["params"])]
     k = distill.eval.pass_k
     table = [f"| model | params | greedy accuracy | pass@{k} | mean reply tokens |",
              "|---|---:|---:|---:|---:|"]
-    for name, _, r in rows:
-        table.append(f"| {name} | {before['params'] if name != 'teacher' else r['params']:,} | "
-                     f"{r['accuracy']:.3f} | {r.get(f'pass@{k}', 0):.3f} | "
-                     f"{r['mean_response_tokens']:.1f} |")
+    for name, r, n_params in rows:
+        table.append(f"| {name} | {n_params:,} | {r['accuracy']:.3f} | {r.get(f'pass@{k}', 0):.3f}"
+                     f" | {r['mean_response_tokens']:.1f} |")
     ratio = after["accuracy"] / max(teacher["accuracy"], 1e-9)
     summary = {"before": before, "after": after, "teacher": teacher,
                "after_over_teacher": ratio, "wall_seconds": seconds,

@@ -220,3 +220,14 @@ def test_student_moves_towards_teacher(name, tiny_overrides, sft_teacher_dir, st
     before = _teacher_state_kl(student_dir, sft_teacher_dir)
     after = _teacher_state_kl(Path(res["run_dir"]) / "checkpoints" / "step-16", sft_teacher_dir)
     assert after < 0.85 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_demo_fast_runs_end_to_end(tmp_path):
+    """The `make demo` pipeline at smoke size: tokenizer, two SFTs, evals, REOPOLD, table."""
+    p = _cli("demo", "--fast", "--out", str(tmp_path / "demo"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "| student after (REOPOLD) |" in p.stdout
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert {"before", "after", "teacher", "wall_seconds"} <= set(res)
+    assert (tmp_path / "demo" / "reopold" / "curves.png").is_file()
