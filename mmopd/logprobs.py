@@ -76,6 +76,16 @@ def chunked_map(fn: Callable[..., tuple[torch.Tensor, ...]], chunk_size: int,
     return tuple(torch.cat(cols) for cols in zip(*outs))
 
 
+def target_logprobs(head: Head, hidden_NH: torch.Tensor, targets_N: torch.Tensor,
+                    chunk_size: int) -> torch.Tensor:
+    """log p(target) for N positions, with gradients, chunked (the training-time path)."""
+
+    def fn(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
+        return (torch.log_softmax(head(h), dim=-1).gather(-1, y[:, None]).squeeze(-1),)
+
+    return chunked_map(fn, chunk_size, hidden_NH, targets_N)[0]
+
+
 def token_logprobs(head: Head, hidden_NH: torch.Tensor, targets_N: torch.Tensor,
                    chunk_size: int, topk: int = 0) -> dict[str, torch.Tensor]:
     """log p(target), entropy and optionally top-k (ids, log-probs) for N positions.

@@ -43,14 +43,13 @@ class HFScorer:
     """No-grad chunked scoring with an in-process Hugging Face model."""
 
     def __init__(self, model: PreTrainedModel, pad_id: int, *, use_teacher_view: bool,
-                 micro_batch_size: int = 16, chunk_size: int = 256,
-                 vocab: int | None = None) -> None:
+                 micro_batch_size: int = 16, chunk_size: int = 256) -> None:
         self.model = model
         self.pad_id = pad_id
         self.use_teacher_view = use_teacher_view
         self.micro_batch_size = micro_batch_size
         self.chunk_size = chunk_size
-        self.head = lm_head_fn(model, vocab)
+        self.head = lm_head_fn(model)
 
     def _view(self, ep: Episode) -> tuple[list[int], list[int]]:
         if not self.use_teacher_view or ep.teacher_prompt_ids is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,14 @@ from mmopd.config import TrainConfig, dump_yaml
 from mmopd.envs import import_env_modules, make_env
 from mmopd.episode import STOP_LENGTH, Episode, pad_right
 from mmopd.evaluate import EnvPool, evaluate, is_correct
-from mmopd.logprobs import Head, chunked_map, final_hidden, lm_head_fn, predicting_positions
+from mmopd.logprobs import (
+    Head,
+    chunked_map,
+    final_hidden,
+    lm_head_fn,
+    predicting_positions,
+    target_logprobs,
+)
 from mmopd.metrics import JsonlLog, plot_curves, summary_line
 from mmopd.models import check_same_vocab, load_model, load_tokenizer, make_accelerator
 from mmopd.objectives import (
@@ -67,6 +75,16 @@ def _token_slices(episodes: list[Episode]) -> list[torch.Tensor]:
     counts = [ep.num_generated for ep in episodes]
     offsets = np.concatenate([[0], np.cumsum(counts)])
     return [torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in range(len(episodes))]
+
+
+@dataclass(frozen=True)
+class Heads:
+    """Output layers as functions: `sampled` (the student's full layer, for log-probs of sampled
+    tokens) and `student` / `teacher` trimmed to their shared rows (for distributions)."""
+
+    sampled: Head
+    student: Head
+    teacher: Head | None
 
 
 def _needs_teacher_hidden(obj: Objective, cfg: TrainConfig) -> bool:
@@ -149,12 +167,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             t_model = load_model(cfg.teacher.model, t_tok, "teacher.model")
             check_same_vocab(tokenizer, t_tok, t_model, student)
         t_model.requires_grad_(False).to(device)
+        # Output layers are often padded past the tokenizer, differently per model size
+        # (Qwen2.5: 151936 rows at 1.5B, 152064 at 7B); distributions are compared on the rows
+        # both have. Sampled-token log-probs use each model's full output layer.
         vocab = min(student.get_output_embeddings().weight.shape[0],
                     t_model.get_output_embeddings().weight.shape[0])
         teacher_scorer = HFScorer(t_model, tokenizer.pad_token_id,
                                   use_teacher_view=cfg.teacher.view == "privileged",
                                   micro_batch_size=tcfg.micro_batch_size,
-                                  chunk_size=tcfg.chunk_size, vocab=vocab)
+                                  chunk_size=tcfg.chunk_size)
 
     resume_dir = resolve_resume(tcfg.resume, out / "checkpoints")
     if resume_dir is not None:
@@ -185,8 +206,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         stop_token_ids=renderer.stop_token_ids)
     old_scorer = HFScorer(model, tokenizer.pad_token_id, use_teacher_view=False,
                           micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
-    s_head = lm_head_fn(model, vocab)
-    t_head = teacher_scorer.head if teacher_scorer else None
+    heads = Heads(sampled=lm_head_fn(model), student=lm_head_fn(model, vocab),
+                  teacher=lm_head_fn(teacher_scorer.model, vocab) if teacher_scorer else None)
     params = SamplingParams(n=rcfg.samples_per_prompt, temperature=rcfg.temperature,
                             top_p=rcfg.top_p, max_new_tokens=rcfg.max_new_tokens, stop=rcfg.stop)
     need_hidden = _needs_teacher_hidden(objective, cfg)
@@ -247,8 +268,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             plan = objective.plan(tb, step, total, cfg.objective)
             loss_val, ratio_sum, seq_tokens = accumulate_gradients(
                 student, accelerator, [episodes[i] for i in mb.tolist()],
-                [slices[i] for i in mb.tolist()], tb, plan, teach, objective, cfg, s_head,
-                t_head, tokenizer.pad_token_id)
+                [slices[i] for i in mb.tolist()], tb, plan, teach, objective, cfg, heads,
+                tokenizer.pad_token_id)
             grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -282,8 +303,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                          episodes: list[Episode], slices: list[torch.Tensor], tb: TokenBatch,
                          plan: Plan, teach: TokenScores, objective: Objective, cfg: TrainConfig,
-                         s_head: Head, t_head: Head | None, pad_id: int,
-                         ) -> tuple[float, float, int]:
+                         heads: Heads, pad_id: int) -> tuple[float, float, int]:
     """Accumulate gradients of one minibatch; returns (loss, sum of rho over kept, tokens)."""
     device, world = accelerator.device, accelerator.num_processes
     tok_all = torch.cat(slices)
@@ -305,17 +325,16 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
             rows, cols = predicting_positions(batch.loss_mask)
             h = hidden[rows, cols - 1]
             if objective.kind == "pg":
-                y = batch.input_ids[rows, cols]
-                (logp,) = chunked_map(
-                    lambda hh, yy: (torch.log_softmax(s_head(hh), -1).gather(
-                        -1, yy[:, None]).squeeze(-1),), cfg.trainer.chunk_size, h, y)
+                logp = target_logprobs(heads.sampled, h, batch.input_ids[rows, cols],
+                                       cfg.trainer.chunk_size)
                 logp_old = tb.logp_old_N[tok].to(device)
                 loss_sum = policy_loss_sum(logp, logp_old, plan.advantage_N[tok].to(device),
                                            keep.to(device))
                 with torch.no_grad():
                     ratio_sum += float((torch.exp(logp - logp_old) * keep.to(device)).sum())
             else:
-                loss_sum = _divergence_sum(objective, cfg, s_head, t_head, h, teach, tok, keep)
+                loss_sum = _divergence_sum(objective, cfg, heads.student, heads.teacher, h, teach,
+                                           tok, keep)
                 ratio_sum += float(keep.sum())
             loss = loss_sum / denom * world  # DDP averages over ranks; undo it for a token mean
             accelerator.backward(loss)

@@ -79,7 +79,7 @@ def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir
     from mmopd.rollout import collect_episodes
     from mmopd.sampler import HFSampler, SamplingParams
     from mmopd.teacher import HFScorer
-    from mmopd.train import _needs_teacher_hidden, accumulate_gradients, score_batch
+    from mmopd.train import Heads, _needs_teacher_hidden, accumulate_gradients, score_batch
 
     cfg = _cfg(tiny_overrides, [f"objective.name={name}", *extra])
     obj = OBJECTIVES[name]
@@ -101,8 +101,9 @@ def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir
     for micro in (1, 3, 8):
         cfg.trainer.micro_batch_size = micro
         student.zero_grad()
+        heads = Heads(lm_head_fn(student), lm_head_fn(student), lm_head_fn(teacher))
         accumulate_gradients(student, make_accelerator(), eps, slices, tb, plan, teach, obj, cfg,
-                             lm_head_fn(student), lm_head_fn(teacher), tok.pad_token_id)
+                             heads, tok.pad_token_id)
         grads.append({k: p.grad.clone() for k, p in student.named_parameters()})
     for g in grads[1:]:
         for k in g:
