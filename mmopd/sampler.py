@@ -11,7 +11,13 @@ from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from mmopd.episode import STOP_EOS, STOP_LENGTH, STOP_STRING
 
@@ -102,30 +108,64 @@ class HFSampler:
             top_p=None if greedy else params.top_p,
             top_k=None if greedy else 0,  # 0: no hidden top-k truncation of the distribution
             max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=pad,
-            return_dict_in_generate=True, output_logits=True,
-            stop_strings=params.stop or None,
+            stop_strings=params.stop or None, return_dict_in_generate=True,
         )
-        res = self.model.generate(
-            input_ids=ids.to(device), attention_mask=att.to(device), generation_config=gen_cfg,
-            tokenizer=self.tokenizer if params.stop else None)
-        new = res.sequences[:, width:].cpu()
-        # Raw logits (before temperature / top-p): log-probs of the model's own distribution,
-        # the same quantity the trainer recomputes as log pi_old.
-        logits = torch.stack(res.logits, dim=1).float()
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, new[:, :, None].to(logits.device))
-        logp = logp.squeeze(-1).cpu()
+        recorder = _SampledLogprobs()
+        # generate() fills unset fields from model.generation_config (a checkpoint's repetition
+        # penalty, say); on-policy samples must come from the model's own distribution, so a
+        # neutral default stands in while generating.
+        saved = self.model.generation_config
+        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids,
+                                                        pad_token_id=pad)
+        try:
+            res = self.model.generate(
+                input_ids=ids.to(device), attention_mask=att.to(device),
+                generation_config=gen_cfg, logits_processor=LogitsProcessorList([recorder]),
+                tokenizer=self.tokenizer if params.stop else None)
+        finally:
+            self.model.generation_config = saved
+        new = res.sequences[:, width:]
+        logp = recorder.finish(new[:, -1]).cpu()
+        new = new.cpu()
         return [self._trim(new[i], logp[i], params) for i in range(len(prompts))]
 
     def _trim(self, ids: torch.Tensor, logp: torch.Tensor, params: SamplingParams) -> Sample:
+        """Cut a generated row where it ended: the first end-of-turn token or the completion of
+        a stop string, whichever comes first (rows that stop early are padded, and the pad token
+        is often an end token too)."""
         toks = ids.tolist()
         is_eos = torch.isin(ids, torch.tensor(self.eos_ids))
-        if is_eos.any():
-            end = int(is_eos.nonzero()[0]) + 1
-            return Sample(toks[:end], logp[:end].tolist(), STOP_EOS)
-        if params.stop:
-            # generate() pads rows that hit a stop string; find where the string completed.
-            for end in range(1, len(toks) + 1):
-                text = self.tokenizer.decode(toks[:end])
-                if any(s in text for s in params.stop):
-                    return Sample(toks[:end], logp[:end].tolist(), STOP_STRING)
+        end_eos = int(is_eos.nonzero()[0]) + 1 if is_eos.any() else None
+        for end in range(1, (end_eos or len(toks)) if params.stop else 0):
+            text = self.tokenizer.decode(toks[:end])
+            if any(s in text for s in params.stop):
+                return Sample(toks[:end], logp[:end].tolist(), STOP_STRING)
+        if end_eos is not None:
+            return Sample(toks[:end_eos], logp[:end_eos].tolist(), STOP_EOS)
         return Sample(toks, logp.tolist(), STOP_LENGTH)
+
+
+class _SampledLogprobs(LogitsProcessor):
+    """Records log pi(token) of each sampled token under the model's own distribution.
+
+    It runs before temperature / top-p (generate() applies those after custom processors) and
+    keeps one [B, V] step at a time: the token chosen at step t is read from input_ids at step
+    t + 1 (and from the final sequences for the last step), instead of storing every step's
+    logits (B x T x V floats, which at real vocabularies and lengths does not fit in memory).
+    """
+
+    def __init__(self) -> None:
+        self.prev: torch.Tensor | None = None
+        self.out: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prev is not None:
+            self.out.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, steps] log-probs, given the tokens chosen at the final step."""
+        assert self.prev is not None, "generate() ran no step"
+        self.out.append(self.prev.gather(-1, last_tokens[:, None]).squeeze(-1))
+        return torch.stack(self.out, dim=1)

@@ -84,8 +84,14 @@ def test_sampler_logprobs_match_teacher_forced_scores(model, tokenizer):
     r = ChatRenderer(tokenizer)
     sampler = HFSampler(model, tokenizer, batch_size=5, stop_token_ids=r.stop_token_ids)
     prompts = [r.prompt([{"role": "user", "content": q}]) for q in ["1+1=", "23+45=", "9="]]
+    # a checkpoint's own sampling defaults must not leak into on-policy sampling
+    model.generation_config.repetition_penalty = 5.0
     torch.manual_seed(0)
-    out = sampler.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=12))
+    try:
+        out = sampler.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=12))
+    finally:
+        assert model.generation_config.repetition_penalty == 5.0  # restored afterwards
+        model.generation_config.repetition_penalty = 1.0
     assert [len(o) for o in out] == [3, 3, 3]
     eps = []
     for p, samples in zip(prompts, out):
@@ -107,7 +113,9 @@ def test_sampler_logprobs_match_teacher_forced_scores(model, tokenizer):
 
 def test_sampler_stop_strings_and_length(model, tokenizer):
     r = ChatRenderer(tokenizer)
-    sampler = HFSampler(model, tokenizer)
+    # as with Qwen, the pad token is also an end token: rows that stop on a string get padded
+    # with it, and that pad must not count as a sampled token
+    sampler = HFSampler(model, tokenizer, stop_token_ids={tokenizer.pad_token_id})
     prompt = r.prompt([{"role": "user", "content": "x"}])
     torch.manual_seed(1)
     [samples] = sampler.generate([prompt], SamplingParams(n=16, max_new_tokens=40, stop=["e"]))
@@ -144,3 +152,34 @@ def test_char_tokenizer_survives_autotokenizer_next_to_a_model_config(tmp_path):
     assert again.decode(ids) == text
     msgs = [{"role": "user", "content": "a b\nc"}]
     assert ChatRenderer(again).prompt(msgs) == ChatRenderer(tok).prompt(msgs)
+
+
+def test_bf16_head_takes_float32_hidden_states(student_dir):
+    """Under bf16 autocast the forward returns float32 hidden states; a bf16 output layer
+    applied outside autocast must still work (and give float32 logits)."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.bfloat16)
+    logits = lm_head_fn(m, vocab=50)(torch.randn(3, m.config.hidden_size))
+    assert logits.dtype == torch.float32 and logits.shape == (3, 50)
+
+
+def test_trainable_models_keep_float32_master_weights():
+    from mmopd.models import resolve_dtype
+
+    assert resolve_dtype("auto", trainable=True) == torch.float32
+    assert resolve_dtype("bfloat16", trainable=True) == torch.bfloat16  # explicit wins
+
+
+def test_constant_schedule_honours_warmup():
+    from mmopd.config import OptimConfig
+    from mmopd.optim import make_optimizer, make_scheduler
+
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimConfig(lr=1.0))
+    sched = make_scheduler(opt, OptimConfig(lr=1.0, warmup_steps=4), 10)
+    lrs = []
+    for _ in range(6):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
