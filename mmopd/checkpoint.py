@@ -54,6 +54,11 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any,
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    dir_fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

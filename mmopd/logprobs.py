@@ -27,7 +27,9 @@ def lm_head_fn(model: PreTrainedModel, vocab: int | None = None) -> Head:
     scale = getattr(model.config, "logit_scale", None)
 
     def fn(h: torch.Tensor) -> torch.Tensor:
-        logits = head(h).float()
+        # hidden states come back in float32 from a forward under autocast, while the weights
+        # may be bf16; outside autocast the matmul needs one dtype
+        logits = head(h.to(head.weight.dtype)).float()
         if scale is not None:
             logits = logits * scale
         if cap:
@@ -87,10 +89,12 @@ def target_logprobs(head: Head, hidden_NH: torch.Tensor, targets_N: torch.Tensor
 
 
 def token_logprobs(head: Head, hidden_NH: torch.Tensor, targets_N: torch.Tensor,
-                   chunk_size: int, topk: int = 0) -> dict[str, torch.Tensor]:
+                   chunk_size: int, topk: int = 0,
+                   topk_vocab: int | None = None) -> dict[str, torch.Tensor]:
     """log p(target), entropy and optionally top-k (ids, log-probs) for N positions.
 
     `logp` carries gradients when `hidden_NH` does; entropy and top-k are always detached.
+    Top-k ids are drawn from the first `topk_vocab` rows (log-probs stay full-vocabulary).
     """
 
     def fn(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -100,7 +104,7 @@ def token_logprobs(head: Head, hidden_NH: torch.Tensor, targets_N: torch.Tensor,
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)
             if topk:
-                tv, ti = logp_all.topk(topk, dim=-1)
+                tv, ti = logp_all[:, :topk_vocab].topk(topk, dim=-1)
                 return logp, ent, tv, ti
         return logp, ent
 

@@ -18,8 +18,11 @@ def _clean(v: Any) -> Any:
 class JsonlLog:
     """Append-only JSON lines keyed by "step"; on resume, lines after the resumed step go."""
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True) -> None:
         self.path = path
+        self.enabled = enabled  # False on non-main ranks: nothing is written
+        if not enabled:
+            return
         if resume_step is None:
             path.write_text("")
         elif path.exists():
@@ -28,6 +31,8 @@ class JsonlLog:
             path.write_text("".join(ln + "\n" for ln in kept))
 
     def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
 

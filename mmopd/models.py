@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -27,19 +25,13 @@ class ModelLoadError(ValueError):
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def make_accelerator(bf16: bool = False) -> Accelerator:
-    """An Accelerator for one run. Its precision state is a process-wide singleton in accelerate;
-    it is reset first so that several runs in one process (a notebook, the demo, tests) may use
-    different precisions. The distributed state (PartialState) is kept."""
-    AcceleratorState._reset_state()
-    return Accelerator(mixed_precision="bf16" if bf16 else "no")
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """"auto" = bf16 where the GPU supports it, float32 on CPU (bf16 matmuls are slow there)."""
+def resolve_dtype(name: str, trainable: bool = False) -> torch.dtype:
+    """"auto" = float32 for a model that trains (bf16 master weights would round small updates
+    away; trainer.bf16 gives bf16 compute), else bf16 where the GPU supports it, and float32 on
+    CPU (bf16 matmuls are slow there)."""
     if name != "auto":
         return _DTYPES[name]
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    if not trainable and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
 
@@ -70,10 +62,10 @@ def load_tokenizer(cfg: ModelConfig, field: str = "model") -> PreTrainedTokenize
     return tok
 
 
-def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
-               field: str = "model") -> PreTrainedModel:
+def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, field: str = "model",
+               trainable: bool = False) -> PreTrainedModel:
     """Build or load a causal LM in `cfg.dtype` on the CPU (accelerate moves it)."""
-    dtype = resolve_dtype(cfg.dtype)
+    dtype = resolve_dtype(cfg.dtype, trainable)
     if cfg.tiny is not None:
         t = cfg.tiny
         config = Qwen2Config(

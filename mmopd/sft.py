@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from mmopd.config import SFTConfig, dump_yaml
 from mmopd.envs import import_env_modules, make_env
@@ -21,7 +20,8 @@ from mmopd.episode import pad_right
 from mmopd.evaluate import EnvPool, evaluate
 from mmopd.logprobs import final_hidden, lm_head_fn, predicting_positions, token_logprobs
 from mmopd.metrics import JsonlLog
-from mmopd.models import load_model, load_tokenizer, make_accelerator
+from mmopd.models import load_model, load_tokenizer
+from mmopd.optim import make_accelerator, make_optimizer, make_scheduler
 from mmopd.render import ChatRenderer
 
 
@@ -61,14 +61,13 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     accelerator = make_accelerator()
     import_env_modules(cfg.data.env.imports)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer)
+    model = load_model(cfg.model, tokenizer, trainable=True)
     renderer = ChatRenderer(tokenizer)
     examples = build_examples(cfg, renderer)
     steps_per_epoch = (len(examples) + cfg.batch_size - 1) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  weight_decay=cfg.optim.weight_decay)
-    scheduler = get_scheduler(cfg.optim.schedule, optimizer, cfg.optim.warmup_steps, total)
+    optimizer = make_optimizer(model.parameters(), cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     head = lm_head_fn(accelerator.unwrap_model(model))
     log = JsonlLog(out / "sft_log.jsonl")

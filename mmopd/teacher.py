@@ -43,13 +43,15 @@ class HFScorer:
     """No-grad chunked scoring with an in-process Hugging Face model."""
 
     def __init__(self, model: PreTrainedModel, pad_id: int, *, use_teacher_view: bool,
-                 micro_batch_size: int = 16, chunk_size: int = 256) -> None:
+                 micro_batch_size: int = 16, chunk_size: int = 256,
+                 topk_vocab: int | None = None) -> None:
         self.model = model
         self.pad_id = pad_id
         self.use_teacher_view = use_teacher_view
         self.micro_batch_size = micro_batch_size
         self.chunk_size = chunk_size
         self.head = lm_head_fn(model)
+        self.topk_vocab = topk_vocab  # top-k ids only among rows the student also has
 
     def _view(self, ep: Episode) -> tuple[list[int], list[int]]:
         if not self.use_teacher_view or ep.teacher_prompt_ids is None:
@@ -78,7 +80,7 @@ class HFScorer:
                 rows, cols = predicting_positions(batch.loss_mask)
                 h = hidden[rows, cols - 1]
                 res = token_logprobs(self.head, h, batch.input_ids[rows, cols], self.chunk_size,
-                                     topk)
+                                     topk, self.topk_vocab)
                 if keep_hidden:
                     res["hidden"] = h
                 for k, v in res.items():

@@ -10,9 +10,9 @@ metrics, periodic eval, checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, get_scheduler
 
 from mmopd.checkpoint import (
     load_state,
@@ -42,7 +41,12 @@ from mmopd.logprobs import (
     target_logprobs,
 )
 from mmopd.metrics import JsonlLog, plot_curves, summary_line
-from mmopd.models import check_same_vocab, load_model, load_tokenizer, make_accelerator
+from mmopd.models import (
+    check_same_vocab,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
 from mmopd.objectives import (
     OBJECTIVES,
     Objective,
@@ -52,6 +56,7 @@ from mmopd.objectives import (
     policy_loss_sum,
     topk_divergence,
 )
+from mmopd.optim import make_accelerator, make_optimizer, make_scheduler
 from mmopd.render import ChatRenderer
 from mmopd.rollout import collect_episodes
 from mmopd.sampler import HFSampler, SamplingParams
@@ -77,7 +82,7 @@ def _token_slices(episodes: list[Episode]) -> list[torch.Tensor]:
     return [torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in range(len(episodes))]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Heads:
     """Output layers as functions: `sampled` (the student's full layer, for log-probs of sampled
     tokens) and `student` / `teacher` trimmed to their shared rows (for distributions)."""
@@ -154,14 +159,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_pool.take(1), eval_pool.take(1)
 
     tokenizer = load_tokenizer(cfg.model)
-    student = load_model(cfg.model, tokenizer)
+    student = load_model(cfg.model, tokenizer, trainable=True)
     renderer = ChatRenderer(tokenizer)
 
     teacher_scorer: HFScorer | None = None
     vocab = None
     if objective.needs_teacher:
         if cfg.teacher.kind == "self":  # OPSD: the initial student, frozen, privileged prompt
-            t_model = copy.deepcopy(student)
+            t_model = copy.deepcopy(student).to(resolve_dtype(cfg.model.dtype))
         else:
             t_tok = load_tokenizer(cfg.teacher.model, "teacher.model")
             t_model = load_model(cfg.teacher.model, t_tok, "teacher.model")
@@ -175,19 +180,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         teacher_scorer = HFScorer(t_model, tokenizer.pad_token_id,
                                   use_teacher_view=cfg.teacher.view == "privileged",
                                   micro_batch_size=tcfg.micro_batch_size,
-                                  chunk_size=tcfg.chunk_size)
+                                  chunk_size=tcfg.chunk_size, topk_vocab=vocab)
 
     resume_dir = resolve_resume(tcfg.resume, out / "checkpoints")
     if resume_dir is not None:
-        student = AutoModelForCausalLM.from_pretrained(resume_dir, dtype=student.dtype)
+        student = load_model(dataclasses.replace(cfg.model, path=str(resume_dir), tiny=None,
+                                                 tokenizer=None), tokenizer, trainable=True)
     if tcfg.gradient_checkpointing:
         # transformers >= 5.20 renamed it; 5.19 only has the old name
         enable = getattr(student, "activation_checkpointing_enable", None)
         (enable or student.gradient_checkpointing_enable)()
         student.config.use_cache = False
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  weight_decay=cfg.optim.weight_decay)
-    scheduler = get_scheduler(cfg.optim.schedule, optimizer, cfg.optim.warmup_steps, tcfg.steps)
+    optimizer = make_optimizer(student.parameters(), cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, tcfg.steps)
+    student.train()  # from_pretrained returns eval mode, which also disables grad checkpointing
     student, optimizer = accelerator.prepare(student, optimizer)
     model = accelerator.unwrap_model(student)
     start_step = 0
@@ -198,9 +204,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         set_rng_state(state["rng"])
         start_step = state["step"]
         print(f"resumed from {resume_dir} at step {start_step}")
-    (out / "config.yaml").write_text(dump_yaml(cfg))
-    metrics_log = JsonlLog(out / "metrics.jsonl", start_step if resume_dir else None)
-    eval_log = JsonlLog(out / "eval.jsonl", start_step if resume_dir else None)
+    # Under `accelerate launch` every rank rolls out its own problems; rank 0 writes the run
+    # directory (its metrics describe its share of the batch) and evaluates.
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    if main:
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+    resumed_at = start_step if resume_dir else None
+    metrics_log = JsonlLog(out / "metrics.jsonl", resumed_at, enabled=main)
+    eval_log = JsonlLog(out / "eval.jsonl", resumed_at, enabled=main)
 
     sampler = HFSampler(model, tokenizer, batch_size=rcfg.batch_size,
                         stop_token_ids=renderer.stop_token_ids)
@@ -214,7 +225,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     teacher_topk = cfg.objective.topk if (objective.kind == "divergence" and not need_hidden) \
         else cfg.teacher.topk
 
-    def run_eval(step: int) -> dict[str, Any]:
+    def run_eval(step: int) -> dict[str, Any] | None:
+        if not main:
+            return None
         ecfg = cfg.eval
         res = evaluate(model, tokenizer, eval_pool, num_problems=ecfg.num_problems,
                        pass_k=ecfg.pass_k, temperature=ecfg.temperature,
@@ -233,10 +246,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=None)
     for it in range(start_step // mbs, total // mbs):
         # ---- rollout: the student's own episodes under its current weights
-        torch.manual_seed(_derived_seed(tcfg.seed, it, _SAMPLING))
+        torch.manual_seed(_derived_seed(tcfg.seed, it, _SAMPLING, rank))
         t0 = time.perf_counter()
-        starts = [{"seed": _derived_seed(tcfg.seed, it, _PROBLEMS, i)}
-                  for i in range(rcfg.prompts_per_batch)]
+        n_prompts = rcfg.prompts_per_batch
+        starts = [{"seed": _derived_seed(tcfg.seed, it, _PROBLEMS, rank * n_prompts + i)}
+                  for i in range(n_prompts)]
         episodes = collect_episodes(
             train_pool.take(len(starts) * params.n), starts, sampler, renderer, params,
             teacher_view=cfg.teacher.view == "privileged" and objective.needs_teacher,
@@ -261,7 +275,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         }
 
         # ---- minibatch updates: several optimiser steps per rollout batch (rho != 1 after one)
-        shuffle = torch.Generator().manual_seed(_derived_seed(tcfg.seed, it, _SHUFFLE))
+        shuffle = torch.Generator().manual_seed(_derived_seed(tcfg.seed, it, _SHUFFLE, rank))
         order = torch.randperm(len(episodes), generator=shuffle)
         for mb in order.chunk(mbs):
             t0 = time.perf_counter()
@@ -291,12 +305,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # ---- periodic eval and checkpoint (at rollout-batch boundaries)
         if _crossed(step, mbs, cfg.eval.every) or step == total:
             last_eval = run_eval(step)
-        if _crossed(step, mbs, tcfg.save_every) or step == total:
+        if (_crossed(step, mbs, tcfg.save_every) or step == total) and main:
             save_checkpoint(out / "checkpoints", step, model, tokenizer,
                             {"optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict()}, tcfg.keep_last)
+        accelerator.wait_for_everyone()
     bar.close()
-    plot_curves(metrics_log.rows(), eval_log.rows(), out / "curves.png")
+    if main:
+        plot_curves(metrics_log.rows(), eval_log.rows(), out / "curves.png")
     return {"run_dir": str(out), "eval": last_eval, "step": step}
 
 

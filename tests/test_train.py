@@ -74,7 +74,8 @@ def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir
     as the whole minibatch at once (the normaliser is the minibatch's kept-token count)."""
     from mmopd.envs import make_env
     from mmopd.logprobs import lm_head_fn
-    from mmopd.models import load_model, load_tokenizer, make_accelerator
+    from mmopd.models import load_model, load_tokenizer
+    from mmopd.optim import make_accelerator
     from mmopd.render import ChatRenderer
     from mmopd.rollout import collect_episodes
     from mmopd.sampler import HFSampler, SamplingParams
