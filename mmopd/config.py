@@ -343,7 +343,14 @@ def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], prefix + name)
+            value = data[name]
+            default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                       else None)
+            if dataclasses.is_dataclass(default) and isinstance(value, dict):
+                # A partly given section starts from this field's own defaults (SFT's optimiser
+                # defaults differ from a bare OptimConfig's), not from the section class's.
+                value = {**dataclasses.asdict(default), **value}
+            kwargs[name] = _coerce(value, hints[name], prefix + name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{prefix}{name}: required field is missing")
     return cls(**kwargs)

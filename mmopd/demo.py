@@ -32,13 +32,15 @@ def demo_configs(out: Path, fast: bool = False) -> tuple[SFTConfig, SFTConfig, T
     teacher_sft = load_config(SFTConfig, None, [
         f"model={json.dumps({'tiny': TEACHER, 'tokenizer': tok})}",
         f"data={json.dumps({'env': env, 'num_examples': 600 if fast else 6000})}",
-        f"epochs={1 if fast else 3}", "batch_size=32", "optim.lr=3e-3", "optim.warmup_steps=30",
+        f"epochs={1 if fast else 3}", "batch_size=32", "optim.lr=3e-3", "optim.warmup_steps=0",
+        "optim.schedule=constant",
         f"output_dir={out / 'teacher'}", "eval_problems=0", "seed=1",
     ])
     student_sft = load_config(SFTConfig, None, [
         f"model={json.dumps({'tiny': STUDENT, 'tokenizer': tok})}",
         f"data={json.dumps({'env': env, 'num_examples': 400 if fast else 6500})}",
-        f"epochs={1 if fast else 2}", "batch_size=32", "optim.lr=3e-3", "optim.warmup_steps=10",
+        f"epochs={1 if fast else 2}", "batch_size=32", "optim.lr=3e-3", "optim.warmup_steps=0",
+        "optim.schedule=constant",
         f"output_dir={out / 'student-init'}", "eval_problems=0", "seed=2",
     ])
     distill = load_config(TrainConfig, None, [
@@ -50,7 +52,7 @@ def demo_configs(out: Path, fast: bool = False) -> tuple[SFTConfig, SFTConfig, T
         "rollout.max_new_tokens=48", "rollout.minibatches=2",
         f"trainer.steps={4 if fast else 200}", "trainer.micro_batch_size=64",
         f"trainer.output_dir={out / 'reopold'}",
-        "optim.lr=3e-4", "optim.warmup_steps=2", "trainer.log_every=10",
+        "optim.lr=3e-4", "optim.warmup_steps=0", "trainer.log_every=10",
         "eval.num_problems=200", "eval.pass_k=4", f"eval.every={0 if fast else 40}",
         "eval.at_start=false",
     ])

@@ -85,3 +85,9 @@ def test_teacher_required_only_when_the_objective_uses_one():
         load_config(TrainConfig, None, ["model.path=a"])
     cfg = load_config(TrainConfig, None, ["model.path=a", "objective.name=grpo"])
     assert cfg.teacher.model is None
+
+
+def test_partial_section_keeps_the_parents_defaults():
+    cfg = load_config(SFTConfig, None, ["model.path=a", "optim.lr=1e-3"])
+    assert cfg.optim.lr == 1e-3
+    assert cfg.optim.schedule == "cosine" and cfg.optim.warmup_steps == 20  # SFT's defaults
