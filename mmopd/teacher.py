@@ -87,6 +87,8 @@ class HFScorer:
                     parts.setdefault(k, []).append(v.cpu() if k != "hidden" else v)
         finally:
             self.model.train(was_training)
+        if not parts:
+            raise ValueError("score() needs at least one episode")
         cat = {k: torch.cat(v) for k, v in parts.items()}
         return TokenScores(
             logp_N=cat["logp"].float(), entropy_N=cat["entropy"].float(),
