@@ -17,6 +17,7 @@ STOP_STRING = "stop"  # a configured stop string appeared
 STOP_LENGTH = "length"  # the per-turn token budget ran out (the generation never stopped)
 STOP_ENV = "env"  # the environment terminated the episode
 STOP_ERROR = "error"  # the environment raised; details in metadata["error"]
+STOP_MAX_TURNS = "max_turns"  # the agent loop's turn bound ran out
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Episode:
     reward: float = 0.0
     """Environment reward summed over the episode."""
     stop_reason: str = STOP_EOS
-    """Why the episode ended: eos, stop, length, env, error."""
+    """Why the episode ended: eos, stop, length, env, error, max_turns."""
     group: int = 0
     """Index of the prompt this episode was sampled for (samples of one prompt share it)."""
     teacher_prompt_ids: list[int] | None = None

@@ -13,7 +13,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from mmopd.episode import STOP_ENV, STOP_ERROR, Episode
+from mmopd.episode import STOP_ENV, STOP_ERROR, STOP_MAX_TURNS, Episode
 from mmopd.render import ChatRenderer
 from mmopd.sampler import Sampler, SamplingParams
 
@@ -104,5 +104,5 @@ def collect_episodes(
             still.append(i)
         active = still
     for i in active:  # ran out of turns
-        episodes[i].stop_reason = "max_turns"
+        episodes[i].stop_reason = STOP_MAX_TURNS
     return episodes

@@ -30,7 +30,7 @@ from mmopd.checkpoint import (
 )
 from mmopd.config import TrainConfig, dump_yaml
 from mmopd.envs import import_env_modules, make_env
-from mmopd.episode import STOP_LENGTH, Episode, pad_right
+from mmopd.episode import STOP_ERROR, STOP_LENGTH, Episode, pad_right
 from mmopd.evaluate import EnvPool, evaluate, is_correct
 from mmopd.logprobs import (
     Head,
@@ -269,7 +269,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "response_tokens": gen_tokens / len(episodes),
             "stop_length_frac": sum(ep.stop_reason == STOP_LENGTH for ep in episodes)
             / len(episodes),
-            "env_error_frac": sum(ep.stop_reason == "error" for ep in episodes) / len(episodes),
+            "env_error_frac": sum(ep.stop_reason == STOP_ERROR for ep in episodes)
+            / len(episodes),
             "rollout_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
             "time_rollout_s": t_rollout / mbs, "time_teacher_s": t_teacher / mbs,
         }
