@@ -72,10 +72,14 @@ class ChatRenderer:
             ids.add(self.turn_closer[0])
         return {i for i in ids if i is not None}
 
+    @cached_property
+    def _stand_in_ids(self) -> list[int]:
+        return self.full(_STAND_IN)
+
     def continuation(self, new_messages: list[Message]) -> list[int]:
         """Token ids that follow a closed assistant turn: the new messages (tool results, user
         replies) and the next assistant generation prompt."""
-        base = self.full(_STAND_IN)
+        base = self._stand_in_ids
         ext = self.prompt(_STAND_IN + list(new_messages))
         if ext[: len(base)] != base:
             raise RenderError("the chat template re-renders earlier turns when messages are "
