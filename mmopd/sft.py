@@ -18,7 +18,7 @@ from mmopd.config import SFTConfig, dump_yaml
 from mmopd.envs import import_env_modules, make_env
 from mmopd.episode import pad_right
 from mmopd.evaluate import EnvPool, evaluate
-from mmopd.logprobs import final_hidden, lm_head_fn, predicting_positions, token_logprobs
+from mmopd.logprobs import final_hidden, lm_head_fn, predicting_positions, target_logprobs
 from mmopd.metrics import JsonlLog
 from mmopd.models import load_model, load_tokenizer
 from mmopd.optim import make_accelerator, make_optimizer, make_scheduler
@@ -81,8 +81,8 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
                               tokenizer.pad_token_id, accelerator.device)
             hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
             rows, cols = predicting_positions(batch.loss_mask)
-            logp = token_logprobs(head, hidden[rows, cols - 1], batch.input_ids[rows, cols],
-                                  256)["logp"]
+            logp = target_logprobs(head, hidden[rows, cols - 1], batch.input_ids[rows, cols],
+                                   256)
             loss = -logp.mean()
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
