@@ -25,10 +25,9 @@ class JsonlLog:
             return
         if resume_step is None:
             path.write_text("")
-        elif path.exists():
-            kept = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+        else:
+            kept = [r for r in self.rows() if r.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
