@@ -1,25 +1,42 @@
 """Agent tools, importable as ``mmopd.tools``.
 
 A tool has a name, a description, a JSON schema of its arguments and ``run(args)`` returning text
-and/or images. The single-turn math world needs none; multi-turn agents register theirs here.
+and/or images. Register a typed Python function with ``@tool``; built-ins: ``calculator`` (safe
+arithmetic), ``python`` (a sandboxed subprocess) and ``search`` (BM25 over a local corpus).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from .base import (
+    MAX_TOOL_OUTPUT_CHARS,
+    FunctionTool,
+    Tool,
+    ToolDefinitionError,
+    ToolNotFoundError,
+    ToolResult,
+    call_tool,
+    list_tools,
+    make_tool,
+    register_tool,
+    resolve_tools,
+    tool,
+    tool_schema,
+    validate_args,
+)
 
-
-@runtime_checkable
-class Tool(Protocol):
-    """What the agent loop needs of a tool."""
-
-    name: str
-    description: str
-    parameters: dict[str, Any]  # JSON schema of the arguments
-
-    def run(self, args: dict[str, Any]) -> str:
-        """Execute with parsed arguments; errors are returned as text, never raised."""
-        ...
-
-
-__all__ = ["Tool"]
+__all__ = [
+    "MAX_TOOL_OUTPUT_CHARS",
+    "FunctionTool",
+    "Tool",
+    "ToolDefinitionError",
+    "ToolNotFoundError",
+    "ToolResult",
+    "call_tool",
+    "list_tools",
+    "make_tool",
+    "register_tool",
+    "resolve_tools",
+    "tool",
+    "tool_schema",
+    "validate_args",
+]
