@@ -18,6 +18,9 @@ STOP_LENGTH = "length"  # the per-turn token budget ran out (the generation neve
 STOP_ENV = "env"  # the environment terminated the episode
 STOP_ERROR = "error"  # the environment raised; details in metadata["error"]
 STOP_MAX_TURNS = "max_turns"  # the agent loop's turn bound ran out
+STOP_BUDGET = "token_budget"  # the episode's total token budget ran out
+STOP_REASONS = (STOP_EOS, STOP_STRING, STOP_LENGTH, STOP_ENV, STOP_ERROR, STOP_MAX_TURNS,
+                STOP_BUDGET)
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Episode:
     reward: float = 0.0
     """Environment reward summed over the episode."""
     stop_reason: str = STOP_EOS
-    """Why the episode ended: eos, stop, length, env, error, max_turns."""
+    """Why the episode ended: one of STOP_REASONS."""
     group: int = 0
     """Index of the prompt this episode was sampled for (samples of one prompt share it)."""
     teacher_prompt_ids: list[int] | None = None

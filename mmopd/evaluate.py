@@ -34,7 +34,8 @@ class EnvPool:
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pool: EnvPool, *,
              num_problems: int, pass_k: int = 0, temperature: float = 1.0,
              max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0,
-             stop: list[str] | None = None, env_id: str = "env") -> dict[str, float]:
+             stop: list[str] | None = None, max_turns: int = 8, max_episode_tokens: int = 0,
+             env_id: str = "env") -> dict[str, float]:
     """Greedy accuracy over problems 0..num_problems-1; with pass_k > 0 also pass@k (any of k
     samples correct) and the mean per-sample accuracy. Sampling uses its own RNG stream, so an
     evaluation never changes the training run's random state."""
@@ -47,9 +48,10 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pool: E
                         stop_token_ids=renderer.stop_token_ids)
     starts = [{"options": {"index": i}} for i in range(num)]
     stop = stop or []
+    limits = {"max_turns": max_turns, "max_episode_tokens": max_episode_tokens, "env_id": env_id}
     greedy = collect_episodes(pool.take(num), starts, sampler, renderer,
                               SamplingParams(1, 0.0, 1.0, max_new_tokens, stop),
-                              env_id=env_id, desc="eval greedy")
+                              desc="eval greedy", **limits)
     out = {"accuracy": sum(map(is_correct, greedy)) / max(num, 1), "num_problems": float(num),
            "mean_response_tokens": sum(e.num_generated for e in greedy) / max(num, 1)}
     if pass_k:
@@ -59,7 +61,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pool: E
             sampled = collect_episodes(
                 pool.take(num * pass_k), starts, sampler, renderer,
                 SamplingParams(pass_k, temperature, 1.0, max_new_tokens, stop),
-                env_id=env_id, desc=f"eval pass@{pass_k}")
+                desc=f"eval pass@{pass_k}", **limits)
         hits = [[is_correct(e) for e in sampled[i * pass_k:(i + 1) * pass_k]] for i in range(num)]
         out[f"pass@{pass_k}"] = sum(any(h) for h in hits) / max(num, 1)
         out["sample_accuracy"] = sum(sum(h) for h in hits) / max(num * pass_k, 1)

@@ -9,10 +9,11 @@ student sampled — are never re-tokenised from text.
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-Message = dict[str, str]
+Message = dict[str, Any]
 
 # A stand-in history: only the template's framing of *new* messages is taken from renders of it.
 _STAND_IN: list[Message] = [
@@ -31,22 +32,26 @@ class ChatRenderer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
 
-    def _ids(self, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+    def _ids(self, messages: list[Message], add_generation_prompt: bool,
+             tools: list[dict[str, Any]] | None = None) -> list[int]:
         try:
             out = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                return_dict=True)
+                messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                tokenize=True, return_dict=True)
         except Exception as e:  # jinja raises its own exception types for bad roles/content
             raise RenderError(f"chat template failed on {len(messages)} message(s): {e}") from e
         return list(out["input_ids"])
 
-    def prompt(self, messages: list[Message]) -> list[int]:
-        """Token ids of a conversation followed by the assistant generation prompt."""
-        return self._ids(messages, add_generation_prompt=True)
+    def prompt(self, messages: list[Message],
+               tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation followed by the assistant generation prompt; `tools`
+        (function schemas) go to templates that render them (Qwen: into the system message)."""
+        return self._ids(messages, add_generation_prompt=True, tools=tools)
 
-    def full(self, messages: list[Message]) -> list[int]:
+    def full(self, messages: list[Message],
+             tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a finished conversation (for supervised data)."""
-        return self._ids(messages, add_generation_prompt=False)
+        return self._ids(messages, add_generation_prompt=False, tools=tools)
 
     @cached_property
     def turn_closer(self) -> list[int]:

@@ -1,33 +1,229 @@
 """The agent loop: drives a batch of environments with a Sampler, turn by turn, into Episodes.
 
-Single-turn envs (math) terminate after the first reply; multi-turn envs return an observation that
-is appended as a new message, rendered as a token delta. Sampled tokens are appended exactly as the
-sampler returned them. An env that raises ends its episode with stop reason "error"; it never
-crashes the batch.
+Each turn the student generates until it ends its turn. If the env offers tools (reset() returns
+info["tools"]) and the reply calls them, the calls are parsed, executed and their results appended
+as tool messages; otherwise the reply goes to env.step() and the observation comes back as a new
+message. Either way the new context is appended as a token delta rendered by the chat template, and
+the student's tokens stay exactly as sampled — nothing is re-tokenised. Single-turn envs (math)
+terminate after the first reply.
+
+Failures are data: an env that raises ends its episode with stop reason "error"; malformed tool
+calls, unknown tools, bad arguments and tool errors become tool messages the model reads; budgets
+end episodes with "max_turns" or "token_budget".
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
 
-from mmopd.episode import STOP_ENV, STOP_ERROR, STOP_MAX_TURNS, Episode
-from mmopd.render import ChatRenderer
+from mmopd.episode import STOP_BUDGET, STOP_ENV, STOP_EOS, STOP_ERROR, STOP_MAX_TURNS, Episode
+from mmopd.render import ChatRenderer, Message
 from mmopd.sampler import Sampler, SamplingParams
+from mmopd.toolcalls import HermesParser, ParsedReply, ToolCallParser
+from mmopd.tools import Tool, ToolResult, call_tool, resolve_tools, tool_schema
 
 
 class EnvContractError(ValueError):
     """An environment's reset() does not provide what the agent loop needs."""
 
 
-def _reset(env: gym.Env, start: dict[str, Any], env_id: str) -> dict[str, Any]:
-    _, info = env.reset(**start)
-    if not isinstance(info, dict) or "messages" not in info:
-        raise EnvContractError(
-            f"{env_id}: reset() must return info['messages'] (the chat messages of the prompt)")
-    return info
+# (token ids, log-probs, stop reason) of one generated turn
+Turn = tuple[list[int], list[float], str]
+
+
+@dataclass
+class _Slot:
+    """One running episode: its env, its tools and the conversation so far as messages."""
+
+    ep: Episode
+    env: gym.Env
+    tools: dict[str, Tool] | None
+    messages: list[Message] = field(default_factory=list)
+
+
+_TOOL_CACHE: dict[str, dict[str, Tool]] = {}
+
+
+def _tools_for(spec: Any, env_id: str) -> dict[str, Tool] | None:
+    """Tool objects for an env's info["tools"] (names, {name, **kwargs} dicts or Tool objects),
+    built once per distinct spec: sandboxes and search indexes are not rebuilt every episode."""
+    if not spec:
+        return None
+    if not isinstance(spec, (list, tuple)):
+        raise EnvContractError(f"{env_id}: info['tools'] must be a list of tool names or tools")
+    key = json.dumps([s if isinstance(s, (str, dict)) else id(s) for s in spec], sort_keys=True,
+                     default=str)
+    if key not in _TOOL_CACHE:
+        _TOOL_CACHE[key] = resolve_tools(list(spec))
+    return _TOOL_CACHE[key]
+
+
+class AgentLoop:
+    """Runs episodes to the end. `generate(slots, budgets)` produces one turn per running slot."""
+
+    def __init__(self, renderer: ChatRenderer, *, max_turns: int = 8,
+                 max_episode_tokens: int = 0, max_calls_per_turn: int = 4,
+                 parser: ToolCallParser | None = None, env_id: str = "env",
+                 decode: Callable[[list[int]], str] | None = None) -> None:
+        self.renderer = renderer
+        self.max_turns = max_turns
+        self.max_episode_tokens = max_episode_tokens  # 0: unbounded
+        self.max_calls_per_turn = max_calls_per_turn
+        self.parser = parser or HermesParser()
+        self.env_id = env_id
+        tok = renderer.tokenizer
+        self.decode = decode or (lambda ids: tok.decode(ids, skip_special_tokens=True))
+
+    # ------------------------------------------------------------------ start
+
+    def start(self, envs: list[gym.Env], starts: list[dict[str, Any]], n: int = 1,
+              teacher_view: bool = False) -> list[_Slot]:
+        """Reset `n` envs per start; episodes of one start share its group index."""
+        if len(envs) < len(starts) * n:
+            raise ValueError(f"need {len(starts) * n} env instances, got {len(envs)}")
+        slots = []
+        for g, start in enumerate(starts):
+            for j in range(n):
+                env = envs[g * n + j]
+                _, info = env.reset(**start)
+                if not isinstance(info, dict) or "messages" not in info:
+                    raise EnvContractError(f"{self.env_id}: reset() must return info['messages'] "
+                                           "(the chat messages of the prompt)")
+                tools = _tools_for(info.get("tools"), self.env_id)
+                schemas = [tool_schema(t) for t in tools.values()] if tools else None
+                prompt = self.renderer.prompt(info["messages"], tools=schemas)
+                teacher_prompt = None
+                if teacher_view:
+                    if "teacher_messages" not in info:
+                        raise EnvContractError(
+                            f"{self.env_id}: teacher.view=privileged needs info['teacher_messages']"
+                            " from reset(); this env/problem provides none (e.g. no worked "
+                            "solution)")
+                    teacher_prompt = self.renderer.prompt(info["teacher_messages"], tools=schemas)
+                meta = {k: v for k, v in info.items()
+                        if k not in ("messages", "teacher_messages", "tools")}
+                messages = list(info["messages"])
+                meta["messages"] = messages
+                ep = Episode(input_ids=list(prompt), loss_mask=[0] * len(prompt),
+                             step_index=[-1] * len(prompt), sampled_logprobs=[0.0] * len(prompt),
+                             prompt_len=len(prompt), group=g, teacher_prompt_ids=teacher_prompt,
+                             metadata=meta)
+                slots.append(_Slot(ep, env, tools, messages))
+        return slots
+
+    # ------------------------------------------------------------------ run
+
+    def remaining(self, slot: _Slot) -> int | None:
+        """Tokens the episode may still grow by (None: unbounded)."""
+        if not self.max_episode_tokens:
+            return None
+        return self.max_episode_tokens - len(slot.ep.input_ids)
+
+    def run(self, slots: list[_Slot],
+            generate: Callable[[list[_Slot]], list[Turn]]) -> list[Episode]:
+        active = list(range(len(slots)))
+        for turn in range(self.max_turns):
+            still = []
+            for i in active:
+                left = self.remaining(slots[i])
+                if left is not None and left <= 0:
+                    slots[i].ep.stop_reason = STOP_BUDGET
+                else:
+                    still.append(i)
+            if not still:
+                active = []
+                break
+            outs = generate([slots[i] for i in still])
+            active = [i for i, (ids, logp, why) in zip(still, outs)
+                      if self.advance(slots[i], turn, ids, logp, why)]
+        for i in active:  # ran out of turns
+            slots[i].ep.stop_reason = STOP_MAX_TURNS
+        return [s.ep for s in slots]
+
+    # ------------------------------------------------------------------ one turn
+
+    def advance(self, slot: _Slot, turn: int, ids: list[int], logprobs: list[float],
+                stop_reason: str) -> bool:
+        """Append one student turn and whatever answers it; True while the episode goes on."""
+        ep = slot.ep
+        left = self.remaining(slot)
+        cut = left is not None and len(ids) > left
+        if cut:  # the episode's token budget ends inside this turn
+            ids, logprobs, stop_reason = ids[:left], logprobs[:left], STOP_BUDGET
+        ep.append(ids, student=True, step=turn, logprobs=logprobs)
+        ep.stop_reason = stop_reason
+        text = self.decode(ids)
+        ep.metadata.setdefault("completions", []).append(text)
+        slot.messages.append({"role": "assistant", "content": text})
+        if cut:
+            return False
+        if slot.tools is not None:
+            parsed = self.parser.parse(self._raw_text(ids))
+            if parsed.wants_tools:
+                return self._observe(slot, ids, self._run_tools(slot, parsed))
+        try:
+            obs, reward, terminated, truncated, info = slot.env.step(text)
+        except Exception as e:  # a failing env is data: record it and move on
+            ep.stop_reason = STOP_ERROR
+            ep.metadata["error"] = f"{type(e).__name__}: {e}"
+            return False
+        ep.reward += float(reward)
+        ep.metadata.update({k: v for k, v in info.items() if k not in ("messages", "role")})
+        if terminated or truncated:
+            if truncated:
+                ep.stop_reason = STOP_ENV
+            return False
+        return self._observe(slot, ids, [{"role": info.get("role", "user"), "content": str(obs)}])
+
+    def _raw_text(self, ids: list[int]) -> str:
+        """The reply with special tokens kept (tool-call tags may be special tokens), minus the
+        end-of-turn token."""
+        if ids and ids[-1] in self.renderer.stop_token_ids:
+            ids = ids[:-1]
+        return self.renderer.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _run_tools(self, slot: _Slot, parsed: ParsedReply) -> list[Message]:
+        meta = slot.ep.metadata
+        results: list[tuple[str, ToolResult]] = [
+            ("error", ToolResult(f"Error: {e}", error=True)) for e in parsed.errors]
+        meta["parse_errors"] = meta.get("parse_errors", 0) + len(parsed.errors)
+        assert slot.tools is not None
+        for k, call in enumerate(parsed.calls):
+            if k >= self.max_calls_per_turn:
+                results.append((call.name, ToolResult(
+                    f"Error: at most {self.max_calls_per_turn} tool calls per turn; "
+                    f"{len(parsed.calls) - k} were not run", error=True)))
+                break
+            t = slot.tools.get(call.name)
+            if t is None:
+                res = ToolResult(f"Error: unknown tool {call.name!r}; available: "
+                                 f"{', '.join(slot.tools)}", error=True)
+            else:
+                res = call_tool(t, call.arguments)
+            results.append((call.name, res))
+        meta["tool_calls"] = meta.get("tool_calls", 0) + len(parsed.calls)
+        meta["tool_errors"] = meta.get("tool_errors", 0) + sum(r.error for _, r in results)
+        # Images from tools (e.g. a zoom) are kept for renderers that can take them.
+        for _, r in results:
+            if r.images:
+                meta.setdefault("tool_images", []).extend(r.images)
+        return [{"role": "tool", "name": name, "content": r.text} for name, r in results]
+
+    def _observe(self, slot: _Slot, ids: list[int], messages: list[Message]) -> bool:
+        """Close the student's turn and append the answer to it, if the budget allows."""
+        delta = self.renderer.close_turn(ids) + self.renderer.continuation(messages)
+        left = self.remaining(slot)
+        if left is not None and len(delta) >= left:
+            slot.ep.stop_reason = STOP_BUDGET  # no room for the observation and a reply
+            return False
+        slot.ep.append(delta, student=False)
+        slot.messages.extend(messages)
+        return True
 
 
 def collect_episodes(
@@ -39,6 +235,8 @@ def collect_episodes(
     *,
     teacher_view: bool = False,
     max_turns: int = 8,
+    max_episode_tokens: int = 0,
+    parser: ToolCallParser | None = None,
     env_id: str = "env",
     decode: Callable[[list[int]], str] | None = None,
     desc: str = "rollout",
@@ -48,61 +246,47 @@ def collect_episodes(
     `starts` are reset() keyword arguments (e.g. {"seed": 3} or {"options": {"index": 0}});
     `envs` needs len(starts) * params.n instances (one per concurrent episode).
     """
-    n = params.n
-    if len(envs) < len(starts) * n:
-        raise ValueError(f"need {len(starts) * n} env instances, got {len(envs)}")
-    decode = decode or (lambda ids: renderer.tokenizer.decode(ids, skip_special_tokens=True))
-    episodes: list[Episode] = []
-    for g, start in enumerate(starts):
-        for j in range(n):
-            info = _reset(envs[g * n + j], start, env_id)
-            prompt = renderer.prompt(info["messages"])
-            teacher_prompt = None
-            if teacher_view:
-                if "teacher_messages" not in info:
-                    raise EnvContractError(
-                        f"{env_id}: teacher.view=privileged needs info['teacher_messages'] from "
-                        "reset(); this env/problem provides none (e.g. no worked solution)")
-                teacher_prompt = renderer.prompt(info["teacher_messages"])
-            meta = {k: v for k, v in info.items() if k not in ("messages", "teacher_messages")}
-            meta["messages"] = list(info["messages"])
-            episodes.append(Episode(
-                input_ids=list(prompt), loss_mask=[0] * len(prompt), step_index=[-1] * len(prompt),
-                sampled_logprobs=[0.0] * len(prompt), prompt_len=len(prompt), group=g,
-                teacher_prompt_ids=teacher_prompt, metadata=meta))
-
-    active = list(range(len(episodes)))
+    loop = AgentLoop(renderer, max_turns=max_turns, max_episode_tokens=max_episode_tokens,
+                     parser=parser, env_id=env_id, decode=decode)
+    slots = loop.start(envs, starts, params.n, teacher_view)
     one = SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
                          max_new_tokens=params.max_new_tokens, stop=params.stop)
-    for turn in range(max_turns):
-        if not active:
-            break
-        samples = sampler.generate([episodes[i].input_ids for i in active], one, desc=desc)
-        still = []
-        for i, (sample,) in zip(active, samples):
-            ep, env = episodes[i], envs[i]
-            ep.append(sample.token_ids, student=True, step=turn, logprobs=sample.logprobs)
-            ep.stop_reason = sample.stop_reason
-            text = decode(sample.token_ids)
-            ep.metadata.setdefault("completions", []).append(text)
-            try:
-                obs, reward, terminated, truncated, info = env.step(text)
-            except Exception as e:  # a failing env is data: record it and move on
-                ep.stop_reason = STOP_ERROR
-                ep.metadata["error"] = f"{type(e).__name__}: {e}"
-                continue
-            ep.reward += float(reward)
-            ep.metadata.update({k: v for k, v in info.items() if k != "messages"})
-            if terminated or truncated:
-                if truncated:
-                    ep.stop_reason = STOP_ENV
-                continue
-            role = info.get("role", "user")
-            ep.append(renderer.close_turn(sample.token_ids)
-                      + renderer.continuation([{"role": role, "content": str(obs)}]),
-                      student=False)
-            still.append(i)
-        active = still
-    for i in active:  # ran out of turns
-        episodes[i].stop_reason = STOP_MAX_TURNS
-    return episodes
+
+    def generate(batch: list[_Slot]) -> list[Turn]:
+        samples = sampler.generate([s.ep.input_ids for s in batch], one, desc=desc)
+        return [(s.token_ids, s.logprobs, s.stop_reason) for (s,) in samples]
+
+    return loop.run(slots, generate)
+
+
+def expert_reply(env: gym.Env, messages: list[Message]) -> str:
+    """The env's expert reply for its current state (envs that can demonstrate implement
+    `expert_reply(messages) -> str`)."""
+    try:
+        fn = env.get_wrapper_attr("expert_reply")
+    except AttributeError:
+        fn = None
+    if fn is None:
+        raise EnvContractError(f"{type(env.unwrapped).__name__} has no expert_reply(messages); "
+                               "multi-turn demonstrations need one")
+    return str(fn(messages))
+
+
+def collect_demonstrations(envs: list[gym.Env], starts: list[dict[str, Any]],
+                           renderer: ChatRenderer, *, max_turns: int = 8,
+                           env_id: str = "env") -> list[Episode]:
+    """Expert episodes through the same loop (tools run for real): each turn is the env's
+    `expert_reply` tokenised and ended with the end-of-turn token; loss_mask marks those turns."""
+    loop = AgentLoop(renderer, max_turns=max_turns, env_id=env_id)
+    slots = loop.start(envs, starts)
+    end = renderer.turn_closer[:1]
+    encode = renderer.tokenizer.encode
+
+    def generate(batch: list[_Slot]) -> list[Turn]:
+        out = []
+        for s in batch:
+            ids = encode(expert_reply(s.env, s.messages), add_special_tokens=False) + end
+            out.append((ids, [0.0] * len(ids), STOP_EOS))
+        return out
+
+    return loop.run(slots, generate)
