@@ -88,13 +88,20 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=list)
     batch_size: int = 64  # sequences per generate() call
     minibatches: int = 2  # optimiser steps per rollout batch (so rho != 1 after the first)
-    max_turns: int = 8  # safety bound on assistant turns (single-turn envs end after one)
+    max_turns: int = 8  # bound on assistant turns, tool calls included (single-turn: one)
+    max_episode_tokens: int = 0  # bound on a whole episode's length in tokens (0 = none)
+    tool_parser: Literal["hermes"] = "hermes"  # how tool calls are found in replies
+    # TCOD temporal curriculum: at optimiser step k only the first 1 + k // tcod_c turns are
+    # rolled out (and so trained), up to max_turns.
+    curriculum: Literal["none", "tcod"] = "none"
+    tcod_c: int = 10
 
     def __post_init__(self) -> None:
         w = "rollout"
         for name in ("prompts_per_batch", "samples_per_prompt", "max_new_tokens", "batch_size",
-                     "minibatches", "max_turns"):
+                     "minibatches", "max_turns", "tcod_c"):
             _check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
+        _check(self.max_episode_tokens >= 0, f"{w}.max_episode_tokens", "must be >= 0 (0: none)")
         _check(self.temperature > 0, f"{w}.temperature", "must be > 0 (use eval for greedy)")
         _check(0 < self.top_p <= 1, f"{w}.top_p", "must be in (0, 1]")
         n = self.prompts_per_batch * self.samples_per_prompt
@@ -132,9 +139,16 @@ class ObjectiveConfig:
     topk: int = 0  # distribution-level objectives: 0 = full vocabulary, k > 0 = top-k + tail
     topk_source: Literal["student", "teacher"] = "student"
     grpo_eps: float = 1e-6
+    # SOD: reweight each assistant turn's rewards by its drift from the teacher (multi-turn)
+    step_weighting: Literal["none", "sod"] = "none"
+    sod_delta: float = 0.2  # w_k <= 1 + delta
+    sod_eps: float = 1e-6
+    outcome_coef: float = 0.0  # add coef * GRPO episode advantage to policy-gradient objectives
 
     def __post_init__(self) -> None:
         w = "objective"
+        _check(self.sod_delta >= 0, f"{w}.sod_delta", "must be >= 0")
+        _check(self.sod_eps > 0, f"{w}.sod_eps", "must be > 0")
         _check(0 < self.lam < 1, f"{w}.lam", f"{self.lam} is outside (0, 1)")
         _check(0 < self.beta <= 1, f"{w}.beta", f"{self.beta} is outside (0, 1]")
         _check(0 <= self.switch_frac <= 1, f"{w}.switch_frac", "must be in [0, 1]")
@@ -215,7 +229,15 @@ class TrainConfig:
         _check(self.objective.name in OBJECTIVES, "objective.name",
                f"unknown objective {self.objective.name!r}; choose one of {sorted(OBJECTIVES)}"
                + _suggest(self.objective.name, OBJECTIVES))
-        needs_teacher = OBJECTIVES[self.objective.name].needs_teacher
+        obj = OBJECTIVES[self.objective.name]
+        needs_teacher = obj.needs_teacher
+        if self.objective.outcome_coef and obj.kind != "pg":
+            raise ConfigError(f"objective.outcome_coef: the episode advantage is added to "
+                              f"policy-gradient objectives; {obj.name!r} is a divergence "
+                              "(use opd or reopold, or set outcome_coef=0)")
+        if self.objective.step_weighting == "sod" and not needs_teacher:
+            raise ConfigError(f"objective.step_weighting: SOD weighs turns by their divergence "
+                              f"from a teacher; {obj.name!r} has none")
         if needs_teacher and self.teacher.kind == "model" and self.teacher.model is None:
             raise ConfigError(f"teacher.model: objective {self.objective.name!r} needs a teacher; "
                               "set teacher.model.path (or teacher.kind=self)")
@@ -246,9 +268,11 @@ class SFTConfig:
     seed: int = 0
     eval_problems: int = 100
     max_new_tokens: int = 64
+    max_turns: int = 8  # multi-turn demonstrations and evaluation
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "epochs", "must be positive")
+        _check(self.max_turns > 0, "max_turns", "must be positive")
         _check(self.data.num_examples > 0, "data.num_examples", "must be positive")
 
 

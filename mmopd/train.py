@@ -28,9 +28,9 @@ from mmopd.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mmopd.config import TrainConfig, dump_yaml
+from mmopd.config import RolloutConfig, TrainConfig, dump_yaml
 from mmopd.envs import import_env_modules, make_env
-from mmopd.episode import STOP_ERROR, STOP_LENGTH, Episode, pad_right
+from mmopd.episode import STOP_REASONS, Episode, pad_right
 from mmopd.evaluate import EnvPool, evaluate, is_correct
 from mmopd.logprobs import (
     Head,
@@ -53,6 +53,7 @@ from mmopd.objectives import (
     Plan,
     TokenBatch,
     full_vocab_divergence,
+    make_plan,
     policy_loss_sum,
     topk_divergence,
 )
@@ -61,6 +62,7 @@ from mmopd.render import ChatRenderer
 from mmopd.rollout import collect_episodes
 from mmopd.sampler import HFSampler, SamplingParams
 from mmopd.teacher import HFScorer, TokenScores
+from mmopd.toolcalls import make_parser
 
 _PROBLEMS, _SAMPLING, _SHUFFLE = 0, 1, 2  # independent random streams derived from the seed
 
@@ -73,6 +75,28 @@ def _derived_seed(seed: int, iteration: int, stream: int, i: int = 0) -> int:
 def _crossed(step: int, advanced: int, every: int) -> bool:
     """Did the last `advanced` steps pass a multiple of `every` (0 = never)?"""
     return every > 0 and step // every > (step - advanced) // every
+
+
+def _turn_limit(rcfg: RolloutConfig, step: int) -> int:
+    """Turns rolled out at optimiser step `step`: max_turns, or TCOD's 1 + step // c."""
+    if rcfg.curriculum == "tcod":
+        return min(rcfg.max_turns, 1 + step // rcfg.tcod_c)
+    return rcfg.max_turns
+
+
+def episode_stats(episodes: list[Episode]) -> dict[str, float]:
+    """Per-batch agent metrics: turns, tool use and failures, and why episodes ended."""
+    n = max(len(episodes), 1)
+    calls = sum(ep.metadata.get("tool_calls", 0) for ep in episodes)
+    out = {
+        "turns": sum(len(ep.metadata.get("completions", ())) for ep in episodes) / n,
+        "tool_calls": calls / n,
+        "tool_errors": sum(ep.metadata.get("tool_errors", 0) for ep in episodes) / n,
+        "tool_parse_errors": sum(ep.metadata.get("parse_errors", 0) for ep in episodes) / n,
+    }
+    for r in STOP_REASONS:
+        out[f"stop_{r}_frac"] = sum(ep.stop_reason == r for ep in episodes) / n
+    return out
 
 
 def _token_slices(episodes: list[Episode]) -> list[torch.Tensor]:
@@ -101,7 +125,8 @@ def _needs_teacher_hidden(obj: Objective, cfg: TrainConfig) -> bool:
 def _divergence_sum(obj: Objective, cfg: TrainConfig, s_head: Head, t_head: Head,
                     h_NH: torch.Tensor,
                     scores: TokenScores, tok: torch.Tensor, keep_N: torch.Tensor) -> torch.Tensor:
-    """sum over kept tokens of the per-token divergence, chunked and checkpointed."""
+    """sum over kept tokens of the per-token divergence (times its step weight, if any),
+    chunked and checkpointed."""
     kind, beta, k = obj.divergence, cfg.objective.jsd_beta, cfg.objective.topk
     chunk = cfg.trainer.chunk_size
     if k == 0:
@@ -136,6 +161,8 @@ def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: H
     slices = _token_slices(episodes)
     tb = TokenBatch(
         episode_N=torch.cat([torch.full((len(s),), i) for i, s in enumerate(slices)]),
+        step_N=torch.tensor([k for ep in episodes
+                             for k, m in zip(ep.step_index, ep.loss_mask) if m], dtype=torch.long),
         logp_old_N=old.logp_N, logp_teacher_N=teach.logp_N, entropy_N=old.entropy_N,
         reward_E=torch.tensor([ep.reward for ep in episodes]),
         group_E=torch.tensor([ep.group for ep in episodes]))
@@ -233,6 +260,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                        pass_k=ecfg.pass_k, temperature=ecfg.temperature,
                        max_new_tokens=ecfg.max_new_tokens or rcfg.max_new_tokens,
                        batch_size=rcfg.batch_size, seed=tcfg.seed, stop=rcfg.stop,
+                       max_turns=rcfg.max_turns, max_episode_tokens=rcfg.max_episode_tokens,
                        env_id=cfg.env.id)
         row = {"step": step, **res}
         eval_log.write(row)
@@ -254,7 +282,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         episodes = collect_episodes(
             train_pool.take(len(starts) * params.n), starts, sampler, renderer, params,
             teacher_view=cfg.teacher.view == "privileged" and objective.needs_teacher,
-            max_turns=rcfg.max_turns, env_id=cfg.env.id)
+            max_turns=_turn_limit(rcfg, step), max_episode_tokens=rcfg.max_episode_tokens,
+            parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id)
         t_rollout = time.perf_counter() - t0
 
         # ---- scoring: log pi_old and entropy from the student, log pi_T from the teacher
@@ -267,10 +296,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "env_reward": float(tb.reward_E.mean()),
             "train_accuracy": sum(map(is_correct, episodes)) / len(episodes),
             "response_tokens": gen_tokens / len(episodes),
-            "stop_length_frac": sum(ep.stop_reason == STOP_LENGTH for ep in episodes)
-            / len(episodes),
-            "env_error_frac": sum(ep.stop_reason == STOP_ERROR for ep in episodes)
-            / len(episodes),
+            **episode_stats(episodes),
             "rollout_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
             "time_rollout_s": t_rollout / mbs, "time_teacher_s": t_teacher / mbs,
         }
@@ -280,7 +306,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         order = torch.randperm(len(episodes), generator=shuffle)
         for mb in order.chunk(mbs):
             t0 = time.perf_counter()
-            plan = objective.plan(tb, step, total, cfg.objective)
+            plan = make_plan(objective, tb, step, total, cfg.objective)
             loss_val, ratio_sum, seq_tokens = accumulate_gradients(
                 student, accelerator, [episodes[i] for i in mb.tolist()],
                 [slices[i] for i in mb.tolist()], tb, plan, teach, objective, cfg, heads,
@@ -350,8 +376,9 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                 with torch.no_grad():
                     ratio_sum += float((torch.exp(logp - logp_old) * keep.to(device)).sum())
             else:
+                weight = keep if plan.weight_N is None else keep * plan.weight_N[tok]
                 loss_sum = _divergence_sum(objective, cfg, heads.student, heads.teacher, h, teach,
-                                           tok, keep)
+                                           tok, weight)
                 ratio_sum += float(keep.sum())
             loss = loss_sum / denom * world  # DDP averages over ranks; undo it for a token mean
             accelerator.backward(loss)

@@ -11,6 +11,7 @@ accumulation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,11 +27,12 @@ from mmopd.objectives.divergences import (
     topk_divergence,
     with_tail,
 )
+from mmopd.objectives.weighting import sod_weights
 
 __all__ = [
     "OBJECTIVES", "Objective", "Plan", "TokenBatch", "register_objective", "policy_loss_sum",
     "reopold_floor", "grpo_advantages", "full_vocab_divergence", "topk_divergence",
-    "divergence_from_logp", "with_tail", "masked_mean",
+    "divergence_from_logp", "with_tail", "masked_mean", "make_plan", "sod_weights",
 ]
 
 
@@ -44,11 +46,14 @@ class TokenBatch:
     entropy_N: torch.Tensor  # student entropy H_t under pi_old
     reward_E: torch.Tensor  # environment reward per episode [E]
     group_E: torch.Tensor  # long: prompt group per episode [E] (GRPO)
+    step_N: torch.Tensor | None = None  # long: assistant turn of each token (multi-turn)
+    weight_N: torch.Tensor | None = None  # detached step weights (SOD); None = all 1
 
     @property
     def token_reward_N(self) -> torch.Tensor:
-        """R_t = log pi_T(y_t) - log pi_old(y_t)."""
-        return self.logp_teacher_N - self.logp_old_N
+        """R_t = w_t * (log pi_T(y_t) - log pi_old(y_t)), w_t = 1 without step weighting."""
+        r = self.logp_teacher_N - self.logp_old_N
+        return r if self.weight_N is None else self.weight_N * r
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Plan:
     keep_N: torch.Tensor  # bool
     advantage_N: torch.Tensor  # detached; unused by divergence objectives
     metrics: dict[str, float]
+    weight_N: torch.Tensor | None = None  # per-token loss weight of divergence objectives (SOD)
 
 
 PlanFn = Callable[[TokenBatch, int, int, ObjectiveConfig], Plan]
@@ -115,7 +121,7 @@ def reopold_switch_step(cfg: ObjectiveConfig, total_steps: int) -> int:
 
 
 def _common_metrics(tb: TokenBatch) -> dict[str, float]:
-    r = tb.token_reward_N
+    r = tb.logp_teacher_N - tb.logp_old_N  # unweighted: comparable with and without SOD
     return {
         "distill_reward": masked_mean(r),
         "kl_estimate": masked_mean(-r),  # sampled-token estimate of KL(pi_old || pi_T)
@@ -194,3 +200,24 @@ register_objective(Objective(
 register_objective(Objective(
     "jsd", "divergence", _all_tokens_plan, divergence="jsd",
     doc="generalised JSD_beta per position (beta=0: forward KL, beta=1: reverse KL)"))
+
+
+def make_plan(obj: Objective, tb: TokenBatch, step: int, total: int,
+              cfg: ObjectiveConfig) -> Plan:
+    """The objective's plan with the composable options applied: step weighting (SOD) scales
+    the token rewards (and divergence losses) before the objective sees them, and an optional
+    episode-level GRPO advantage is added to policy-gradient advantages."""
+    extra: dict[str, float] = {}
+    if cfg.step_weighting == "sod":
+        if tb.step_N is None:
+            raise ValueError("step_weighting=sod needs TokenBatch.step_N (turn indices)")
+        w_N, extra = sod_weights(tb.logp_old_N, tb.logp_teacher_N, tb.episode_N, tb.step_N,
+                                 cfg.sod_delta, cfg.sod_eps)
+        tb = dataclasses.replace(tb, weight_N=w_N)
+    plan = obj.plan(tb, step, total, cfg)
+    if cfg.outcome_coef:
+        adv_E = grpo_advantages(tb.reward_E, tb.group_E, cfg.grpo_eps)
+        plan.advantage_N = plan.advantage_N + cfg.outcome_coef * adv_E[tb.episode_N]
+    plan.weight_N = tb.weight_N
+    plan.metrics.update(extra)
+    return plan
