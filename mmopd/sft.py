@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -23,20 +24,42 @@ from mmopd.metrics import JsonlLog
 from mmopd.models import load_model, load_tokenizer
 from mmopd.optim import make_accelerator, make_optimizer, make_scheduler
 from mmopd.render import ChatRenderer
+from mmopd.rollout import collect_demonstrations
 
 
 class SFTDataError(ValueError):
     """The env cannot provide supervised examples."""
 
 
+def _has_expert(env: gym.Env) -> bool:
+    try:
+        return callable(env.get_wrapper_attr("expert_reply"))
+    except AttributeError:
+        return False
+
+
 def build_examples(cfg: SFTConfig, renderer: ChatRenderer) -> list[tuple[list[int], list[int]]]:
-    """(token ids, loss mask) per example: mask 1 on the assistant reply and its end token."""
+    """(token ids, loss mask) per example: mask 1 on the assistant replies and their end tokens.
+
+    Envs with `expert_reply` give multi-turn demonstrations played through the agent loop (tools
+    run for real); single-turn envs give their worked solution (info["solution"]).
+    """
     env_cfg = cfg.data.env
     env = make_env(env_cfg.id, **env_cfg.kwargs)
+    seeds = [cfg.seed * 1_000_003 + i for i in range(cfg.data.num_examples)]
+    if _has_expert(env):
+        envs = [env] + [make_env(env_cfg.id, **env_cfg.kwargs) for _ in range(63)]
+        out = []
+        for s in range(0, len(seeds), len(envs)):
+            chunk = seeds[s: s + len(envs)]
+            eps = collect_demonstrations(envs, [{"seed": x} for x in chunk], renderer,
+                                         max_turns=cfg.max_turns, env_id=env_cfg.id)
+            out += [(ep.input_ids, ep.loss_mask) for ep in eps]
+        return out
     closer = renderer.turn_closer
     out = []
-    for i in range(cfg.data.num_examples):
-        _, info = env.reset(seed=cfg.seed * 1_000_003 + i)
+    for i, seed in enumerate(seeds):
+        _, info = env.reset(seed=seed)
         solution = info.get("solution")
         if not solution:
             raise SFTDataError(f"{env_cfg.id}: problem {info.get('problem_id', i)} has no worked "
@@ -105,7 +128,8 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
         ev = cfg.data.env
         pool = EnvPool(lambda: make_env(ev.id, **{**ev.kwargs, **ev.eval_kwargs}))
         result.update(evaluate(unwrapped, tokenizer, pool, num_problems=cfg.eval_problems,
-                               max_new_tokens=cfg.max_new_tokens, env_id=ev.id))
+                               max_new_tokens=cfg.max_new_tokens, max_turns=cfg.max_turns,
+                               env_id=ev.id))
         tqdm.write(f"sft eval: accuracy {result['accuracy']:.3f} on {cfg.eval_problems} "
                    "held-out problems")
     return result
