@@ -80,20 +80,25 @@ class Search:
         self.snippet_chars = snippet_chars
 
     @cached_property
-    def _index(self) -> tuple[list[Document], object]:
-        from rank_bm25 import BM25Okapi
+    def _index(self) -> tuple[list[Document], list[set[str]], object]:
+        # BM25+ (not Okapi): Okapi's idf is zero or negative for terms in half of a small corpus
+        from rank_bm25 import BM25Plus
 
         if self.corpus is None:
             raise CorpusError("the search tool was built without a corpus; pass "
                               "corpus=<folder or .jsonl> (tools: [{name: search, corpus: ...}])")
         docs = self.corpus if isinstance(self.corpus, list) else load_corpus(self.corpus)
-        return docs, BM25Okapi([_tokens(d.title + " " + d.text) or ["\0"] for d in docs])
+        toks = [_tokens(d.title + " " + d.text) or ["\0"] for d in docs]
+        return docs, [set(t) for t in toks], BM25Plus(toks)
 
     def search(self, query: str, k: int = 3) -> list[tuple[Document, float]]:
-        docs, bm25 = self._index
-        scores = bm25.get_scores(_tokens(query))
-        order = sorted(range(len(docs)), key=lambda i: -scores[i])[: max(1, min(k, 10))]
-        return [(docs[i], float(scores[i])) for i in order if scores[i] > 0]
+        """The best `k` (1-10) documents sharing at least one term with the query."""
+        docs, vocab, bm25 = self._index
+        q = _tokens(query)
+        scores = bm25.get_scores(q)
+        hits = [i for i in range(len(docs)) if vocab[i].intersection(q)]
+        hits.sort(key=lambda i: -scores[i])
+        return [(docs[i], float(scores[i])) for i in hits[: max(1, min(k, 10))]]
 
     def run(self, args: dict[str, object]) -> ToolResult:
         try:
