@@ -21,6 +21,8 @@ from .spaces import text_space
 # math-verify and sympy (about a second), which only loads when the env is actually made.
 # order_enforce=False: the env raises its own clear RuntimeError for step-before-reset.
 register_env("mmopd/MathText-v0", "mmopd.envs.math_text:MathTextEnv", order_enforce=False)
+register_env("mmopd/GymText-v0", "mmopd.envs.gym_text:GymTextEnv", order_enforce=False)
+register_env("mmopd/ToolMath-v0", "mmopd.envs.tool_math:ToolMathEnv", order_enforce=False)
 
 _MATH_TEXT_NAMES = {
     "MathTextEnv",
