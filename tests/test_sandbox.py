@@ -237,7 +237,12 @@ def secret_holder(monkeypatch):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
                               env={"MMOPD_TEST_SECRET": secret})
     try:
-        # the attack would work without the sandbox:
+        # the attack would work without the sandbox (once the child has exec'd: before that
+        # its environ reads empty)
+        deadline = time.monotonic() + 10
+        while (secret not in Path(f"/proc/{holder.pid}/environ").read_text()
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
         assert secret in Path(f"/proc/{holder.pid}/environ").read_text()
         yield secret, holder.pid
     finally:
