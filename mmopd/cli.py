@@ -42,10 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--num-problems", type=int, default=200)
     e.add_argument("--pass-k", type=int, default=0)
     e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--max-turns", type=int, default=8, help="assistant turns (multi-turn envs)")
 
     d = sub.add_parser("demo", help="tiny end-to-end demo: SFT teacher, weak student, REOPOLD")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--fast", action="store_true", help="a smoke-sized run (seconds, not minutes)")
+    d.add_argument("--world", choices=["math", "agent"], default="math",
+                   help="math: single-turn arithmetic; agent: multi-turn calculator tool use")
 
     sub.add_parser("envs", help="list registered environments").add_argument(
         "--import", dest="imports", action="append", default=[],
@@ -123,13 +126,14 @@ def _run(args: argparse.Namespace) -> int:
         tok = load_tokenizer(cfg)
         pool = EnvPool(lambda: make_env(args.env, **kwargs))
         res = evaluate(load_model(cfg, tok), tok, pool, num_problems=args.num_problems,
-                       pass_k=args.pass_k, max_new_tokens=args.max_new_tokens, env_id=args.env)
+                       pass_k=args.pass_k, max_new_tokens=args.max_new_tokens,
+                       max_turns=args.max_turns, env_id=args.env)
         print(json.dumps(res))
         return 0
     if args.cmd == "demo":
         from mmopd.demo import run_demo
 
-        run_demo(args.out, fast=args.fast)
+        run_demo(args.out, fast=args.fast, world=args.world)
         return 0
     raise AssertionError(args.cmd)
 

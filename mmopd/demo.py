@@ -1,14 +1,16 @@
-"""`mmopd demo`: the whole pipeline on a tiny math world, with nothing to download.
+"""`mmopd demo [--world math|agent]`: the whole pipeline on a tiny world, nothing to download.
 
-Builds a character tokenizer, supervises a small teacher on worked solutions, supervises a smaller
-student briefly (a weak start), measures both on held-out problems, distils the student from the
-teacher with REOPOLD on its own samples, and prints student before / after / teacher.
+Builds a character tokenizer, supervises a small teacher on worked solutions (math) or expert
+tool-use episodes (agent), supervises a smaller student briefly (a weak start), measures both on
+held-out problems, distils the student from the teacher on its own samples (REOPOLD; with SOD
+step weighting in the multi-turn agent world), and prints student before / after / teacher.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,55 +19,90 @@ from mmopd.sft import sft
 from mmopd.tokenizer import build_char_tokenizer
 from mmopd.train import train
 
-LEVEL = 2  # two-digit addition with carries: a worked solution of ~35 characters
-
 TEACHER = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
            "intermediate_size": 384, "seed": 1}
 STUDENT = {"hidden_size": 96, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
            "intermediate_size": 256, "seed": 2}
 
 
-def demo_configs(out: Path, fast: bool = False) -> tuple[SFTConfig, SFTConfig, TrainConfig]:
+@dataclass(frozen=True)
+class World:
+    """One tiny world of the demo: its env, how long each model is supervised, and how the
+    student is distilled. The student is stopped early on purpose (a weak start)."""
+
+    env: dict[str, Any]
+    teacher_examples: int
+    student_examples: int
+    sft_lr: float
+    student_epochs: int
+    distill: tuple[str, ...]
+
+
+WORLDS = {
+    # two-digit addition with carries: a worked solution of ~35 characters
+    "math": World(
+        env={"id": "mmopd/MathText-v0", "kwargs": {"level": 2}},
+        teacher_examples=6000, student_examples=6500, sft_lr=3e-3, student_epochs=2,
+        distill=("rollout.prompts_per_batch=64", "rollout.max_new_tokens=48", "trainer.steps=200",
+                 "eval.every=40")),
+    # three-digit x two-digit products through the calculator tool: a tool call, its result,
+    # then "Answer: N" (two assistant turns); REOPOLD with SOD step weighting
+    "agent": World(
+        env={"id": "mmopd/ToolMath-v0", "kwargs": {"level": 2, "system_prompt": None}},
+        teacher_examples=6000, student_examples=2560, sft_lr=1e-3, student_epochs=3,
+        distill=("rollout.prompts_per_batch=32", "rollout.max_new_tokens=96",
+                 "rollout.max_turns=4", "objective.step_weighting=sod", "trainer.steps=60",
+                 "eval.every=20")),
+}
+
+
+def demo_configs(out: Path, fast: bool = False,
+                 world: str = "math") -> tuple[SFTConfig, SFTConfig, TrainConfig]:
     """The three runs of the demo as configs (printable, overridable, reusable in tests)."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown demo world {world!r}; choose one of {sorted(WORLDS)}")
+    w = WORLDS[world]
     tok = str(out / "tokenizer")
-    env = {"id": "mmopd/MathText-v0", "kwargs": {"level": LEVEL}}
 
     def supervised(tiny: dict, examples: int, epochs: int, name: str, seed: int) -> SFTConfig:
         return load_config(SFTConfig, None, [
             f"model={json.dumps({'tiny': tiny, 'tokenizer': tok})}",
-            f"data={json.dumps({'env': env, 'num_examples': examples})}", f"epochs={epochs}",
-            "batch_size=32", "optim={lr: 3.0e-3, warmup_steps: 0, schedule: constant}",
+            f"data={json.dumps({'env': w.env, 'num_examples': examples})}", f"epochs={epochs}",
+            "batch_size=32", f"optim={{lr: {w.sft_lr}, warmup_steps: 0, schedule: constant}}",
             f"output_dir={out / name}", "eval_problems=0", f"seed={seed}",
         ])
 
-    # The teacher sees all it needs; the student sees just enough worked solutions to get the
-    # format and some sums right (a weak start: ~1/4 correct).
-    teacher_sft = supervised(TEACHER, 600 if fast else 6000, 1 if fast else 3, "teacher", 1)
-    student_sft = supervised(STUDENT, 400 if fast else 6500, 1 if fast else 2, "student-init", 2)
+    # The teacher sees all it needs; the student sees just enough to get the format and some
+    # answers right.
+    teacher_sft = supervised(TEACHER, 600 if fast else w.teacher_examples, 1 if fast else 3,
+                             "teacher", 1)
+    student_sft = supervised(STUDENT, 400 if fast else w.student_examples,
+                             1 if fast else w.student_epochs, "student-init", 2)
     distill = load_config(TrainConfig, None, [
         f"model.path={out / 'student-init'}",
         f"teacher.model.path={out / 'teacher'}",
-        f"env={json.dumps(env)}",
+        f"env={json.dumps(w.env)}",
         "objective.name=reopold",
-        "rollout.prompts_per_batch=64", "rollout.samples_per_prompt=4",
-        "rollout.max_new_tokens=48", "rollout.minibatches=2",
-        f"trainer.steps={4 if fast else 200}", "trainer.micro_batch_size=64",
+        "rollout.samples_per_prompt=4", "rollout.minibatches=2", "trainer.micro_batch_size=64",
         f"trainer.output_dir={out / 'reopold'}",
         "optim.lr=3e-4", "optim.warmup_steps=0", "trainer.log_every=10",
-        "eval.num_problems=200", "eval.pass_k=4", f"eval.every={0 if fast else 40}",
-        "eval.at_start=false",
+        "eval.num_problems=200", "eval.pass_k=4", "eval.at_start=false",
+        *w.distill,
+        *(["trainer.steps=4", "eval.every=0"] if fast else []),
     ])
     return teacher_sft, student_sft, distill
 
 
-def run_demo(out: str | Path = "runs/demo", fast: bool = False) -> dict[str, Any]:
+def run_demo(out: str | Path = "runs/demo", fast: bool = False,
+             world: str = "math") -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     build_char_tokenizer(out / "tokenizer")
-    teacher_sft, student_sft, distill = demo_configs(out, fast)
+    teacher_sft, student_sft, distill = demo_configs(out, fast, world)
 
-    print("== 1/4 supervised teacher on worked solutions")
+    data = "worked solutions" if world == "math" else "expert episodes"
+    print(f"== 1/4 supervised teacher on {data}")
     sft(teacher_sft)
     print("== 2/4 weak student: brief supervision")
     sft(student_sft)
@@ -82,7 +119,8 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False) -> dict[str, Any
         model = load_model(cfg_model, tokz)
         res = evaluate(model, tokz, pool, num_problems=distill.eval.num_problems,
                        pass_k=distill.eval.pass_k, max_new_tokens=distill.rollout.max_new_tokens,
-                       seed=distill.trainer.seed, env_id=env.id)
+                       max_turns=distill.rollout.max_turns, seed=distill.trainer.seed,
+                       env_id=env.id)
         return {**res, "params": sum(p.numel() for p in model.parameters())}
 
     print("== 3/4 measuring teacher and student before distillation")
@@ -90,12 +128,12 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False) -> dict[str, Any
     teacher = measure(distill.teacher.model)
     print(f"teacher accuracy {teacher['accuracy']:.3f}, student {before['accuracy']:.3f}")
 
-    print("== 4/4 REOPOLD on the student's own samples")
+    print(f"== 4/4 {_method(distill)} on the student's own samples")
     result = train(distill)
     after = result["eval"]
     seconds = time.perf_counter() - t_start
     rows = [("student before", before, before["params"]),
-            ("student after (REOPOLD)", after, before["params"]),
+            (f"student after ({_method(distill)})", after, before["params"]),
             ("teacher", teacher, teacher["params"])]
     k = distill.eval.pass_k
     table = [f"| model | params | greedy accuracy | pass@{k} | mean reply tokens |",
@@ -113,3 +151,8 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False) -> dict[str, Any
     (out / "results.md").write_text(text + "\n")
     print("\n" + text)
     return summary
+
+
+def _method(cfg: TrainConfig) -> str:
+    name = cfg.objective.name.upper()
+    return name + (" + SOD" if cfg.objective.step_weighting == "sod" else "")

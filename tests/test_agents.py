@@ -154,6 +154,7 @@ def test_registry_names_builtins_and_suggests():
 @pytest.mark.parametrize("expr,value", [
     ("347*29", "10063"), ("(37*48) - 125/5", "1751"), ("2^10", "1024"), ("7/2", "3.5"),
     ("sqrt(16) + max(2, 3)", "7"), ("-3 % 5", "2"), ("10**20", "100000000000000000000"),
+    ("086*2", "172"), ("10.05*2", "20.1"), ("0.5+0", "0.5"), ("1e05", "100000"),
 ])
 def test_calculator_values(expr, value):
     assert calculate(expr) == value

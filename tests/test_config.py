@@ -68,16 +68,20 @@ def test_missing_file(tmp_path):
         load_config(TrainConfig, bad)
 
 
-def test_tiny_configs_are_what_the_demo_runs():
-    """configs/tiny/*.yaml are the demo's three runs; they must not drift apart."""
+@pytest.mark.parametrize("world, folder, out, distill_file", [
+    ("math", "tiny", "runs/demo", "reopold.yaml"),
+    ("agent", "agent", "runs/agent-demo", "reopold_sod.yaml"),
+])
+def test_demo_configs_are_the_files(world, folder, out, distill_file):
+    """configs/tiny/ and configs/agent/ are the demo worlds' three runs; they must not drift."""
     from mmopd.config import to_dict
     from mmopd.demo import demo_configs
 
-    root = Path(__file__).parent.parent / "configs" / "tiny"
-    teacher, student, distill = demo_configs(Path("runs/demo"))
+    root = Path(__file__).parent.parent / "configs" / folder
+    teacher, student, distill = demo_configs(Path(out), world=world)
     assert to_dict(load_config(SFTConfig, root / "teacher_sft.yaml")) == to_dict(teacher)
     assert to_dict(load_config(SFTConfig, root / "student_sft.yaml")) == to_dict(student)
-    assert to_dict(load_config(TrainConfig, root / "reopold.yaml")) == to_dict(distill)
+    assert to_dict(load_config(TrainConfig, root / distill_file)) == to_dict(distill)
 
 
 def test_teacher_required_only_when_the_objective_uses_one():

@@ -237,12 +237,8 @@ _BUILTINS = ("mmopd.tools.calculator", "mmopd.tools.python", "mmopd.tools.search
 
 
 def _load_builtins() -> None:
-    """Import built-in tool modules (each registers itself) on first registry use."""
+    """Import the built-in tool modules (each registers itself) on first registry use."""
     import importlib
 
     for mod in _BUILTINS:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # a missing dependency of a built-in is a real error
-                raise
+        importlib.import_module(mod)

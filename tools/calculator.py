@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import re
 from collections.abc import Callable
 
 from .base import ToolResult, register_tool
@@ -30,6 +31,7 @@ _FUNCS: dict[str, Callable[..., float]] = {
     "tan": math.tan, "min": min, "max": max, "factorial": math.factorial, "gcd": math.gcd,
 }
 _CONSTS = {"pi": math.pi, "e": math.e}
+_LEADING_ZEROS = re.compile(r"(?<![\d.\w])0+(?=\d)")
 
 
 class CalculatorError(ValueError):
@@ -81,6 +83,7 @@ def _eval(node: ast.AST) -> float:
 def calculate(expression: str) -> str:
     """Evaluate an arithmetic expression; integers stay exact, floats print with 12 digits."""
     expr = expression.strip().replace("^", "**").replace("×", "*").replace("÷", "/")
+    expr = _LEADING_ZEROS.sub("", expr)  # "086" means 86 to people (Python reads it as an error)
     if len(expr) > MAX_EXPRESSION_CHARS:
         raise CalculatorError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
     try:
