@@ -51,8 +51,8 @@ WORLDS = {
         env={"id": "mmopd/ToolMath-v0", "kwargs": {"level": 2, "system_prompt": None}},
         teacher_examples=6000, student_examples=2560, sft_lr=1e-3, student_epochs=3,
         distill=("rollout.prompts_per_batch=32", "rollout.max_new_tokens=96",
-                 "rollout.max_turns=4", "objective.step_weighting=sod", "trainer.steps=60",
-                 "eval.every=20")),
+                 "rollout.max_turns=4", "objective.step_weighting=sod", "optim.lr=1e-4",
+                 "trainer.steps=100", "eval.every=20")),
 }
 
 
@@ -85,7 +85,7 @@ def demo_configs(out: Path, fast: bool = False,
         "objective.name=reopold",
         "rollout.samples_per_prompt=4", "rollout.minibatches=2", "trainer.micro_batch_size=64",
         f"trainer.output_dir={out / 'reopold'}",
-        "optim.lr=3e-4", "optim.warmup_steps=0", "trainer.log_every=10",
+        "optim.lr=3e-4", "optim.warmup_steps=0", "trainer.log_every=10",  # world may override
         "eval.num_problems=200", "eval.pass_k=4", "eval.at_start=false",
         *w.distill,
         *(["trainer.steps=4", "eval.every=0"] if fast else []),

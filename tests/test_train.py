@@ -225,11 +225,12 @@ def test_student_moves_towards_teacher(name, tiny_overrides, sft_teacher_dir, st
 
 
 @pytest.mark.slow
-def test_demo_fast_runs_end_to_end(tmp_path):
-    """The `make demo` pipeline at smoke size: tokenizer, two SFTs, evals, REOPOLD, table."""
-    p = _cli("demo", "--fast", "--out", str(tmp_path / "demo"))
+@pytest.mark.parametrize("world, method", [("math", "REOPOLD"), ("agent", "REOPOLD + SOD")])
+def test_demo_fast_runs_end_to_end(tmp_path, world, method):
+    """The `make demo` pipeline at smoke size: tokenizer, two SFTs, evals, distillation, table."""
+    p = _cli("demo", "--fast", "--world", world, "--out", str(tmp_path / "demo"))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "| student after (REOPOLD) |" in p.stdout
+    assert f"| student after ({method}) |" in p.stdout
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert {"before", "after", "teacher", "wall_seconds"} <= set(res)
     assert (tmp_path / "demo" / "reopold" / "curves.png").is_file()
