@@ -41,7 +41,7 @@ audit     a ``sys.addaudithook`` prelude denies sockets, processes,      -
           /proc entries, raising PermissionError("[sandbox] ...")
 ========= ============================================================== ======================
 
-Root on a Linux 6.x machine (our CI) gets every layer but userns; a non-root user with
+Root on a Linux 6.x machine (a typical CI runner) gets every layer but userns; a non-root user with
 unprivileged user namespaces gets every layer but dropuid (checked by a test that runs the
 sandbox as ``nobody``). Degraded cases: a non-root user without user namespaces keeps only
 landlock, nocaps, subreaper and audit, so nothing stops forking but the audit hook (RLIMIT_NPROC
