@@ -75,3 +75,21 @@ def sft_teacher_dir(tmp_path_factory, tok_dir) -> Path:
         f"tokenizer: {tok_dir}}}", "data={env: {kwargs: {level: 1}}, num_examples: 640}",
         "epochs=2", "batch_size=32", "optim.lr=3e-3", f"output_dir={out}", "eval_problems=0"]))
     return out
+
+
+# Expected from gymnasium's check_env itself, not problems with the env.
+_KNOWN_CHECKER_WARNINGS = ("different from the unwrapped", "alternative render modes")
+
+
+def check_env_quietly(env) -> None:
+    """gymnasium's check_env, failing on any warning it raises except the known ones above."""
+    import warnings
+
+    from gymnasium.utils.env_checker import check_env
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env)
+    unexpected = [str(w.message) for w in caught
+                  if not any(k in str(w.message) for k in _KNOWN_CHECKER_WARNINGS)]
+    assert not unexpected, unexpected

@@ -355,7 +355,8 @@ def test_multi_turn_training_with_sod(chat_env_overrides, extra):
     from mmopd.train import train
 
     res = train(load_config(TrainConfig, None, chat_env_overrides + extra))
-    rows = [json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    log = Path(res["run_dir"]) / "metrics.jsonl"
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
     assert len(rows) == 4 and all(r["grad_norm"] > 0 for r in rows)
     assert all(k in rows[0] for k in ("sod/w_mean_turn0", "tool_calls", "stop_max_turns_frac"))
     if "rollout.curriculum=tcod" in extra:  # 1 turn for steps 1-2, then 2 turns

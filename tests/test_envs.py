@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import gymnasium
 import pytest
-from gymnasium.utils.env_checker import check_env
+from conftest import check_env_quietly
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,20 +27,6 @@ from mmopd.envs.math_text import (
 )
 
 MATH = "mmopd/MathText-v0"
-# Expected from check_env itself, not problems with the env.
-_KNOWN_CHECKER_WARNINGS = ("different from the unwrapped", "alternative render modes")
-
-
-def _check_env_quietly(env: gymnasium.Env) -> None:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_env(env)
-    unexpected = [
-        str(w.message)
-        for w in caught
-        if not any(k in str(w.message) for k in _KNOWN_CHECKER_WARNINGS)
-    ]
-    assert not unexpected
 
 
 # ----------------------------------------------------------------------------- registry
@@ -57,13 +43,13 @@ def test_builtin_registered_and_reload_is_silent() -> None:
 @pytest.mark.parametrize("env_id", list_envs())
 def test_check_env_every_registered_env(env_id: str) -> None:
     env = make_env(env_id)
-    _check_env_quietly(env)
-    _check_env_quietly(env.unwrapped)
+    check_env_quietly(env)
+    check_env_quietly(env.unwrapped)
 
 
 @pytest.mark.parametrize("kwargs", [{"split": "test", "test_size": 20}, {"level": 5}])
 def test_check_env_variants(kwargs: dict) -> None:
-    _check_env_quietly(MathTextEnv(**kwargs))
+    check_env_quietly(MathTextEnv(**kwargs))
 
 
 def test_unknown_id_names_id_and_suggests() -> None:
@@ -136,7 +122,7 @@ def test_external_env_by_import(user_env) -> None:
     env = make_env(env_id, word="yo")
     assert env.reset(seed=0)[0] == "yo"
     assert env.step("yo")[1] == 1.0
-    _check_env_quietly(env.unwrapped)
+    check_env_quietly(env.unwrapped)
     with warnings.catch_warnings():  # re-importing / reloading the user module is silent
         warnings.simplefilter("error")
         import_env_modules(module)
@@ -286,7 +272,7 @@ def test_jsonl_loading_and_file_env(tmp_path) -> None:
     assert obs == "Half of 1?" and "teacher_messages" not in info
     assert env.step("It is \\boxed{0.5}")[1] == 1.0
     assert env.reset(seed=5) == env.reset(seed=5)
-    _check_env_quietly(env.unwrapped)
+    check_env_quietly(env.unwrapped)
     assert env.unwrapped.reset(options={"index": 2})[0] in env.observation_space
     with pytest.raises(IndexError, match="out of range"):
         env.reset(options={"index": 3})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import gymnasium
 import pytest
-from gymnasium.utils.env_checker import check_env
+from conftest import check_env_quietly
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,19 +27,6 @@ GYM = "mmopd/GymText-v0"
 NOT_SLIPPERY = {"is_slippery": False}
 _GYM_CONFIGS = Path(__file__).parent.parent / "configs" / "gym"
 CONFIGS = sorted(p for p in _GYM_CONFIGS.glob("*.yaml") if "sft" not in p.name)
-_KNOWN_CHECKER_WARNINGS = ("different from the unwrapped", "alternative render modes")
-
-
-def _check_env_quietly(env: gymnasium.Env) -> None:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_env(env)
-    unexpected = [
-        str(w.message)
-        for w in caught
-        if not any(k in str(w.message) for k in _KNOWN_CHECKER_WARNINGS)
-    ]
-    assert not unexpected
 
 
 def _play_expert(env: gymnasium.Env, **reset_kwargs) -> tuple[bool, list[str], int]:
@@ -71,8 +58,8 @@ def _play_expert(env: gymnasium.Env, **reset_kwargs) -> tuple[bool, list[str], i
 )
 def test_check_env(kwargs: dict) -> None:
     env = make_env(GYM, **kwargs)
-    _check_env_quietly(env)
-    _check_env_quietly(env.unwrapped)
+    check_env_quietly(env)
+    check_env_quietly(env.unwrapped)
 
 
 # ----------------------------------------------------------------------------- text round trips
@@ -371,7 +358,7 @@ def test_user_game_with_action_names(corridor_id: str) -> None:
     assert _play_expert(env, seed=0)[0]
     env.reset(seed=0)
     assert env.expert_reply() == "Forward"
-    _check_env_quietly(env)
+    check_env_quietly(env)
 
 
 @pytest.mark.parametrize(
