@@ -30,6 +30,7 @@ from .gym_games import (
     parse_action,
     value_iteration,
 )
+from .registration import reset_index
 from .spaces import text_space
 
 __all__ = [
@@ -253,12 +254,12 @@ class GymTextEnv(gymnasium.Env):
 
     # -- episodes
 
-    def _episode(self, seed: int | None, options: dict[str, Any]) -> tuple[int, str, int | None]:
+    def _episode(self, seed: int | None, index: Any | None) -> tuple[int, str, int | None]:
         """(wrapped game seed, episode id, held-out index or None)."""
-        if "index" in options:
+        if index is not None:
             if self.split != "test":
                 raise ValueError("options['index'] selects a held-out episode: use split='test'")
-            i = operator.index(options["index"])
+            i = operator.index(index)
             if not 0 <= i < self.test_size:
                 raise IndexError(
                     f"episode index {i} out of range: this set has {self.test_size} "
@@ -276,11 +277,7 @@ class GymTextEnv(gymnasium.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[str, dict[str, Any]]:
         super().reset(seed=seed)
-        options = dict(options or {})
-        unknown = set(options) - {"index"}
-        if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: ['index']")
-        game_seed, episode, index = self._episode(seed, options)
+        game_seed, episode, index = self._episode(seed, reset_index(options))
         if self.random_map_size is not None:
             size, p = self.random_map_size, self.random_map_p
             new_map = (

@@ -15,6 +15,7 @@ from typing import Any
 import gymnasium
 
 from .answers import check_answer
+from .registration import reset_index
 from .spaces import text_space
 
 __all__ = [
@@ -308,14 +309,11 @@ class MathTextEnv(gymnasium.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[str, dict[str, Any]]:
         super().reset(seed=seed)
-        options = dict(options or {})
-        unknown = set(options) - {"index"}
-        if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: ['index']")
-        if "index" in options:
+        index = reset_index(options)
+        if index is not None:
             if self._problems is None:
                 raise ValueError("options['index'] needs a finite set (split='test' or a file)")
-            problem = self.problem(options["index"])
+            problem = self.problem(index)
         elif self._problems is not None:
             problem = self._problems[int(self.np_random.integers(len(self._problems)))]
         else:

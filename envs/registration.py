@@ -125,3 +125,17 @@ def make_env(id: str, **kwargs: Any) -> gymnasium.Env:
         raise ValueError(
             f"cannot make environment {env_id!r}: {what}; passed kwargs: {sorted(kwargs)}"
         ) from e
+
+
+def reset_index(options: dict[str, Any] | None) -> Any | None:
+    """The held-out episode index of reset(options={"index": i}) (None when not given).
+
+    Envs of this package take no other reset option; anything else is an error, not ignored.
+    """
+    options = dict(options or {})
+    unknown = set(options) - {"index"}
+    if unknown:
+        raise ValueError(f"unknown reset options {sorted(unknown)}; supported: ['index']")
+    if "index" in options and options["index"] is None:
+        raise ValueError("options['index'] must be an episode index, got None")
+    return options.get("index")

@@ -18,6 +18,7 @@ import gymnasium
 from mmopd.toolcalls import format_call
 
 from .answers import check_answer
+from .registration import reset_index
 from .spaces import text_space
 
 LEVELS = {  # level -> (description, generator of (question expression, value))
@@ -93,13 +94,11 @@ class ToolMathEnv(gymnasium.Env):
     def reset(self, *, seed: int | None = None,
               options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         super().reset(seed=seed)
-        options = dict(options or {})
-        if set(options) - {"index"}:
-            raise ValueError(f"unknown reset options {sorted(options)}; supported: ['index']")
-        if "index" in options:
+        index = reset_index(options)
+        if index is not None:
             if self.split != "test":
                 raise ValueError("options['index'] needs split='test'")
-            expr, value = self.problem(options["index"])
+            expr, value = self.problem(index)
         elif self.split == "test":
             expr, value = self.problem(int(self.np_random.integers(self.test_size)))
         else:

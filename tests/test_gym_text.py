@@ -298,7 +298,7 @@ def test_train_seeds_are_deterministic_and_disjoint_from_test() -> None:
     # Fixed-map games differ only by seed: train seeds stay below the held-out seed range.
     from mmopd.envs.gym_text import _TEST_SEED_BASE
 
-    assert train._episode(2**64 + 5, {})[0] == 5 and test._episode(None, {"index": 0})[0] == (
+    assert train._episode(2**64 + 5, None)[0] == 5 and test._episode(None, 0)[0] == (
         _TEST_SEED_BASE
     )
 
