@@ -23,6 +23,7 @@ from .spaces import text_space
 register_env("mmopd/MathText-v0", "mmopd.envs.math_text:MathTextEnv", order_enforce=False)
 register_env("mmopd/GymText-v0", "mmopd.envs.gym_text:GymTextEnv", order_enforce=False)
 register_env("mmopd/ToolMath-v0", "mmopd.envs.tool_math:ToolMathEnv", order_enforce=False)
+register_env("mmopd/VisionQA-v0", "mmopd.envs.vision_qa:VisionQAEnv", order_enforce=False)
 
 _MATH_TEXT_NAMES = {
     "MathTextEnv",

@@ -2,7 +2,8 @@
 
 A tool has a name, a description, a JSON schema of its arguments and ``run(args)`` returning text
 and/or images. Register a typed Python function with ``@tool``; built-ins: ``calculator`` (safe
-arithmetic), ``python`` (a sandboxed subprocess) and ``search`` (BM25 over a local corpus).
+arithmetic), ``python`` (a sandboxed subprocess), ``search`` (BM25 over a local corpus) and
+``zoom`` (crop a region of an episode's image).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from .base import (
     MAX_TOOL_OUTPUT_CHARS,
     FunctionTool,
     Tool,
+    ToolContext,
     ToolDefinitionError,
     ToolNotFoundError,
     ToolResult,
@@ -28,6 +30,7 @@ __all__ = [
     "MAX_TOOL_OUTPUT_CHARS",
     "FunctionTool",
     "Tool",
+    "ToolContext",
     "ToolDefinitionError",
     "ToolNotFoundError",
     "ToolResult",

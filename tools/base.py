@@ -40,6 +40,18 @@ class ToolResult:
     error: bool = False
 
 
+@dataclass
+class ToolContext:
+    """What the agent loop knows about the episode when a tool runs.
+
+    Tools that set `needs_context = True` get it as `run(args, context)`: `images` are the
+    episode's images so far in order of appearance (the prompt's, then earlier tool results'),
+    as the original PIL images (a zoom crops them in their own pixel coordinates).
+    """
+
+    images: list[Image.Image] = field(default_factory=list)
+
+
 @runtime_checkable
 class Tool(Protocol):
     """What the agent loop needs of a tool."""
@@ -49,7 +61,8 @@ class Tool(Protocol):
     parameters: dict[str, Any]  # JSON schema of the arguments (an "object" schema)
 
     def run(self, args: dict[str, Any]) -> ToolResult | str:
-        """Execute with validated arguments."""
+        """Execute with validated arguments (tools with `needs_context = True` also take a
+        `ToolContext` as second argument)."""
         ...
 
 
@@ -119,12 +132,16 @@ def _as_result(out: Any) -> ToolResult:
     return ToolResult(str(out))
 
 
-def call_tool(t: Tool, args: Any, max_chars: int = MAX_TOOL_OUTPUT_CHARS) -> ToolResult:
+def call_tool(t: Tool, args: Any, max_chars: int = MAX_TOOL_OUTPUT_CHARS,
+              context: ToolContext | None = None) -> ToolResult:
     """Validate, run, and bound one tool call. Never raises: failures are error results."""
     if (err := validate_args(t, args)) is not None:
         return ToolResult(f"Error: {err}", error=True)
     try:
-        res = _as_result(t.run(args))
+        if getattr(t, "needs_context", False):
+            res = _as_result(t.run(args, context or ToolContext()))  # type: ignore[call-arg]
+        else:
+            res = _as_result(t.run(args))
     except Exception as e:  # a tool's bug is the model's observation, not a crashed rollout
         res = ToolResult(f"Error: {t.name} raised {type(e).__name__}: {e}", error=True)
     if len(res.text) > max_chars:
@@ -233,7 +250,8 @@ def resolve_tools(spec: list[Tool | str | dict[str, Any]]) -> dict[str, Tool]:
     return out
 
 
-_BUILTINS = ("mmopd.tools.calculator", "mmopd.tools.python", "mmopd.tools.search")
+_BUILTINS = ("mmopd.tools.calculator", "mmopd.tools.python", "mmopd.tools.search",
+             "mmopd.tools.zoom")
 
 
 def _load_builtins() -> None:
