@@ -39,14 +39,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any,
-                    state: dict[str, Any], keep_last: int) -> Path:
-    """Atomically write checkpoints/step-N and prune older ones beyond `keep_last`."""
+                    state: dict[str, Any], keep_last: int, processor: Any = None) -> Path:
+    """Atomically write checkpoints/step-N and prune older ones beyond `keep_last`
+    (`processor`: a VLM's image processor, saved beside the tokenizer)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if processor is not None:
+        processor.save_pretrained(tmp)
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
     for f in tmp.iterdir():  # data on disk before the rename makes it visible
         with open(f, "rb") as fh:

@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("objectives", help="list registered objectives")
     k = sub.add_parser("tokenizer", help="build the character tokenizer used by tiny models")
     k.add_argument("out")
+    k.add_argument("--vision", action="store_true",
+                   help="add Qwen-VL vision tokens and a Qwen2-VL image processor (tiny VLMs)")
     return p
 
 
@@ -91,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "tokenizer":
         from mmopd.tokenizer import build_char_tokenizer
 
-        build_char_tokenizer(args.out)
+        build_char_tokenizer(args.out, vision=args.vision)
         print(f"wrote {args.out}")
         return 0
     if args.cmd == "train":
@@ -116,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
         from mmopd.config import ConfigError, ModelConfig
         from mmopd.envs import make_env
         from mmopd.evaluate import EnvPool, evaluate
-        from mmopd.models import load_model, load_tokenizer
+        from mmopd.models import load_model, load_tokenizer, load_vision
 
         try:
             kwargs = json.loads(args.env_kwargs)
@@ -124,10 +126,12 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--env-kwargs: not JSON: {e}") from None
         cfg = ModelConfig(path=args.model)
         tok = load_tokenizer(cfg)
+        vision = load_vision(cfg, tok)
         pool = EnvPool(lambda: make_env(args.env, **kwargs))
-        res = evaluate(load_model(cfg, tok), tok, pool, num_problems=args.num_problems,
-                       pass_k=args.pass_k, max_new_tokens=args.max_new_tokens,
-                       max_turns=args.max_turns, env_id=args.env)
+        res = evaluate(load_model(cfg, tok, vision=vision), tok, pool,
+                       num_problems=args.num_problems, pass_k=args.pass_k,
+                       max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
+                       env_id=args.env, vision=vision)
         print(json.dumps(res))
         return 0
     if args.cmd == "demo":

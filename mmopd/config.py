@@ -25,8 +25,11 @@ def _check(ok: bool, where: str, msg: str) -> None:
 
 @dataclass
 class TinyModelConfig:
-    """A small Qwen2 decoder built from a config (random init), for CPU tests and demos."""
+    """A small Qwen2 decoder, or Qwen-VL model, built from a config (random init), for CPU tests
+    and demos. VL architectures take their patch geometry from the image processor saved in the
+    tokenizer directory (`mmopd tokenizer OUT --vision`)."""
 
+    arch: Literal["qwen2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen2"
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
@@ -34,15 +37,25 @@ class TinyModelConfig:
     intermediate_size: int = 128
     max_position_embeddings: int = 512
     seed: int = 0
+    # vision tower of the VL architectures
+    vision_depth: int = 1
+    vision_hidden_size: int = 32
+    vision_heads: int = 2
 
     def __post_init__(self) -> None:
         w = "model.tiny"
-        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "vision_depth", "vision_hidden_size", "vision_heads"):
             _check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
         _check(self.hidden_size % self.num_heads == 0, f"{w}.hidden_size",
                f"{self.hidden_size} is not divisible by num_heads={self.num_heads}")
         _check(self.num_heads % self.num_kv_heads == 0, f"{w}.num_kv_heads",
                f"num_heads={self.num_heads} must be a multiple of num_kv_heads")
+        if self.arch != "qwen2":
+            _check(self.hidden_size // self.num_heads >= 8, f"{w}.num_heads",
+                   "VL models need a head dimension of at least 8 (3-D rope sections)")
+            _check(self.vision_hidden_size % self.vision_heads == 0, f"{w}.vision_hidden_size",
+                   f"{self.vision_hidden_size} is not divisible by vision_heads")
 
 
 @dataclass
@@ -55,6 +68,9 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Attention implementation passed to from_pretrained ("sdpa", "eager", "flash_attention_2").
     attn_implementation: str | None = None
+    # VLMs: images are resized into [min_pixels, max_pixels] (None: the image processor's own)
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         _check((self.path is None) != (self.tiny is None), "model",
@@ -62,6 +78,12 @@ class ModelConfig:
         if self.tiny is not None:
             _check(self.tokenizer is not None, "model.tokenizer",
                    "a tiny model needs a tokenizer directory (`mmopd tokenizer OUT` builds one)")
+        for name in ("min_pixels", "max_pixels"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"model.{name}", "must be positive (or null)")
+        if self.min_pixels and self.max_pixels:
+            _check(self.min_pixels <= self.max_pixels, "model.min_pixels",
+                   f"{self.min_pixels} exceeds max_pixels={self.max_pixels}")
 
 
 @dataclass
@@ -115,15 +137,21 @@ class TeacherConfig:
 
     kind "model": a separate in-process model. kind "self": the student's initial weights, frozen,
     usually with view "privileged" (self-distillation from a prompt that holds the solution).
+    kind "ema": an exponential moving average of the student (theta_T <- d * theta_T +
+    (1 - d) * theta_S after every optimiser step, d = ema_decay), as in Vision-OPD.
+    view "privileged": the teacher reads the env's teacher view (info["teacher_messages"]: a worked
+    solution, the question-relevant image crop, ...) instead of the student's prompt.
     """
 
-    kind: Literal["model", "self"] = "model"
+    kind: Literal["model", "self", "ema"] = "model"
     model: ModelConfig | None = None
     view: Literal["same", "privileged"] = "same"
     topk: int = 0  # also return the teacher's top-k log-probs (0 = off)
+    ema_decay: float = 0.95
 
     def __post_init__(self) -> None:
         _check(self.topk >= 0, "teacher.topk", "must be >= 0")
+        _check(0 <= self.ema_decay < 1, "teacher.ema_decay", f"{self.ema_decay} is outside [0, 1)")
 
 
 @dataclass
@@ -241,9 +269,10 @@ class TrainConfig:
         if needs_teacher and self.teacher.kind == "model" and self.teacher.model is None:
             raise ConfigError(f"teacher.model: objective {self.objective.name!r} needs a teacher; "
                               "set teacher.model.path (or teacher.kind=self)")
-        if self.teacher.kind == "self" and self.teacher.view == "same":
-            raise ConfigError("teacher: kind=self with view=same scores the student against "
-                              "itself (zero signal); set teacher.view=privileged")
+        if self.teacher.kind in ("self", "ema") and self.teacher.view == "same":
+            raise ConfigError(f"teacher: kind={self.teacher.kind} with view=same scores the "
+                              "student against (a copy of) itself: no signal; set "
+                              "teacher.view=privileged")
 
 
 @dataclass

@@ -109,18 +109,19 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False,
 
     from mmopd.envs import make_env
     from mmopd.evaluate import EnvPool, evaluate
-    from mmopd.models import load_model, load_tokenizer
+    from mmopd.models import load_model, load_tokenizer, load_vision
 
     env = distill.env  # the held-out split the training run evaluates on
     pool = EnvPool(lambda: make_env(env.id, **{**env.kwargs, **env.eval_kwargs}))
 
     def measure(cfg_model: ModelConfig) -> dict[str, float]:
         tokz = load_tokenizer(cfg_model)
-        model = load_model(cfg_model, tokz)
+        vision = load_vision(cfg_model, tokz)
+        model = load_model(cfg_model, tokz, vision=vision)
         res = evaluate(model, tokz, pool, num_problems=distill.eval.num_problems,
                        pass_k=distill.eval.pass_k, max_new_tokens=distill.rollout.max_new_tokens,
                        max_turns=distill.rollout.max_turns, seed=distill.trainer.seed,
-                       env_id=env.id)
+                       env_id=env.id, vision=vision)
         return {**res, "params": sum(p.numel() for p in model.parameters())}
 
     print("== 3/4 measuring teacher and student before distillation")

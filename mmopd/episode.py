@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from mmopd.vision import VisionInputs
+
 # Stop reasons recorded on episodes (model output problems are data, not exceptions).
 STOP_EOS = "eos"  # the student ended its turn with an end-of-turn token
 STOP_STRING = "stop"  # a configured stop string appeared
@@ -21,6 +23,16 @@ STOP_MAX_TURNS = "max_turns"  # the agent loop's turn bound ran out
 STOP_BUDGET = "token_budget"  # the episode's total token budget ran out
 STOP_REASONS = (STOP_EOS, STOP_STRING, STOP_LENGTH, STOP_ENV, STOP_ERROR, STOP_MAX_TURNS,
                 STOP_BUDGET)
+
+
+@dataclass
+class PromptView:
+    """Another prompt for the same continuation (a teacher's crop view, a negative view)."""
+
+    ids: list[int]
+    """The view's prompt tokens (image placeholders expanded)."""
+    vision: VisionInputs | None = None
+    """The images of those prompt tokens, in order."""
 
 
 @dataclass
@@ -47,6 +59,14 @@ class Episode:
     """Optional teacher view: different prompt tokens; the continuation is identical."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Env info (answer, problem id, correctness), error text, anything for logs."""
+    vision: VisionInputs | None = None
+    """Images of `input_ids` in order (prompt images, then images from later turns)."""
+    prompt_images: int = 0
+    """How many of those images belong to the student's prompt."""
+    teacher_prompt_vision: VisionInputs | None = None
+    """Images of `teacher_prompt_ids` (e.g. the question-relevant crop)."""
+    views: dict[str, PromptView] = field(default_factory=dict)
+    """Further named prompt views for the teacher (e.g. "negative" for V-Zero gating)."""
 
     def __post_init__(self) -> None:
         n = len(self.input_ids)
@@ -73,16 +93,47 @@ class Episode:
         return len(self.teacher_prompt_ids) - self.prompt_len
 
     @property
+    def continuation_vision(self) -> VisionInputs | None:
+        """Images after the prompt (tool results): the same in every view."""
+        return self.vision.select(self.prompt_images) if self.vision is not None else None
+
+    @property
+    def teacher_vision(self) -> VisionInputs | None:
+        """Images of `teacher_input_ids`."""
+        if self.teacher_prompt_ids is None:
+            return self.vision
+        return VisionInputs.cat([self.teacher_prompt_vision, self.continuation_vision])
+
+    def view(self, name: str) -> tuple[list[int], list[int], VisionInputs | None]:
+        """(token ids, loss mask, images) of the sequence under a prompt view: "student", "teacher"
+        (the teacher prompt if any, else the student's) or a name in `views`. The continuation,
+        and so every loss token, is the same in each view."""
+        if name == "student" or (name == "teacher" and self.teacher_prompt_ids is None):
+            return self.input_ids, self.loss_mask, self.vision
+        if name == "teacher":
+            prompt, vision = self.teacher_prompt_ids, self.teacher_prompt_vision
+        elif name in self.views:
+            prompt, vision = self.views[name].ids, self.views[name].vision
+        else:
+            raise KeyError(f"episode has no prompt view {name!r} (views: student, teacher"
+                           f"{''.join(', ' + v for v in self.views)})")
+        ids = prompt + self.continuation
+        mask = [0] * len(prompt) + self.loss_mask[self.prompt_len:]
+        return ids, mask, VisionInputs.cat([vision, self.continuation_vision])
+
+    @property
     def num_generated(self) -> int:
         return sum(self.loss_mask)
 
     def append(self, ids: list[int], *, student: bool, step: int = -1,
-               logprobs: list[float] | None = None) -> None:
-        """Append tokens without touching earlier ones (incremental multi-turn episodes)."""
+               logprobs: list[float] | None = None, vision: VisionInputs | None = None) -> None:
+        """Append tokens (and the images among them) without touching earlier ones."""
         self.input_ids += ids
         self.loss_mask += [int(student)] * len(ids)
         self.step_index += [step if student else -1] * len(ids)
         self.sampled_logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
+        if vision is not None:
+            self.vision = VisionInputs.cat([self.vision, vision])
 
 
 @dataclass

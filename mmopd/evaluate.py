@@ -12,6 +12,7 @@ from mmopd.episode import Episode
 from mmopd.render import ChatRenderer
 from mmopd.rollout import collect_episodes
 from mmopd.sampler import HFSampler, SamplingParams
+from mmopd.vision import VisionProcessor
 
 
 def is_correct(ep: Episode) -> bool:
@@ -35,17 +36,19 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pool: E
              num_problems: int, pass_k: int = 0, temperature: float = 1.0,
              max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0,
              stop: list[str] | None = None, max_turns: int = 8, max_episode_tokens: int = 0,
-             env_id: str = "env") -> dict[str, float]:
+             env_id: str = "env", vision: VisionProcessor | None = None) -> dict[str, float]:
     """Greedy accuracy over problems 0..num_problems-1; with pass_k > 0 also pass@k (any of k
     samples correct) and the mean per-sample accuracy. Sampling uses its own RNG stream, so an
-    evaluation never changes the training run's random state."""
+    evaluation never changes the training run's random state. `vision`: a VLM's image pipeline.
+    Problems whose episode failed to start (a corrupt image) count as wrong."""
     num = num_problems
     probe = pool.take(1)[0].unwrapped
     if getattr(probe, "num_problems", None) is not None:
         num = min(num, probe.num_problems)
-    renderer = ChatRenderer(tokenizer)
+    renderer = ChatRenderer(tokenizer, vision)
     sampler = HFSampler(model, tokenizer, batch_size=batch_size,
-                        stop_token_ids=renderer.stop_token_ids)
+                        stop_token_ids=renderer.stop_token_ids,
+                        suppress_token_ids=vision.special_ids if vision else None)
     starts = [{"options": {"index": i}} for i in range(num)]
     stop = stop or []
     limits = {"max_turns": max_turns, "max_episode_tokens": max_episode_tokens, "env_id": env_id}

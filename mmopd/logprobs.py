@@ -40,10 +40,11 @@ def lm_head_fn(model: PreTrainedModel, vocab: int | None = None) -> Head:
 
 
 def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states [B, T, H]; the forward skips the full-sequence logits."""
+                 attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states [B, T, H]; the forward skips the full-sequence logits.
+    `extra`: further model inputs (a VLM's pixel_values, image_grid_thw, ...)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                logits_to_keep=1, use_cache=False)
+                logits_to_keep=1, use_cache=False, **extra)
     return out.hidden_states[-1]
 
 

@@ -1,21 +1,29 @@
 """Loading students and teachers: by hub name or directory (real checkpoints), or built from a tiny
-config (tests, demos). Both paths end in the same `PreTrainedModel` + tokenizer pair."""
+config (tests, demos). Both paths end in the same `PreTrainedModel` + tokenizer pair, plus a
+`VisionProcessor` for vision-language models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 
-from mmopd.config import ModelConfig
+from mmopd.config import ModelConfig, TinyModelConfig
+from mmopd.vision import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, VisionProcessor
 
 
 class ModelLoadError(ValueError):
@@ -53,6 +61,8 @@ def load_tokenizer(cfg: ModelConfig, field: str = "model") -> PreTrainedTokenize
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{where}: cannot load a tokenizer from {source!r}: "
                              f"{str(e).splitlines()[0]}") from None
+    if tok.chat_template is None:  # VLM checkpoints may keep it with the processor only
+        tok.chat_template = _processor_chat_template(source)
     if tok.chat_template is None:
         raise ModelLoadError(f"{field}: tokenizer {source!r} has no chat template; mmopd renders "
                              "every prompt through it (use an instruct/chat checkpoint)")
@@ -62,34 +72,157 @@ def load_tokenizer(cfg: ModelConfig, field: str = "model") -> PreTrainedTokenize
     return tok
 
 
+def _processor_chat_template(source: str) -> str | None:
+    """The chat template a processor keeps beside the tokenizer (chat_template.jinja or .json)."""
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        try:
+            f = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            f = None
+        if f:
+            text = open(f, encoding="utf-8").read()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return None
+
+
+def _is_vlm(cfg: ModelConfig, field: str) -> bool:
+    if cfg.tiny is not None:
+        return cfg.tiny.arch != "qwen2"
+    path = _check_local(cfg.path, f"{field}.path")
+    try:
+        return getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{field}.path: cannot read the config of {cfg.path!r}: "
+                             f"{str(e).splitlines()[0]}") from None
+
+
+def load_vision(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
+                field: str = "model") -> VisionProcessor | None:
+    """The image pipeline of a vision-language model (None for text-only models): its image
+    processor (from the tokenizer directory, or the checkpoint), with `cfg.min_pixels` /
+    `cfg.max_pixels` as the resize bounds."""
+    if not _is_vlm(cfg, field):
+        return None
+    where = f"{field}.tokenizer" if cfg.tokenizer else f"{field}.path"
+    source = os.path.expanduser(cfg.tokenizer or cfg.path or "")
+    try:
+        from transformers.utils import is_torchvision_available
+
+        kwargs = {} if is_torchvision_available() else {"backend": "pil"}
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
+        except TypeError:  # transformers without the `backend` argument
+            image_processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{where}: {source!r} is a vision-language model but has no image "
+                             f"processor (preprocessor_config.json): {str(e).splitlines()[0]}"
+                             ) from None
+    try:
+        return VisionProcessor(image_processor, tokenizer, min_pixels=cfg.min_pixels,
+                               max_pixels=cfg.max_pixels)
+    except (ValueError, AttributeError) as e:
+        raise ModelLoadError(f"{where}: unsupported image processor "
+                             f"{type(image_processor).__name__}: {e}") from None
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim / 2 rotary frequencies into (time, height, width) like Qwen's [16, 24, 24]."""
+    half = head_dim // 2
+    hw = half * 3 // 8
+    return [half - 2 * hw, hw, hw]
+
+
+def _tiny_config(t: TinyModelConfig, tokenizer: PreTrainedTokenizerBase,
+                 vision: VisionProcessor | None) -> PretrainedConfig:
+    text: dict[str, Any] = dict(
+        vocab_size=len(tokenizer), hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+        intermediate_size=t.intermediate_size, max_position_embeddings=t.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None)
+    if t.arch == "qwen2":
+        return Qwen2Config(**text, tie_word_embeddings=True)
+    if vision is None:
+        raise ModelLoadError(f"model.tiny.arch={t.arch} needs an image processor in the tokenizer "
+                             "directory (`mmopd tokenizer OUT --vision` builds one)")
+    vocab = tokenizer.get_vocab()
+    ids = dict(image_token_id=vocab[IMAGE_PAD], video_token_id=vocab.get(VIDEO_PAD, 0),
+               vision_start_token_id=vocab[VISION_START], vision_end_token_id=vocab[VISION_END])
+    head_dim = t.hidden_size // t.num_heads
+    rope = {"rope_type": "default", "rope_theta": 10000.0,
+            "mrope_section": _mrope_section(head_dim)}
+    geometry = dict(patch_size=vision.patch_size, spatial_merge_size=vision.merge_size,
+                    temporal_patch_size=vision.temporal_patch_size)
+    vh, depth, heads = t.vision_hidden_size, t.vision_depth, t.vision_heads
+    if t.arch == "qwen2_vl":
+        from transformers import Qwen2VLConfig
+
+        vis = dict(depth=depth, embed_dim=vh, hidden_size=t.hidden_size, mlp_ratio=2,
+                   num_heads=heads, **geometry)
+        return Qwen2VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vis,
+                             tie_word_embeddings=True, **ids)
+    if t.arch == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+
+        vis = dict(depth=depth, hidden_size=vh, intermediate_size=2 * vh, num_heads=heads,
+                   out_hidden_size=t.hidden_size, fullatt_block_indexes=[depth - 1],
+                   window_size=vision.factor * 4, **geometry)
+        return Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vis,
+                                tie_word_embeddings=True, **ids)
+    from transformers import Qwen3VLConfig
+
+    rope["mrope_interleaved"] = True
+    vis = dict(depth=depth, hidden_size=vh, intermediate_size=2 * vh, num_heads=heads,
+               out_hidden_size=t.hidden_size, num_position_embeddings=64,
+               deepstack_visual_indexes=[], **geometry)
+    return Qwen3VLConfig(text_config={**text, "head_dim": head_dim, "rope_parameters": rope},
+                         vision_config=vis, tie_word_embeddings=True, **ids)
+
+
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, field: str = "model",
-               trainable: bool = False) -> PreTrainedModel:
-    """Build or load a causal LM in `cfg.dtype` on the CPU (accelerate moves it)."""
+               trainable: bool = False, vision: VisionProcessor | None = None) -> PreTrainedModel:
+    """Build or load a causal LM (or a VLM with its LM head) in `cfg.dtype` on the CPU
+    (accelerate moves it). Tiny VL models take their patch geometry from `vision`."""
     dtype = resolve_dtype(cfg.dtype, trainable)
     if cfg.tiny is not None:
-        t = cfg.tiny
-        config = Qwen2Config(
-            vocab_size=len(tokenizer), hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
-            num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-            intermediate_size=t.intermediate_size,
-            max_position_embeddings=t.max_position_embeddings,
-            tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-        )
+        config = _tiny_config(cfg.tiny, tokenizer, vision)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(t.seed)
-            model = Qwen2ForCausalLM(config)
+            torch.manual_seed(cfg.tiny.seed)
+            if cfg.tiny.arch == "qwen2":
+                model = Qwen2ForCausalLM(config)
+            else:
+                model = AutoModelForImageTextToText.from_config(config)
         return model.to(dtype)
     path = _check_local(cfg.path, f"{field}.path")
     kwargs = {"dtype": dtype}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    auto = AutoModelForImageTextToText if _is_vlm(cfg, field) else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{field}.path: cannot load {cfg.path!r}: "
                              f"{str(e).splitlines()[0]}") from None
     return model
+
+
+def check_same_vision(student: VisionProcessor | None, teacher: VisionProcessor | None) -> None:
+    """A teacher scores the student's episodes as rendered for the student: image tokens and
+    pixel patches must mean the same to both (same patch geometry), and a VLM student needs a
+    VLM teacher."""
+    if student is None:
+        return
+    if teacher is None:
+        raise ModelLoadError("teacher.model: the student is a vision-language model but the "
+                             "teacher is text-only; it cannot see the episodes' images")
+    geo = ("patch_size", "merge_size", "temporal_patch_size")
+    s, t = ([getattr(v, g) for g in geo] for v in (student, teacher))
+    if s != t:
+        raise ModelLoadError(f"teacher.model: image patch geometry (patch, merge, temporal) "
+                             f"{t} differs from the student's {s}; pick a teacher of the same "
+                             "VL family")
 
 
 def check_same_vocab(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase,

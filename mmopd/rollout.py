@@ -7,25 +7,39 @@ message. Either way the new context is appended as a token delta rendered by the
 the student's tokens stay exactly as sampled — nothing is re-tokenised. Single-turn envs (math)
 terminate after the first reply.
 
-Failures are data: an env that raises ends its episode with stop reason "error"; malformed tool
-calls, unknown tools, bad arguments and tool errors become tool messages the model reads; budgets
-end episodes with "max_turns" or "token_budget".
+Failures are data: an env that raises (in reset or step) or a prompt that cannot be rendered
+(a corrupt image, say) ends its episode with stop reason "error"; malformed tool calls, unknown
+tools, bad arguments and tool errors become tool messages the model reads; budgets end episodes
+with "max_turns" or "token_budget".
+
+Images (vision-language students) flow the same way: prompt images are rendered into the
+episode, tools receive the episode's images (`ToolContext`), and images a tool returns become part
+of its tool message, so the next turn sees them.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
 
-from mmopd.episode import STOP_BUDGET, STOP_ENV, STOP_EOS, STOP_ERROR, STOP_MAX_TURNS, Episode
-from mmopd.render import ChatRenderer, Message
+from mmopd.episode import (
+    STOP_BUDGET,
+    STOP_ENV,
+    STOP_EOS,
+    STOP_ERROR,
+    STOP_MAX_TURNS,
+    Episode,
+    PromptView,
+)
+from mmopd.render import ChatRenderer, Message, RenderError
 from mmopd.sampler import Sampler, SamplingParams
 from mmopd.toolcalls import HermesParser, ParsedReply, ToolCallParser
-from mmopd.tools import Tool, ToolResult, call_tool, resolve_tools, tool_schema
+from mmopd.tools import Tool, ToolContext, ToolResult, call_tool, resolve_tools, tool_schema
+from mmopd.vision import image_items
 
 
 class EnvContractError(ValueError):
@@ -44,6 +58,8 @@ class _Slot:
     env: gym.Env
     tools: dict[str, Tool] | None
     messages: list[Message] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)  # every image shown so far, for tools
+    failed: bool = False  # reset or prompt rendering failed: nothing to generate
 
 
 _TOOL_CACHE: dict[str, dict[str, Tool]] = {}
@@ -82,39 +98,63 @@ class AgentLoop:
     # ------------------------------------------------------------------ start
 
     def start(self, envs: list[gym.Env], starts: list[dict[str, Any]], n: int = 1,
-              teacher_view: bool = False) -> list[_Slot]:
-        """Reset `n` envs per start; episodes of one start share its group index."""
+              teacher_view: bool = False, views: Sequence[str] = ()) -> list[_Slot]:
+        """Reset `n` envs per start; episodes of one start share its group index.
+
+        `teacher_view` renders info["teacher_messages"] as the teacher's prompt; each name in
+        `views` renders info[f"{name}_messages"] as a further prompt view (e.g. "negative").
+        """
         if len(envs) < len(starts) * n:
             raise ValueError(f"need {len(starts) * n} env instances, got {len(envs)}")
         slots = []
         for g, start in enumerate(starts):
             for j in range(n):
                 env = envs[g * n + j]
-                _, info = env.reset(**start)
-                if not isinstance(info, dict) or "messages" not in info:
-                    raise EnvContractError(f"{self.env_id}: reset() must return info['messages'] "
-                                           "(the chat messages of the prompt)")
-                tools = _tools_for(info.get("tools"), self.env_id)
-                schemas = [tool_schema(t) for t in tools.values()] if tools else None
-                prompt = self.renderer.prompt(info["messages"], tools=schemas)
-                teacher_prompt = None
-                if teacher_view:
-                    if "teacher_messages" not in info:
-                        raise EnvContractError(
-                            f"{self.env_id}: teacher.view=privileged needs info['teacher_messages']"
-                            " from reset(); this env/problem provides none (e.g. no worked "
-                            "solution)")
-                    teacher_prompt = self.renderer.prompt(info["teacher_messages"], tools=schemas)
-                meta = {k: v for k, v in info.items()
-                        if k not in ("messages", "teacher_messages", "tools")}
-                messages = list(info["messages"])
-                meta["messages"] = messages
-                ep = Episode(input_ids=list(prompt), loss_mask=[0] * len(prompt),
-                             step_index=[-1] * len(prompt), sampled_logprobs=[0.0] * len(prompt),
-                             prompt_len=len(prompt), group=g, teacher_prompt_ids=teacher_prompt,
-                             metadata=meta)
-                slots.append(_Slot(ep, env, tools, messages))
+                try:
+                    slots.append(self._start_one(env, start, g, teacher_view, views))
+                except (EnvContractError, KeyboardInterrupt):
+                    raise
+                except Exception as e:  # a bad row (corrupt image, ...) is a failed episode
+                    ep = Episode([], [], [], [], prompt_len=0, group=g, stop_reason=STOP_ERROR,
+                                 metadata={"error": f"{type(e).__name__}: {e}", "start": start})
+                    slots.append(_Slot(ep, env, None, failed=True))
         return slots
+
+    def _start_one(self, env: gym.Env, start: dict[str, Any], group: int, teacher_view: bool,
+                   views: Sequence[str]) -> _Slot:
+        _, info = env.reset(**start)
+        if not isinstance(info, dict) or "messages" not in info:
+            raise EnvContractError(f"{self.env_id}: reset() must return info['messages'] "
+                                   "(the chat messages of the prompt)")
+        tools = _tools_for(info.get("tools"), self.env_id)
+        schemas = [tool_schema(t) for t in tools.values()] if tools else None
+        prompt = self.renderer.render(info["messages"], tools=schemas)
+        teacher = None
+        if teacher_view:
+            if "teacher_messages" not in info:
+                raise EnvContractError(
+                    f"{self.env_id}: teacher.view=privileged needs info['teacher_messages'] from "
+                    "reset(); this env/problem provides none (e.g. no worked solution)")
+            teacher = self.renderer.render(info["teacher_messages"], tools=schemas)
+        extra = {}
+        for name in views:
+            if f"{name}_messages" not in info:
+                raise EnvContractError(f"{self.env_id}: the {name!r} view needs "
+                                       f"info['{name}_messages'] from reset()")
+            r = self.renderer.render(info[f"{name}_messages"], tools=schemas)
+            extra[name] = PromptView(r.ids, r.vision)
+        meta = {k: v for k, v in info.items() if not (k == "tools" or k.endswith("messages"))}
+        messages = list(info["messages"])
+        meta["messages"] = messages
+        n = len(prompt.ids)
+        ep = Episode(input_ids=list(prompt.ids), loss_mask=[0] * n, step_index=[-1] * n,
+                     sampled_logprobs=[0.0] * n, prompt_len=n, group=group,
+                     teacher_prompt_ids=teacher.ids if teacher else None, metadata=meta,
+                     vision=prompt.vision,
+                     prompt_images=prompt.vision.num_images if prompt.vision else 0,
+                     teacher_prompt_vision=teacher.vision if teacher else None, views=extra)
+        images = [it.get("image", it.get("image_url")) for it in image_items(messages)]
+        return _Slot(ep, env, tools, messages, images)
 
     # ------------------------------------------------------------------ run
 
@@ -126,7 +166,7 @@ class AgentLoop:
 
     def run(self, slots: list[_Slot],
             generate: Callable[[list[_Slot]], list[Turn]]) -> list[Episode]:
-        active = list(range(len(slots)))
+        active = [i for i, s in enumerate(slots) if not s.failed]
         for turn in range(self.max_turns):
             still = []
             for i in active:
@@ -193,6 +233,7 @@ class AgentLoop:
             ("error", ToolResult(f"Error: {e}", error=True)) for e in parsed.errors]
         meta["parse_errors"] = meta.get("parse_errors", 0) + len(parsed.errors)
         assert slot.tools is not None
+        context = ToolContext(images=list(slot.images))
         for k, call in enumerate(parsed.calls):
             if k >= self.max_calls_per_turn:
                 results.append((call.name, ToolResult(
@@ -204,24 +245,38 @@ class AgentLoop:
                 res = ToolResult(f"Error: unknown tool {call.name!r}; available: "
                                  f"{', '.join(slot.tools)}", error=True)
             else:
-                res = call_tool(t, call.arguments)
+                res = call_tool(t, call.arguments, context=context)
             results.append((call.name, res))
         meta["tool_calls"] = meta.get("tool_calls", 0) + len(parsed.calls)
         meta["tool_errors"] = meta.get("tool_errors", 0) + sum(r.error for _, r in results)
-        # Images from tools (e.g. a zoom) are kept for renderers that can take them.
-        for _, r in results:
-            if r.images:
-                meta.setdefault("tool_images", []).extend(r.images)
-        return [{"role": "tool", "name": name, "content": r.text} for name, r in results]
+        return [self._tool_message(slot, name, r) for name, r in results]
+
+    def _tool_message(self, slot: _Slot, name: str, res: ToolResult) -> Message:
+        """A tool result as a message; images it returns (a zoom) are shown to VLM students."""
+        if not res.images:
+            return {"role": "tool", "name": name, "content": res.text}
+        if self.renderer.vision is None:
+            note = f"[{len(res.images)} image(s) returned; this model cannot see images]"
+            return {"role": "tool", "name": name, "content": f"{res.text}\n{note}".strip()}
+        slot.images.extend(res.images)
+        content = [{"type": "text", "text": res.text}] if res.text else []
+        content += [{"type": "image", "image": img} for img in res.images]
+        return {"role": "tool", "name": name, "content": content}
 
     def _observe(self, slot: _Slot, ids: list[int], messages: list[Message]) -> bool:
         """Close the student's turn and append the answer to it, if the budget allows."""
-        delta = self.renderer.close_turn(ids) + self.renderer.continuation(messages)
+        try:
+            cont = self.renderer.render_continuation(messages)
+        except RenderError as e:  # e.g. an image a tool returned cannot be used
+            slot.ep.stop_reason = STOP_ERROR
+            slot.ep.metadata["error"] = f"RenderError: {e}"
+            return False
+        delta = self.renderer.close_turn(ids) + cont.ids
         left = self.remaining(slot)
         if left is not None and len(delta) >= left:
             slot.ep.stop_reason = STOP_BUDGET  # no room for the observation and a reply
             return False
-        slot.ep.append(delta, student=False)
+        slot.ep.append(delta, student=False, vision=cont.vision)
         slot.messages.extend(messages)
         return True
 
@@ -234,6 +289,7 @@ def collect_episodes(
     params: SamplingParams,
     *,
     teacher_view: bool = False,
+    views: Sequence[str] = (),
     max_turns: int = 8,
     max_episode_tokens: int = 0,
     parser: ToolCallParser | None = None,
@@ -248,12 +304,14 @@ def collect_episodes(
     """
     loop = AgentLoop(renderer, max_turns=max_turns, max_episode_tokens=max_episode_tokens,
                      parser=parser, env_id=env_id, decode=decode)
-    slots = loop.start(envs, starts, params.n, teacher_view)
+    slots = loop.start(envs, starts, params.n, teacher_view, views)
     one = SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
                          max_new_tokens=params.max_new_tokens, stop=params.stop)
 
     def generate(batch: list[_Slot]) -> list[Turn]:
-        samples = sampler.generate([s.ep.input_ids for s in batch], one, desc=desc)
+        vision = [s.ep.vision for s in batch]
+        samples = sampler.generate([s.ep.input_ids for s in batch], one, desc=desc,
+                                   vision=vision if any(v is not None for v in vision) else None)
         return [(s.token_ids, s.logprobs, s.stop_reason) for (s,) in samples]
 
     return loop.run(slots, generate)

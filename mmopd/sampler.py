@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from mmopd.episode import STOP_EOS, STOP_LENGTH, STOP_STRING
+from mmopd.vision import VisionInputs, forward_kwargs
 
 
 @dataclass
@@ -46,8 +47,9 @@ class Sampler(Protocol):
     """Generates continuations of token prompts and receives updated weights."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 desc: str = "rollout") -> list[list[Sample]]:
-        """For each prompt, `params.n` samples."""
+                 desc: str = "rollout",
+                 vision: list[VisionInputs | None] | None = None) -> list[list[Sample]]:
+        """For each prompt, `params.n` samples; `vision[i]` holds prompt i's images."""
         ...
 
     def load_weights(self, model: PreTrainedModel) -> None:
@@ -59,10 +61,14 @@ class HFSampler:
     """`transformers` generate on an in-process model (shared with the trainer on one device)."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 batch_size: int = 64, stop_token_ids: set[int] | None = None) -> None:
+                 batch_size: int = 64, stop_token_ids: set[int] | None = None,
+                 suppress_token_ids: set[int] | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        # Tokens the student must never sample (a VLM's image placeholders: a sampled one would
+        # have no image behind it); their mass is dropped after log-probs are recorded.
+        self.suppress_ids = sorted(suppress_token_ids or ())
         eos = set(stop_token_ids or ())
         gen_eos = model.generation_config.eos_token_id
         eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None
@@ -77,8 +83,10 @@ class HFSampler:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 desc: str = "rollout") -> list[list[Sample]]:
+                 desc: str = "rollout",
+                 vision: list[VisionInputs | None] | None = None) -> list[list[Sample]]:
         flat = [p for p in prompts for _ in range(params.n)]
+        flat_vision = [v for v in (vision or [None] * len(prompts)) for _ in range(params.n)]
         out: list[Sample] = []
         was_training = self.model.training
         self.model.eval()
@@ -86,14 +94,16 @@ class HFSampler:
                    disable=None if len(flat) >= 64 else True)  # None: off when not a TTY
         try:
             for s in range(0, len(flat), self.batch_size):
-                out += self._generate_batch(flat[s: s + self.batch_size], params)
+                out += self._generate_batch(flat[s: s + self.batch_size], params,
+                                            flat_vision[s: s + self.batch_size])
                 bar.update(len(flat[s: s + self.batch_size]))
         finally:
             bar.close()
             self.model.train(was_training)
         return [out[i * params.n: (i + 1) * params.n] for i in range(len(prompts))]
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
+                        vision: list[VisionInputs | None]) -> list[Sample]:
         device = self.model.device
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in prompts)
@@ -111,6 +121,7 @@ class HFSampler:
             stop_strings=params.stop or None, return_dict_in_generate=True,
         )
         recorder = _SampledLogprobs()
+        processors = [recorder] + ([_Suppress(self.suppress_ids)] if self.suppress_ids else [])
         # generate() fills unset fields from model.generation_config (a checkpoint's repetition
         # penalty, say); on-policy samples must come from the model's own distribution, so a
         # neutral default stands in while generating.
@@ -118,10 +129,12 @@ class HFSampler:
         self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids,
                                                         pad_token_id=pad)
         try:
+            ids = ids.to(device)
             res = self.model.generate(
-                input_ids=ids.to(device), attention_mask=att.to(device),
-                generation_config=gen_cfg, logits_processor=LogitsProcessorList([recorder]),
-                tokenizer=self.tokenizer if params.stop else None)
+                input_ids=ids, attention_mask=att.to(device),
+                generation_config=gen_cfg, logits_processor=LogitsProcessorList(processors),
+                tokenizer=self.tokenizer if params.stop else None,
+                **forward_kwargs(self.model, ids, VisionInputs.cat(vision)))
         finally:
             self.model.generation_config = saved
         new = res.sequences[:, width:]
@@ -143,6 +156,17 @@ class HFSampler:
         if end_eos is not None:
             return Sample(toks[:end_eos], logp[:end_eos].tolist(), STOP_EOS)
         return Sample(toks, logp.tolist(), STOP_LENGTH)
+
+
+class _Suppress(LogitsProcessor):
+    """Never sample these token ids."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores[:, self.ids] = float("-inf")
+        return scores
 
 
 class _SampledLogprobs(LogitsProcessor):

@@ -21,10 +21,14 @@ from mmopd.episode import pad_right
 from mmopd.evaluate import EnvPool, evaluate
 from mmopd.logprobs import final_hidden, lm_head_fn, predicting_positions, target_logprobs
 from mmopd.metrics import JsonlLog
-from mmopd.models import load_model, load_tokenizer
+from mmopd.models import load_model, load_tokenizer, load_vision
 from mmopd.optim import make_accelerator, make_optimizer, make_scheduler
 from mmopd.render import ChatRenderer
 from mmopd.rollout import collect_demonstrations
+from mmopd.vision import VisionInputs, forward_kwargs
+
+# token ids, loss mask (1 on the assistant replies), images (VLMs)
+Example = tuple[list[int], list[int], VisionInputs | None]
 
 
 class SFTDataError(ValueError):
@@ -38,8 +42,9 @@ def _has_expert(env: gym.Env) -> bool:
         return False
 
 
-def build_examples(cfg: SFTConfig, renderer: ChatRenderer) -> list[tuple[list[int], list[int]]]:
-    """(token ids, loss mask) per example: mask 1 on the assistant replies and their end tokens.
+def build_examples(cfg: SFTConfig, renderer: ChatRenderer) -> list[Example]:
+    """(token ids, loss mask, images) per example: mask 1 on the assistant replies and their end
+    tokens.
 
     Envs with `expert_reply` give multi-turn demonstrations played through the agent loop (tools
     run for real); single-turn envs give their worked solution (info["solution"]).
@@ -54,7 +59,11 @@ def build_examples(cfg: SFTConfig, renderer: ChatRenderer) -> list[tuple[list[in
             chunk = seeds[s: s + len(envs)]
             eps = collect_demonstrations(envs, [{"seed": x} for x in chunk], renderer,
                                          max_turns=cfg.max_turns, env_id=env_cfg.id)
-            out += [(ep.input_ids, ep.loss_mask) for ep in eps]
+            bad = [ep for ep in eps if not ep.input_ids]
+            if bad:
+                raise SFTDataError(f"{env_cfg.id}: a demonstration failed to start: "
+                                   f"{bad[0].metadata.get('error')}")
+            out += [(ep.input_ids, ep.loss_mask, ep.vision) for ep in eps]
         return out
     closer = renderer.turn_closer
     out = []
@@ -66,12 +75,15 @@ def build_examples(cfg: SFTConfig, renderer: ChatRenderer) -> list[tuple[list[in
                                "solution; SFT needs info['solution'] from reset()")
         msgs = info["messages"]
         prompt = renderer.prompt(msgs)
-        ids = renderer.full(msgs + [{"role": "assistant", "content": solution}])
+        full = renderer.render(msgs + [{"role": "assistant", "content": solution}],
+                               generation_prompt=False)
+        ids = full.ids
         if ids[: len(prompt)] != prompt:
             raise SFTDataError("the chat template renders the prompt differently once an "
                                "assistant reply follows; cannot locate the reply tokens")
         end = len(ids) - len(closer) + 1 if closer else len(ids)  # keep <|im_end|>, drop "\n"
-        out.append((ids, [0] * len(prompt) + [1] * (end - len(prompt)) + [0] * (len(ids) - end)))
+        mask = [0] * len(prompt) + [1] * (end - len(prompt)) + [0] * (len(ids) - end)
+        out.append((ids, mask, full.vision))
     return out
 
 
@@ -84,15 +96,17 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     accelerator = make_accelerator()
     import_env_modules(cfg.data.env.imports)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer, trainable=True)
-    renderer = ChatRenderer(tokenizer)
+    vision = load_vision(cfg.model, tokenizer)
+    model = load_model(cfg.model, tokenizer, trainable=True, vision=vision)
+    renderer = ChatRenderer(tokenizer, vision)
     examples = build_examples(cfg, renderer)
     steps_per_epoch = (len(examples) + cfg.batch_size - 1) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
     optimizer = make_optimizer(model.parameters(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, total)
     model, optimizer = accelerator.prepare(model, optimizer)
-    head = lm_head_fn(accelerator.unwrap_model(model))
+    unwrapped = accelerator.unwrap_model(model)
+    head = lm_head_fn(unwrapped)
     log = JsonlLog(out / "sft_log.jsonl")
     gen = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(total=total, desc="sft", unit="step", disable=None)
@@ -102,7 +116,9 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
         for idx in torch.randperm(len(examples), generator=gen).split(cfg.batch_size):
             batch = pad_right([examples[i][0] for i in idx], [examples[i][1] for i in idx],
                               tokenizer.pad_token_id, accelerator.device)
-            hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
+            images = VisionInputs.cat(examples[i][2] for i in idx)
+            hidden = final_hidden(model, batch.input_ids, batch.attention_mask,
+                                  **forward_kwargs(unwrapped, batch.input_ids, images))
             rows, cols = predicting_positions(batch.loss_mask)
             logp = target_logprobs(head, hidden[rows, cols - 1], batch.input_ids[rows, cols],
                                    256)
@@ -119,9 +135,10 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.4f}")
     bar.close()
-    unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    if vision is not None:
+        vision.save_pretrained(out)
     result: dict[str, Any] = {"model_dir": str(out), "steps": step,
                               "seconds": time.perf_counter() - t_start}
     if cfg.eval_problems:
@@ -129,7 +146,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
         pool = EnvPool(lambda: make_env(ev.id, **{**ev.kwargs, **ev.eval_kwargs}))
         result.update(evaluate(unwrapped, tokenizer, pool, num_problems=cfg.eval_problems,
                                max_new_tokens=cfg.max_new_tokens, max_turns=cfg.max_turns,
-                               env_id=ev.id))
+                               env_id=ev.id, vision=vision))
         tqdm.write(f"sft eval: accuracy {result['accuracy']:.3f} on {cfg.eval_problems} "
                    "held-out problems")
     return result

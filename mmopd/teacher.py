@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from mmopd.episode import Episode, pad_right
 from mmopd.logprobs import final_hidden, lm_head_fn, predicting_positions, token_logprobs
+from mmopd.vision import VisionInputs, forward_kwargs
 
 
 @dataclass
@@ -42,27 +43,16 @@ class Teacher(Protocol):
 class HFScorer:
     """No-grad chunked scoring with an in-process Hugging Face model."""
 
-    def __init__(self, model: PreTrainedModel, pad_id: int, *, use_teacher_view: bool,
+    def __init__(self, model: PreTrainedModel, pad_id: int, *, view: str = "student",
                  micro_batch_size: int = 16, chunk_size: int = 256,
                  topk_vocab: int | None = None) -> None:
         self.model = model
         self.pad_id = pad_id
-        self.use_teacher_view = use_teacher_view
+        self.view = view  # which prompt view of each episode the model reads (Episode.view)
         self.micro_batch_size = micro_batch_size
         self.chunk_size = chunk_size
         self.head = lm_head_fn(model)
         self.topk_vocab = topk_vocab  # top-k ids only among rows the student also has
-
-    def _view(self, ep: Episode) -> tuple[list[int], list[int]]:
-        if not self.use_teacher_view or ep.teacher_prompt_ids is None:
-            return ep.input_ids, ep.loss_mask
-        off = ep.teacher_offset
-        ids = ep.teacher_input_ids
-        mask = [0] * len(ids)
-        for t, m in enumerate(ep.loss_mask):
-            if m:
-                mask[t + off] = 1
-        return ids, mask
 
     @torch.no_grad()
     def score(self, episodes: list[Episode], *, topk: int = 0,
@@ -73,10 +63,12 @@ class HFScorer:
         device = self.model.device
         try:
             for s in range(0, len(episodes), self.micro_batch_size):
-                views = [self._view(ep) for ep in episodes[s: s + self.micro_batch_size]]
+                views = [ep.view(self.view) for ep in episodes[s: s + self.micro_batch_size]]
                 batch = pad_right([v[0] for v in views], [v[1] for v in views], self.pad_id,
                                   device)
-                hidden = final_hidden(self.model, batch.input_ids, batch.attention_mask)
+                vision = VisionInputs.cat(v[2] for v in views)
+                hidden = final_hidden(self.model, batch.input_ids, batch.attention_mask,
+                                      **forward_kwargs(self.model, batch.input_ids, vision))
                 rows, cols = predicting_positions(batch.loss_mask)
                 h = hidden[rows, cols - 1]
                 res = token_logprobs(self.head, h, batch.input_ids[rows, cols], self.chunk_size,

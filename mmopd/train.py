@@ -42,9 +42,11 @@ from mmopd.logprobs import (
 )
 from mmopd.metrics import JsonlLog, plot_curves, summary_line
 from mmopd.models import (
+    check_same_vision,
     check_same_vocab,
     load_model,
     load_tokenizer,
+    load_vision,
     resolve_dtype,
 )
 from mmopd.objectives import (
@@ -63,6 +65,7 @@ from mmopd.rollout import collect_episodes
 from mmopd.sampler import HFSampler, SamplingParams
 from mmopd.teacher import HFScorer, TokenScores
 from mmopd.toolcalls import make_parser
+from mmopd.vision import VisionInputs, forward_kwargs
 
 _PROBLEMS, _SAMPLING, _SHUFFLE = 0, 1, 2  # independent random streams derived from the seed
 
@@ -186,18 +189,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_pool.take(1), eval_pool.take(1)
 
     tokenizer = load_tokenizer(cfg.model)
-    student = load_model(cfg.model, tokenizer, trainable=True)
-    renderer = ChatRenderer(tokenizer)
+    vision = load_vision(cfg.model, tokenizer)  # None for text-only students
+    student = load_model(cfg.model, tokenizer, trainable=True, vision=vision)
+    renderer = ChatRenderer(tokenizer, vision)
 
     teacher_scorer: HFScorer | None = None
     vocab = None
     if objective.needs_teacher:
-        if cfg.teacher.kind == "self":  # OPSD: the initial student, frozen, privileged prompt
-            t_model = copy.deepcopy(student).to(resolve_dtype(cfg.model.dtype))
+        if cfg.teacher.kind in ("self", "ema"):  # the initial student (EMA: then tracking it)
+            dtype = torch.float32 if cfg.teacher.kind == "ema" else resolve_dtype(cfg.model.dtype)
+            t_model = copy.deepcopy(student).to(dtype)
         else:
             t_tok = load_tokenizer(cfg.teacher.model, "teacher.model")
-            t_model = load_model(cfg.teacher.model, t_tok, "teacher.model")
+            t_vision = load_vision(cfg.teacher.model, t_tok, "teacher.model")
+            t_model = load_model(cfg.teacher.model, t_tok, "teacher.model", vision=t_vision)
             check_same_vocab(tokenizer, t_tok, t_model, student)
+            check_same_vision(vision, t_vision)
         t_model.requires_grad_(False).to(device)
         # Output layers are often padded past the tokenizer, differently per model size
         # (Qwen2.5: 151936 rows at 1.5B, 152064 at 7B); distributions are compared on the rows
@@ -205,7 +212,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         vocab = min(student.get_output_embeddings().weight.shape[0],
                     t_model.get_output_embeddings().weight.shape[0])
         teacher_scorer = HFScorer(t_model, tokenizer.pad_token_id,
-                                  use_teacher_view=cfg.teacher.view == "privileged",
+                                  view="teacher" if cfg.teacher.view == "privileged" else "student",
                                   micro_batch_size=tcfg.micro_batch_size,
                                   chunk_size=tcfg.chunk_size, topk_vocab=vocab)
 
@@ -224,8 +231,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     student, optimizer = accelerator.prepare(student, optimizer)
     model = accelerator.unwrap_model(student)
     start_step = 0
+    ema = teacher_scorer.model if cfg.teacher.kind == "ema" and teacher_scorer else None
     if resume_dir is not None:
         state = load_state(resume_dir)
+        if ema is not None:
+            ema.load_state_dict(state["ema_teacher"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -241,8 +251,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     eval_log = JsonlLog(out / "eval.jsonl", resumed_at, enabled=main)
 
     sampler = HFSampler(model, tokenizer, batch_size=rcfg.batch_size,
-                        stop_token_ids=renderer.stop_token_ids)
-    old_scorer = HFScorer(model, tokenizer.pad_token_id, use_teacher_view=False,
+                        stop_token_ids=renderer.stop_token_ids,
+                        suppress_token_ids=vision.special_ids if vision else None)
+    old_scorer = HFScorer(model, tokenizer.pad_token_id,
                           micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
     heads = Heads(sampled=lm_head_fn(model), student=lm_head_fn(model, vocab),
                   teacher=lm_head_fn(teacher_scorer.model, vocab) if teacher_scorer else None)
@@ -261,7 +272,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                        max_new_tokens=ecfg.max_new_tokens or rcfg.max_new_tokens,
                        batch_size=rcfg.batch_size, seed=tcfg.seed, stop=rcfg.stop,
                        max_turns=rcfg.max_turns, max_episode_tokens=rcfg.max_episode_tokens,
-                       env_id=cfg.env.id)
+                       env_id=cfg.env.id, vision=vision)
         row = {"step": step, **res}
         eval_log.write(row)
         tqdm.write(f"eval step {step}: " + ", ".join(
@@ -285,6 +296,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             max_turns=_turn_limit(rcfg, step), max_episode_tokens=rcfg.max_episode_tokens,
             parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id)
         t_rollout = time.perf_counter() - t0
+        failed = [ep for ep in episodes if not ep.input_ids]  # reset or prompt rendering failed
+        if len(failed) == len(episodes):
+            raise RuntimeError(f"every episode of rollout batch {it} failed to start; first "
+                               f"error: {failed[0].metadata.get('error')}")
+        episodes = [ep for ep in episodes if ep.input_ids]
 
         # ---- scoring: log pi_old and entropy from the student, log pi_T from the teacher
         t0 = time.perf_counter()
@@ -296,7 +312,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "env_reward": float(tb.reward_E.mean()),
             "train_accuracy": sum(map(is_correct, episodes)) / len(episodes),
             "response_tokens": gen_tokens / len(episodes),
-            **episode_stats(episodes),
+            **episode_stats(episodes), "failed_episodes": len(failed),
             "rollout_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
             "time_rollout_s": t_rollout / mbs, "time_teacher_s": t_teacher / mbs,
         }
@@ -315,6 +331,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema_update(ema, model, cfg.teacher.ema_decay)
             step += 1
             t_train = time.perf_counter() - t0
             kept = plan.keep_N[torch.cat([slices[i] for i in mb.tolist()])]
@@ -333,14 +351,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if _crossed(step, mbs, cfg.eval.every) or step == total:
             last_eval = run_eval(step)
         if (_crossed(step, mbs, tcfg.save_every) or step == total) and main:
+            extra = {"ema_teacher": ema.state_dict()} if ema is not None else {}
             save_checkpoint(out / "checkpoints", step, model, tokenizer,
                             {"optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict()}, tcfg.keep_last)
+                             "scheduler": scheduler.state_dict(), **extra}, tcfg.keep_last,
+                            processor=vision)
         accelerator.wait_for_everyone()
     bar.close()
     if main:
         plot_curves(metrics_log.rows(), eval_log.rows(), out / "curves.png")
     return {"run_dir": str(out), "eval": last_eval, "step": step}
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """theta_T <- decay * theta_T + (1 - decay) * theta_S, parameter by parameter."""
+    for p_t, p_s in zip(ema.parameters(), model.parameters(), strict=True):
+        p_t.mul_(decay).add_(p_s.detach().to(p_t.dtype), alpha=1 - decay)
 
 
 def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
@@ -349,6 +376,7 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                          heads: Heads, pad_id: int) -> tuple[float, float, int]:
     """Accumulate gradients of one minibatch; returns (loss, sum of rho over kept, tokens)."""
     device, world = accelerator.device, accelerator.num_processes
+    unwrapped = accelerator.unwrap_model(student)
     tok_all = torch.cat(slices)
     # Token mean over the whole minibatch (and all ranks): the divisor is known before any
     # micro-batch runs, so accumulation gives exactly the full-batch gradient.
@@ -363,8 +391,10 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
         seq_tokens += int(batch.attention_mask.sum())
         keep = plan.keep_N[tok]
         sync = j == len(parts) - 1
+        vision = VisionInputs.cat(e.vision for e in eps)
         with accelerator.no_sync(student) if not sync else nullcontext():
-            hidden = final_hidden(student, batch.input_ids, batch.attention_mask)
+            hidden = final_hidden(student, batch.input_ids, batch.attention_mask,
+                                  **forward_kwargs(unwrapped, batch.input_ids, vision))
             rows, cols = predicting_positions(batch.loss_mask)
             h = hidden[rows, cols - 1]
             if objective.kind == "pg":

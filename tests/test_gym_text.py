@@ -426,6 +426,6 @@ def test_gym_teacher_sft_config_matches_its_train_config(path: Path) -> None:
     sft.data.num_examples = 2
     renderer = ChatRenderer(build_char_tokenizer())
     actions = make_env(train.env.id, **train.env.kwargs).unwrapped.adapter.actions
-    for ids, mask in build_examples(sft, renderer):
+    for ids, mask, _ in build_examples(sft, renderer):
         replies = renderer.tokenizer.decode([i for i, m in zip(ids, mask) if m])
         assert replies and set(replies.split("<|im_end|>")) <= {"", *actions}

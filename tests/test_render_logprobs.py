@@ -103,7 +103,7 @@ def test_sampler_logprobs_match_teacher_forced_scores(model, tokenizer):
             eps.append(Episode(p + s.token_ids, [0] * len(p) + [1] * len(s.token_ids),
                                [-1] * len(p) + [0] * len(s.token_ids),
                                [0.0] * len(p) + s.logprobs, len(p)))
-    scores = HFScorer(model, tokenizer.pad_token_id, use_teacher_view=False,
+    scores = HFScorer(model, tokenizer.pad_token_id, view="student",
                       micro_batch_size=4, chunk_size=5).score(eps)
     sampled = torch.tensor([lp for e in eps for lp, m in zip(e.sampled_logprobs, e.loss_mask)
                             if m])

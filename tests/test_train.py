@@ -91,9 +91,9 @@ def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir
     eps = collect_episodes([make_env(cfg.env.id, level=1) for _ in range(8)],
                            [{"seed": i} for i in range(4)], HFSampler(student, tok), r,
                            SamplingParams(n=2, max_new_tokens=8))
-    old = HFScorer(student, tok.pad_token_id, use_teacher_view=False)
+    old = HFScorer(student, tok.pad_token_id, view="student")
     need_hidden = _needs_teacher_hidden(obj, cfg)
-    t_scorer = HFScorer(teacher, tok.pad_token_id, use_teacher_view=False)
+    t_scorer = HFScorer(teacher, tok.pad_token_id, view="student")
     tb, teach, slices = score_batch(eps, old, t_scorer, cfg.objective.topk, need_hidden)
     tb.reward_E = torch.tensor([1.0, 0.0] * 4)  # a random student solves nothing; GRPO needs spread
     plan = obj.plan(tb, 9, 10, cfg.objective)  # REOPOLD refinement: a subset of tokens is kept
