@@ -20,16 +20,8 @@ from PIL import Image
 from mmopd.envs import images as images_mod
 from mmopd.envs import make_env
 from mmopd.envs.images import ImageError, clip_bbox, crop, open_image, probe_image, to_rgb
-from mmopd.envs.vision_qa import (
-    COLORS,
-    SynthConfig,
-    VisionDatasetError,
-    VisionQAEnv,
-    _digit_mask,
-    _test_keys,
-    generate_scene,
-    grade_answer,
-)
+from mmopd.envs.vision_qa import VisionDatasetError, VisionQAEnv, grade_answer
+from mmopd.envs.vision_synth import COLORS, SynthConfig, _digit_mask, _test_keys, generate_scene
 from mmopd.toolcalls import HermesParser
 from mmopd.tools import ToolContext, call_tool, list_tools, make_tool
 
