@@ -172,11 +172,17 @@ class ObjectiveConfig:
     sod_delta: float = 0.2  # w_k <= 1 + delta
     sod_eps: float = 1e-6
     outcome_coef: float = 0.0  # add coef * GRPO episode advantage to policy-gradient objectives
+    # V-Zero: weigh each episode by its teacher's positive-vs-negative view preference
+    episode_gating: Literal["none", "vzero"] = "none"
+    vzero_gamma: float = 1.0
+    vzero_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         w = "objective"
         _check(self.sod_delta >= 0, f"{w}.sod_delta", "must be >= 0")
         _check(self.sod_eps > 0, f"{w}.sod_eps", "must be > 0")
+        _check(self.vzero_gamma >= 0, f"{w}.vzero_gamma", "must be >= 0")
+        _check(self.vzero_alpha >= 0, f"{w}.vzero_alpha", "must be >= 0")
         _check(0 < self.lam < 1, f"{w}.lam", f"{self.lam} is outside (0, 1)")
         _check(0 < self.beta <= 1, f"{w}.beta", f"{self.beta} is outside (0, 1]")
         _check(0 <= self.switch_frac <= 1, f"{w}.switch_frac", "must be in [0, 1]")
@@ -263,6 +269,9 @@ class TrainConfig:
             raise ConfigError(f"objective.outcome_coef: the episode advantage is added to "
                               f"policy-gradient objectives; {obj.name!r} is a divergence "
                               "(use opd or reopold, or set outcome_coef=0)")
+        if self.objective.episode_gating == "vzero" and not needs_teacher:
+            raise ConfigError(f"objective.episode_gating: V-Zero compares the teacher's views; "
+                              f"{obj.name!r} has no teacher")
         if self.objective.step_weighting == "sod" and not needs_teacher:
             raise ConfigError(f"objective.step_weighting: SOD weighs turns by their divergence "
                               f"from a teacher; {obj.name!r} has none")
@@ -281,6 +290,13 @@ class SFTDataConfig:
 
     env: EnvConfig = field(default_factory=EnvConfig)
     num_examples: int = 2000
+    # Fraction of examples shown in the env's teacher view (info["teacher_messages"]: e.g. the
+    # image crop), so a self-teacher model can read that view (Vision-OPD).
+    teacher_view_frac: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.teacher_view_frac <= 1, "data.teacher_view_frac",
+               f"{self.teacher_view_frac} is outside [0, 1]")
 
 
 @dataclass

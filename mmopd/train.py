@@ -156,11 +156,14 @@ def _divergence_sum(obj: Objective, cfg: TrainConfig, s_head: Head, t_head: Head
 
 def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: HFScorer | None,
                 teacher_topk: int = 0, keep_hidden: bool = False,
+                negative_scorer: HFScorer | None = None,
                 ) -> tuple[TokenBatch, TokenScores, list[torch.Tensor]]:
-    """log pi_old and entropy from the student, log pi_T from the teacher, flat over tokens."""
+    """log pi_old and entropy from the student, log pi_T from the teacher (and from the teacher
+    under the negative view, for V-Zero), flat over tokens."""
     old = old_scorer.score(episodes)
     teach = (teacher_scorer.score(episodes, topk=teacher_topk, keep_hidden=keep_hidden)
              if teacher_scorer else old)
+    negative = negative_scorer.score(episodes).logp_N if negative_scorer else None
     slices = _token_slices(episodes)
     tb = TokenBatch(
         episode_N=torch.cat([torch.full((len(s),), i) for i, s in enumerate(slices)]),
@@ -168,7 +171,7 @@ def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: H
                              for k, m in zip(ep.step_index, ep.loss_mask) if m], dtype=torch.long),
         logp_old_N=old.logp_N, logp_teacher_N=teach.logp_N, entropy_N=old.entropy_N,
         reward_E=torch.tensor([ep.reward for ep in episodes]),
-        group_E=torch.tensor([ep.group for ep in episodes]))
+        group_E=torch.tensor([ep.group for ep in episodes]), logp_negative_N=negative)
     return tb, teach, slices
 
 
@@ -250,6 +253,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics_log = JsonlLog(out / "metrics.jsonl", resumed_at, enabled=main)
     eval_log = JsonlLog(out / "eval.jsonl", resumed_at, enabled=main)
 
+    gating = cfg.objective.episode_gating == "vzero" and teacher_scorer is not None
+    negative_scorer = (HFScorer(teacher_scorer.model, tokenizer.pad_token_id, view="negative",
+                                micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
+                       if gating and teacher_scorer else None)
     sampler = HFSampler(model, tokenizer, batch_size=rcfg.batch_size,
                         stop_token_ids=renderer.stop_token_ids,
                         suppress_token_ids=vision.special_ids if vision else None)
@@ -293,7 +300,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         episodes = collect_episodes(
             train_pool.take(len(starts) * params.n), starts, sampler, renderer, params,
             teacher_view=cfg.teacher.view == "privileged" and objective.needs_teacher,
-            max_turns=_turn_limit(rcfg, step), max_episode_tokens=rcfg.max_episode_tokens,
+            views=("negative",) if gating else (), max_turns=_turn_limit(rcfg, step),
+            max_episode_tokens=rcfg.max_episode_tokens,
             parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id)
         t_rollout = time.perf_counter() - t0
         failed = [ep for ep in episodes if not ep.input_ids]  # reset or prompt rendering failed
@@ -305,7 +313,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # ---- scoring: log pi_old and entropy from the student, log pi_T from the teacher
         t0 = time.perf_counter()
         tb, teach, slices = score_batch(episodes, old_scorer, teacher_scorer, teacher_topk,
-                                        need_hidden)
+                                        need_hidden, negative_scorer)
         t_teacher = time.perf_counter() - t0
         gen_tokens = sum(ep.num_generated for ep in episodes)
         batch_stats = {

@@ -27,12 +27,13 @@ from mmopd.objectives.divergences import (
     topk_divergence,
     with_tail,
 )
-from mmopd.objectives.weighting import sod_weights
+from mmopd.objectives.weighting import sod_weights, vzero_weights
 
 __all__ = [
     "OBJECTIVES", "Objective", "Plan", "TokenBatch", "register_objective", "policy_loss_sum",
     "reopold_floor", "grpo_advantages", "full_vocab_divergence", "topk_divergence",
     "divergence_from_logp", "with_tail", "masked_mean", "make_plan", "sod_weights",
+    "vzero_weights",
 ]
 
 
@@ -47,7 +48,8 @@ class TokenBatch:
     reward_E: torch.Tensor  # environment reward per episode [E]
     group_E: torch.Tensor  # long: prompt group per episode [E] (GRPO)
     step_N: torch.Tensor | None = None  # long: assistant turn of each token (multi-turn)
-    weight_N: torch.Tensor | None = None  # detached step weights (SOD); None = all 1
+    weight_N: torch.Tensor | None = None  # detached reward weights (SOD, V-Zero); None = all 1
+    logp_negative_N: torch.Tensor | None = None  # log pi_T(y_t) under a negative view (V-Zero)
 
     @property
     def token_reward_N(self) -> torch.Tensor:
@@ -204,9 +206,10 @@ register_objective(Objective(
 
 def make_plan(obj: Objective, tb: TokenBatch, step: int, total: int,
               cfg: ObjectiveConfig) -> Plan:
-    """The objective's plan with the composable options applied: step weighting (SOD) scales
-    the token rewards (and divergence losses) before the objective sees them, and an optional
-    episode-level GRPO advantage is added to policy-gradient advantages."""
+    """The objective's plan with the composable options applied: step weighting (SOD) and
+    episode gating (V-Zero) scale the token rewards (and divergence losses) before the objective
+    sees them, and an optional episode-level GRPO advantage is added to policy-gradient
+    advantages."""
     extra: dict[str, float] = {}
     if cfg.step_weighting == "sod":
         if tb.step_N is None:
@@ -214,6 +217,14 @@ def make_plan(obj: Objective, tb: TokenBatch, step: int, total: int,
         w_N, extra = sod_weights(tb.logp_old_N, tb.logp_teacher_N, tb.episode_N, tb.step_N,
                                  cfg.sod_delta, cfg.sod_eps)
         tb = dataclasses.replace(tb, weight_N=w_N)
+    if cfg.episode_gating == "vzero":
+        if tb.logp_negative_N is None:
+            raise ValueError("episode_gating=vzero needs the teacher's negative-view log-probs")
+        w_E, gate = vzero_weights(tb.logp_teacher_N, tb.logp_negative_N, tb.episode_N,
+                                  tb.group_E, cfg.vzero_gamma, cfg.vzero_alpha)
+        w_N = w_E[tb.episode_N]
+        tb = dataclasses.replace(tb, weight_N=w_N if tb.weight_N is None else tb.weight_N * w_N)
+        extra = {**extra, **gate}
     plan = obj.plan(tb, step, total, cfg)
     if cfg.outcome_coef:
         adv_E = grpo_advantages(tb.reward_E, tb.group_E, cfg.grpo_eps)

@@ -1,10 +1,13 @@
-"""Step weighting for multi-turn episodes: SOD (step-wise divergence reweighting).
+"""Reward weighting: SOD step weights for multi-turn episodes, V-Zero episode gating.
 
 A step is one assistant turn. For step k of an episode, d_k is the mean over the turn's tokens of
 |log pi_old - log pi_T|, and w_k = min((d_1 + eps) / (d_k + eps), 1 + delta) with w_1 = 1 for the
 episode's first turn: turns that drifted further from the teacher than the first get smaller
 weights, closer ones at most 1 + delta. The weight is detached and multiplies every token reward
 of its turn (ALGORITHMS.md section 3).
+
+V-Zero gating (ALGORITHMS.md section 4) weighs whole episodes by how much the teacher's positive
+view (the relevant crop) explains the student's tokens better than a negative view does.
 """
 
 from __future__ import annotations
@@ -46,3 +49,31 @@ def sod_weights(logp_old_N: torch.Tensor, logp_teacher_N: torch.Tensor, episode_
             metrics[f"sod/{name}_min_turn{k}"] = float(x.min())
             metrics[f"sod/{name}_max_turn{k}"] = float(x.max())
     return w_S[seg_N].detach(), metrics
+
+
+def vzero_weights(logp_pos_N: torch.Tensor, logp_neg_N: torch.Tensor, episode_N: torch.Tensor,
+                  group_E: torch.Tensor, gamma: float = 1.0, alpha: float = 0.5,
+                  eps: float = 1e-6) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-episode V-Zero weights [E] and their statistics.
+
+    delta_t = log pi_T(y_t | c+) - log pi_T(y_t | c-); s_t = relu(delta_t) - gamma * relu(-delta_t);
+    S = mean_t s_t over each episode's tokens; A = (S - mean_group S) / (std_group S + eps) over
+    the samples of one prompt; w = clip(1 + alpha * A, 0, 2), detached. Episodes without tokens
+    get S = 0.
+    """
+    n_e = group_E.numel()
+    delta_N = logp_pos_N.float() - logp_neg_N.float()
+    s_N = torch.relu(delta_N) - gamma * torch.relu(-delta_N)
+    ep = episode_N.long()
+    count_E = torch.zeros(n_e).index_add(0, ep, torch.ones_like(s_N))
+    S_E = torch.zeros(n_e).index_add(0, ep, s_N) / count_E.clamp(min=1)
+    adv_E = torch.zeros(n_e)
+    for g in group_E.unique():
+        idx = group_E == g
+        adv_E[idx] = (S_E[idx] - S_E[idx].mean()) / (S_E[idx].std(correction=0) + eps)
+    w_E = torch.clamp(1.0 + alpha * adv_E, 0.0, 2.0).detach()
+    metrics = {"vzero/score_mean": float(S_E.mean()) if n_e else 0.0,
+               "vzero/delta_mean": float(delta_N.mean()) if delta_N.numel() else 0.0,
+               "vzero/w_min": float(w_E.min()) if n_e else 1.0,
+               "vzero/w_max": float(w_E.max()) if n_e else 1.0}
+    return w_E, metrics
