@@ -47,8 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="tiny end-to-end demo: SFT teacher, weak student, REOPOLD")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--fast", action="store_true", help="a smoke-sized run (seconds, not minutes)")
-    d.add_argument("--world", choices=["math", "agent"], default="math",
-                   help="math: single-turn arithmetic; agent: multi-turn calculator tool use")
+    d.add_argument("--world", choices=["math", "agent", "vision"], default="math",
+                   help="math: single-turn arithmetic; agent: multi-turn calculator tool use; "
+                   "vision: tiny Qwen2.5-VL models answering about images")
 
     sub.add_parser("envs", help="list registered environments").add_argument(
         "--import", dest="imports", action="append", default=[],

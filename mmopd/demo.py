@@ -1,13 +1,16 @@
-"""`mmopd demo [--world math|agent]`: the whole pipeline on a tiny world, nothing to download.
+"""`mmopd demo [--world math|agent|vision]`: the whole pipeline on a tiny world, nothing to
+download.
 
-Builds a character tokenizer, supervises a small teacher on worked solutions (math) or expert
-tool-use episodes (agent), supervises a smaller student briefly (a weak start), measures both on
-held-out problems, distils the student from the teacher on its own samples (REOPOLD; with SOD
-step weighting in the multi-turn agent world), and prints student before / after / teacher.
+Builds a character tokenizer, supervises a small teacher on worked solutions (math), expert
+tool-use episodes (agent) or answers about images (vision: tiny Qwen2.5-VL models), supervises a
+smaller student briefly (a weak start), measures both on held-out problems, distils the student
+from the teacher on its own samples (REOPOLD; with SOD step weighting in the multi-turn agent
+world), and prints student before / after / teacher.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -23,6 +26,12 @@ TEACHER = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 
            "intermediate_size": 384, "seed": 1}
 STUDENT = {"hidden_size": 96, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
            "intermediate_size": 256, "seed": 2}
+VL_TEACHER = {"arch": "qwen2_5_vl", "hidden_size": 128, "num_layers": 3, "num_heads": 4,
+              "num_kv_heads": 2, "intermediate_size": 384, "seed": 1, "vision_depth": 2,
+              "vision_hidden_size": 64, "vision_heads": 4}
+VL_STUDENT = {"arch": "qwen2_5_vl", "hidden_size": 96, "num_layers": 2, "num_heads": 4,
+              "num_kv_heads": 2, "intermediate_size": 256, "seed": 2, "vision_depth": 1,
+              "vision_hidden_size": 48, "vision_heads": 4}
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,12 @@ class World:
     sft_lr: float
     student_epochs: int
     distill: tuple[str, ...]
+    teacher_epochs: int = 3
+    sft_schedule: str = "{warmup_steps: 0, schedule: constant}"
+    teacher_model: dict[str, Any] = dataclasses.field(default_factory=lambda: TEACHER)
+    student_model: dict[str, Any] = dataclasses.field(default_factory=lambda: STUDENT)
+    vision: bool = False  # tiny Qwen2.5-VL models and a tokenizer with an image processor
+    student_view_frac: float = 0.0  # student SFT examples shown in the env's teacher view
 
 
 WORLDS = {
@@ -53,6 +68,17 @@ WORLDS = {
         distill=("rollout.prompts_per_batch=32", "rollout.max_new_tokens=96",
                  "rollout.max_turns=4", "objective.step_weighting=sod", "optim.lr=1e-4",
                  "trainer.steps=100", "eval.every=20")),
+    # "What color is the square inside the black frame?" on an 84 px image with one distractor
+    # square: tiny Qwen2.5-VL models; the student also saw the frame's crop during its brief
+    # supervision (so the crop self-teacher of configs/vision/vision_opd.yaml can read crops)
+    "vision": World(
+        env={"id": "mmopd/VisionQA-v0", "kwargs": {"task": "color", "image_size": 84,
+                                                   "num_distractors": 1, "system_prompt": None}},
+        teacher_examples=6000, student_examples=3000, sft_lr=1e-3, student_epochs=2,
+        teacher_epochs=2, sft_schedule="{warmup_steps: 20, schedule: cosine}",
+        teacher_model=VL_TEACHER, student_model=VL_STUDENT, vision=True, student_view_frac=0.5,
+        distill=("rollout.prompts_per_batch=32", "rollout.max_new_tokens=24", "optim.lr=2e-4",
+                 "trainer.steps=300", "eval.every=50")),
 }
 
 
@@ -64,20 +90,24 @@ def demo_configs(out: Path, fast: bool = False,
     w = WORLDS[world]
     tok = str(out / "tokenizer")
 
-    def supervised(tiny: dict, examples: int, epochs: int, name: str, seed: int) -> SFTConfig:
+    def supervised(tiny: dict, examples: int, epochs: int, name: str, seed: int,
+                   view_frac: float = 0.0) -> SFTConfig:
+        data = {"env": w.env, "num_examples": examples,
+                **({"teacher_view_frac": view_frac} if view_frac else {})}
         return load_config(SFTConfig, None, [
             f"model={json.dumps({'tiny': tiny, 'tokenizer': tok})}",
-            f"data={json.dumps({'env': w.env, 'num_examples': examples})}", f"epochs={epochs}",
-            "batch_size=32", f"optim={{lr: {w.sft_lr}, warmup_steps: 0, schedule: constant}}",
+            f"data={json.dumps(data)}", f"epochs={epochs}",
+            "batch_size=32", f"optim={{lr: {w.sft_lr}, {w.sft_schedule[1:]}",
             f"output_dir={out / name}", "eval_problems=0", f"seed={seed}",
         ])
 
     # The teacher sees all it needs; the student sees just enough to get the format and some
     # answers right.
-    teacher_sft = supervised(TEACHER, 600 if fast else w.teacher_examples, 1 if fast else 3,
-                             "teacher", 1)
-    student_sft = supervised(STUDENT, 400 if fast else w.student_examples,
-                             1 if fast else w.student_epochs, "student-init", 2)
+    teacher_sft = supervised(w.teacher_model, 600 if fast else w.teacher_examples,
+                             1 if fast else w.teacher_epochs, "teacher", 1)
+    student_sft = supervised(w.student_model, 400 if fast else w.student_examples,
+                             1 if fast else w.student_epochs, "student-init", 2,
+                             w.student_view_frac)
     distill = load_config(TrainConfig, None, [
         f"model.path={out / 'student-init'}",
         f"teacher.model.path={out / 'teacher'}",
@@ -98,10 +128,10 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    build_char_tokenizer(out / "tokenizer")
+    build_char_tokenizer(out / "tokenizer", vision=WORLDS[world].vision)
     teacher_sft, student_sft, distill = demo_configs(out, fast, world)
 
-    data = "worked solutions" if world == "math" else "expert episodes"
+    data = {"math": "worked solutions", "agent": "expert episodes"}.get(world, "answers")
     print(f"== 1/4 supervised teacher on {data}")
     sft(teacher_sft)
     print("== 2/4 weak student: brief supervision")

@@ -6,6 +6,7 @@ mean of -log p over the assistant reply only, computed in chunks like every othe
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,25 @@ def _has_expert(env: gym.Env) -> bool:
         return False
 
 
+class TeacherViewMix(gym.Wrapper):
+    """Shows a seeded fraction of episodes in the env's teacher view: reset() swaps
+    info["messages"] for info["teacher_messages"] (the crop instead of the full image, say)."""
+
+    def __init__(self, env: gym.Env, frac: float) -> None:
+        super().__init__(env)
+        self.frac = frac
+
+    def reset(self, *, seed: int | None = None,
+              options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        obs, info = self.env.reset(seed=seed, options=options)
+        if random.Random(f"view-{seed}").random() < self.frac:
+            if "teacher_messages" not in info:
+                raise SFTDataError("data.teacher_view_frac > 0 needs an env with a teacher view "
+                                   "(info['teacher_messages'])")
+            info = {**info, "messages": info["teacher_messages"]}
+        return obs, info
+
+
 def build_examples(cfg: SFTConfig, renderer: ChatRenderer) -> list[Example]:
     """(token ids, loss mask, images) per example: mask 1 on the assistant replies and their end
     tokens.
@@ -50,10 +70,16 @@ def build_examples(cfg: SFTConfig, renderer: ChatRenderer) -> list[Example]:
     run for real); single-turn envs give their worked solution (info["solution"]).
     """
     env_cfg = cfg.data.env
-    env = make_env(env_cfg.id, **env_cfg.kwargs)
+    frac = cfg.data.teacher_view_frac
+
+    def make() -> gym.Env:
+        env = make_env(env_cfg.id, **env_cfg.kwargs)
+        return TeacherViewMix(env, frac) if frac else env
+
+    env = make()
     seeds = [cfg.seed * 1_000_003 + i for i in range(cfg.data.num_examples)]
     if _has_expert(env):
-        envs = [env] + [make_env(env_cfg.id, **env_cfg.kwargs) for _ in range(63)]
+        envs = [env] + [make() for _ in range(63)]
         out = []
         for s in range(0, len(seeds), len(envs)):
             chunk = seeds[s: s + len(envs)]

@@ -71,9 +71,10 @@ def test_missing_file(tmp_path):
 @pytest.mark.parametrize("world, folder, out, distill_file", [
     ("math", "tiny", "runs/demo", "reopold.yaml"),
     ("agent", "agent", "runs/agent-demo", "reopold_sod.yaml"),
+    ("vision", "vision", "runs/vision-demo", "reopold.yaml"),
 ])
 def test_demo_configs_are_the_files(world, folder, out, distill_file):
-    """configs/tiny/ and configs/agent/ are the demo worlds' three runs; they must not drift."""
+    """configs/tiny/, agent/ and vision/ are the demo worlds' three runs; they must not drift."""
     from mmopd.config import to_dict
     from mmopd.demo import demo_configs
 

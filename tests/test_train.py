@@ -225,7 +225,8 @@ def test_student_moves_towards_teacher(name, tiny_overrides, sft_teacher_dir, st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, method", [("math", "REOPOLD"), ("agent", "REOPOLD + SOD")])
+@pytest.mark.parametrize("world, method", [("math", "REOPOLD"), ("agent", "REOPOLD + SOD"),
+                                          ("vision", "REOPOLD")])
 def test_demo_fast_runs_end_to_end(tmp_path, world, method):
     """The `make demo` pipeline at smoke size: tokenizer, two SFTs, evals, distillation, table."""
     p = _cli("demo", "--fast", "--world", world, "--out", str(tmp_path / "demo"))

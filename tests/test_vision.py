@@ -3,6 +3,7 @@ episodes, multimodal rope, tool images across turns, teacher views, sampling and
 
 from __future__ import annotations
 
+import json
 import sys
 
 import gymnasium
@@ -358,3 +359,148 @@ def test_episode_view_names():
     assert ep.view("teacher")[0] == [1, 2]  # no teacher prompt: the student's sequence
     with pytest.raises(KeyError, match="no prompt view 'negative'"):
         ep.view("negative")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _save_vlm(root, tok_dir, arch: str, seed: int, hidden: int = 64):
+    cfg = ModelConfig(tiny=TinyModelConfig(arch=arch, hidden_size=hidden, num_layers=1,
+                                           intermediate_size=2 * hidden, seed=seed),
+                      tokenizer=str(tok_dir))
+    tok = load_tokenizer(cfg)
+    vision = load_vision(cfg, tok)
+    load_model(cfg, tok, vision=vision).save_pretrained(root)
+    tok.save_pretrained(root)
+    vision.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def vl_dirs(tmp_path_factory, vtok_dir):
+    return {name: _save_vlm(tmp_path_factory.mktemp(name), vtok_dir, arch, seed, hidden)
+            for name, arch, seed, hidden in [("student", "qwen2_5_vl", 1, 32),
+                                             ("teacher", "qwen2_5_vl", 2, 64),
+                                             ("qwen2vl", "qwen2_vl", 3, 32)]}
+
+
+def _vl_overrides(student, tmp_path, env_kwargs: str) -> list[str]:
+    return [f"model.path={student}", "env.id=mmopd/VisionQA-v0",
+            f"env.kwargs={{{env_kwargs}}}", "rollout.prompts_per_batch=3",
+            "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6", "rollout.minibatches=2",
+            "trainer.steps=2", "trainer.micro_batch_size=4", f"trainer.output_dir={tmp_path}",
+            "eval.num_problems=3", "eval.pass_k=0", "eval.at_start=false", "optim.lr=1e-3"]
+
+
+@pytest.mark.parametrize("student, teacher, extra", [
+    ("student", "teacher", ["objective.name=reopold"]),  # a separate VLM teacher
+    ("qwen2vl", None, ["teacher.kind=ema", "teacher.view=privileged", "objective.name=jsd",
+                       "objective.topk=100"]),  # Vision-OPD: EMA crop self-teacher
+    ("student", "teacher", ["teacher.view=privileged", "objective.name=rkl"]),
+])
+def test_vlm_trains_a_few_steps(vl_dirs, tmp_path, student, teacher, extra):
+    from mmopd.config import TrainConfig, load_config
+    from mmopd.train import train
+
+    overrides = _vl_overrides(vl_dirs[student], tmp_path,
+                              "task: color, image_size: 56, num_distractors: 1, box_size: 20, "
+                              "system_prompt: null")
+    if teacher:
+        overrides.append(f"teacher.model.path={vl_dirs[teacher]}")
+    params = {n: p.detach().clone() for n, p in
+              load_model(ModelConfig(path=str(vl_dirs[student])), load_tokenizer(
+                  ModelConfig(path=str(vl_dirs[student])))).named_parameters()}
+    res = train(load_config(TrainConfig, None, overrides + extra))
+    ckpt = tmp_path / "checkpoints" / "step-2"
+    assert (ckpt / "preprocessor_config.json").is_file()
+    cfg = ModelConfig(path=str(ckpt))
+    tok = load_tokenizer(cfg)
+    after = dict(load_model(cfg, tok, vision=load_vision(cfg, tok)).named_parameters())
+    moved = {n for n, p in params.items() if not torch.equal(p, after[n].detach())}
+    assert any("visual" in n for n in moved) and any("visual" not in n for n in moved)
+    assert res["eval"]["num_problems"] == 3
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    if "teacher.kind=ema" in extra:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        assert "ema_teacher" in state
+
+
+def test_zoom_agent_trains_with_tool_images(vl_dirs, tmp_path):
+    """Multi-turn: the student calls zoom, the crop comes back as an image in the next turn."""
+    from mmopd.config import TrainConfig, load_config
+    from mmopd.envs import make_env
+    from mmopd.rollout import collect_demonstrations
+    from mmopd.train import train
+
+    kwargs = dict(task="color", image_size=56, num_distractors=1, box_size=20, zoom=True)
+    cfg = ModelConfig(path=str(vl_dirs["student"]))
+    tok = load_tokenizer(cfg)
+    r = ChatRenderer(tok, load_vision(cfg, tok))
+    eps = collect_demonstrations([make_env("mmopd/VisionQA-v0", **kwargs) for _ in range(2)],
+                                 [{"seed": 1}, {"seed": 2}], r, max_turns=3)
+    for ep in eps:
+        assert ep.reward == 1.0 and ep.vision.num_images == 2 and ep.prompt_images == 1
+        assert ep.metadata["tool_calls"] == 1 and ep.metadata["tool_errors"] == 0
+    overrides = _vl_overrides(vl_dirs["student"], tmp_path,
+                              ", ".join(f"{k}: {str(v).lower()}" for k, v in kwargs.items()))
+    res = train(load_config(TrainConfig, None, overrides + [
+        f"teacher.model.path={vl_dirs['teacher']}", "rollout.max_turns=3",
+        "objective.step_weighting=sod", "rollout.max_new_tokens=40"]))
+    assert res["step"] == 2
+
+
+def test_failed_rows_are_recorded_and_the_run_goes_on(vl_dirs, tmp_path):
+    """Bad rows of a JSONL file: a missing image is skipped with a warning when the file is
+    loaded; an image whose header reads but whose pixels are cut off fails when its episode
+    starts: that episode is recorded as failed and the batch trains without it."""
+    from mmopd.config import TrainConfig, load_config
+    from mmopd.train import train
+
+    _image(60, 40).save(tmp_path / "good.png")
+    _image(60, 40, 1).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"image": name, "question": "color?", "answer": "red"})
+                              for name in ["good.png", "cut.png", "missing.png"]) + "\n")
+    with pytest.warns(UserWarning, match="missing.png"):
+        train(load_config(TrainConfig, None, _vl_overrides(
+            vl_dirs["student"], tmp_path / "run", f"source: {rows}") + [
+            f"teacher.model.path={vl_dirs['teacher']}", "env.eval_kwargs={}"]))
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["failed_episodes"] > 0 for m in metrics)
+    assert all(m["response_tokens"] > 0 for m in metrics)
+
+
+def test_vzero_weights_by_hand():
+    from mmopd.objectives import vzero_weights
+
+    pos = torch.tensor([-1.0, -2.0, -0.5, -1.0, -1.0])
+    neg = torch.tensor([-2.0, -1.0, -0.5, -3.0, -1.0])
+    ep = torch.tensor([0, 0, 0, 1, 1])
+    # delta = [1, -1, 0 | 2, 0]; s = [1, -1, 0 | 2, 0]; S = [0, 1]; group-normalised [-1, 1]
+    w, m = vzero_weights(pos, neg, ep, torch.tensor([0, 0]), gamma=1.0, alpha=0.5)
+    torch.testing.assert_close(w, torch.tensor([0.5, 1.5]), atol=1e-5, rtol=0)
+    assert m["vzero/score_mean"] == pytest.approx(0.5)
+    # gamma weighs negative evidence: s = [1, -3, 0 | 2, 0], S = [-2/3, 1] -> still [-1, 1]
+    w, _ = vzero_weights(pos, neg, ep, torch.tensor([0, 0]), gamma=3.0, alpha=2.0)
+    torch.testing.assert_close(w, torch.tensor([0.0, 2.0]), atol=1e-5, rtol=0)  # clipped
+    # one sample per prompt: nothing to compare against, weight 1
+    w, _ = vzero_weights(pos, neg, ep, torch.tensor([0, 1]))
+    torch.testing.assert_close(w, torch.ones(2))
+
+
+def test_vzero_gating_trains_with_the_negative_view(vl_dirs, tmp_path):
+    from mmopd.config import TrainConfig, load_config
+    from mmopd.train import train
+
+    overrides = _vl_overrides(vl_dirs["student"], tmp_path,
+                              "task: color, image_size: 56, num_distractors: 1, box_size: 20, "
+                              "system_prompt: null")
+    train(load_config(TrainConfig, None, overrides + [
+        f"teacher.model.path={vl_dirs['teacher']}", "teacher.view=privileged",
+        "objective.episode_gating=vzero"]))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["vzero/w_min"] <= r["vzero/w_max"] <= 2.0 for r in rows)
+    assert any(r["vzero/w_min"] < r["vzero/w_max"] for r in rows)  # episodes were told apart
