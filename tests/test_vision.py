@@ -504,3 +504,28 @@ def test_vzero_gating_trains_with_the_negative_view(vl_dirs, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["vzero/w_min"] <= r["vzero/w_max"] <= 2.0 for r in rows)
     assert any(r["vzero/w_min"] < r["vzero/w_max"] for r in rows)  # episodes were told apart
+
+
+def test_extreme_images_in_messages(vtok, vtok_dir):
+    vision = load_vision(ModelConfig(tiny=TinyModelConfig(arch="qwen2_5_vl"),
+                                     tokenizer=str(vtok_dir)), vtok)
+    r = ChatRenderer(vtok, vision)
+    tiny = r.render([_user(Image.new("RGB", (1, 1), (255, 0, 0)), "dot?")])
+    assert tiny.vision.image_grid_thw.tolist() == [[1, 4, 4]]  # raised to min_pixels
+    rgba = Image.new("RGBA", (56, 56), (0, 0, 255, 0))  # fully transparent -> white
+    gray = r.render([_user(Image.new("L", (56, 56), 255), "x")]).vision.pixel_values
+    assert torch.allclose(r.render([_user(rgba, "x")]).vision.pixel_values, gray)
+    with pytest.raises(RenderError, match="aspect ratio"):
+        r.render([_user(Image.new("RGB", (600, 2)), "a line")])
+
+
+def test_processor_chat_template_is_used_when_the_tokenizer_has_none(vtok_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(vtok_dir, d)
+    template = (d / "chat_template.jinja").read_text()
+    (d / "chat_template.jinja").unlink()
+    (d / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    tok = load_tokenizer(ModelConfig(tiny=TinyModelConfig(arch="qwen2_vl"), tokenizer=str(d)))
+    assert tok.chat_template == template
