@@ -253,10 +253,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics_log = JsonlLog(out / "metrics.jsonl", resumed_at, enabled=main)
     eval_log = JsonlLog(out / "eval.jsonl", resumed_at, enabled=main)
 
-    gating = cfg.objective.episode_gating == "vzero" and teacher_scorer is not None
+    # V-Zero: the same teacher, reading each episode's negative view
     negative_scorer = (HFScorer(teacher_scorer.model, tokenizer.pad_token_id, view="negative",
                                 micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
-                       if gating and teacher_scorer else None)
+                       if cfg.objective.episode_gating == "vzero" and teacher_scorer else None)
     sampler = HFSampler(model, tokenizer, batch_size=rcfg.batch_size,
                         stop_token_ids=renderer.stop_token_ids,
                         suppress_token_ids=vision.special_ids if vision else None)
@@ -300,7 +300,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         episodes = collect_episodes(
             train_pool.take(len(starts) * params.n), starts, sampler, renderer, params,
             teacher_view=cfg.teacher.view == "privileged" and objective.needs_teacher,
-            views=("negative",) if gating else (), max_turns=_turn_limit(rcfg, step),
+            views=("negative",) if negative_scorer else (), max_turns=_turn_limit(rcfg, step),
             max_episode_tokens=rcfg.max_episode_tokens,
             parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id)
         t_rollout = time.perf_counter() - t0
