@@ -148,6 +148,8 @@ class TeacherConfig:
     view: Literal["same", "privileged"] = "same"
     topk: int = 0  # also return the teacher's top-k log-probs (0 = off)
     ema_decay: float = 0.95
+    # refuse a teacher whose chat template renders a probe conversation differently
+    check_template: bool = True
 
     def __post_init__(self) -> None:
         _check(self.topk >= 0, "teacher.topk", "must be >= 0")
@@ -176,9 +178,36 @@ class ObjectiveConfig:
     episode_gating: Literal["none", "vzero"] = "none"
     vzero_gamma: float = 1.0
     vzero_alpha: float = 0.5
+    # G-OPD / ExOPD: reward scale lambda against the frozen initial student (None: the
+    # objective's default, 1.0 for gopd, 1.25 for exopd)
+    reward_scale: float | None = None
+    # EOPD: forward KL over the teacher's top-k where the teacher's entropy exceeds tau
+    eopd_tau: float = 0.8
+    eopd_topk: int = 16
+    eopd_coef: float = 1.0
+    # AOPD: the divergence that tokens with a non-positive advantage minimise (full vocabulary)
+    aopd_divergence: Literal["rkl", "fkl", "jsd"] = "rkl"
+    # token selection for any objective: TIP (entropy OR divergence) or student entropy only
+    token_selection: Literal["none", "tip", "entropy"] = "none"
+    select_rho: float = 0.5
+    # teacher-student top-k overlap (diagnostics, drift control)
+    overlap_topk: int = 10
+    # Prune-OPD drift control: once a sample's overlap stays below the threshold for `patience`
+    # tokens, its later rewards are scaled by drift_weight (threshold 0 = off)
+    drift_threshold: float = 0.0
+    drift_patience: int = 8
+    drift_weight: float = 0.0
 
     def __post_init__(self) -> None:
         w = "objective"
+        _check(self.eopd_tau >= 0, f"{w}.eopd_tau", "must be >= 0")
+        _check(self.eopd_topk > 0, f"{w}.eopd_topk", "must be positive")
+        _check(self.eopd_coef >= 0, f"{w}.eopd_coef", "must be >= 0")
+        _check(0 < self.select_rho <= 1, f"{w}.select_rho", f"{self.select_rho} is outside (0, 1]")
+        _check(self.overlap_topk > 0, f"{w}.overlap_topk", "must be positive")
+        _check(0 <= self.drift_threshold <= 1, f"{w}.drift_threshold", "must be in [0, 1]")
+        _check(self.drift_patience > 0, f"{w}.drift_patience", "must be positive")
+        _check(0 <= self.drift_weight <= 1, f"{w}.drift_weight", "must be in [0, 1]")
         _check(self.sod_delta >= 0, f"{w}.sod_delta", "must be >= 0")
         _check(self.sod_eps > 0, f"{w}.sod_eps", "must be > 0")
         _check(self.vzero_gamma >= 0, f"{w}.vzero_gamma", "must be >= 0")
@@ -233,6 +262,9 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     chunk_size: int = 256  # positions per chunk when turning hidden states into log-probs
     log_every: int = 1
+    # teacher-student diagnostics (top-k overlap, teacher mass on the student's top-k, entropy
+    # gap, KL) on at most this many tokens per rollout batch (0 = off)
+    diagnostics_tokens: int = 2048
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "trainer.steps", "must be positive")
@@ -269,6 +301,15 @@ class TrainConfig:
             raise ConfigError(f"objective.outcome_coef: the episode advantage is added to "
                               f"policy-gradient objectives; {obj.name!r} is a divergence "
                               "(use opd or reopold, or set outcome_coef=0)")
+        if self.objective.reward_scale is not None and obj.name not in ("gopd", "exopd"):
+            raise ConfigError(f"objective.reward_scale: the G-OPD reward scale applies to gopd "
+                              f"and exopd, not {obj.name!r}")
+        if self.objective.token_selection == "tip" and not needs_teacher:
+            raise ConfigError("objective.token_selection: TIP scores tokens by their divergence "
+                              f"from a teacher; {obj.name!r} has none (use 'entropy')")
+        if self.objective.drift_threshold > 0 and not needs_teacher:
+            raise ConfigError("objective.drift_threshold: drift is measured against a teacher; "
+                              f"{obj.name!r} has none")
         if self.objective.episode_gating == "vzero" and not needs_teacher:
             raise ConfigError(f"objective.episode_gating: V-Zero compares the teacher's views; "
                               f"{obj.name!r} has no teacher")

@@ -243,3 +243,28 @@ def check_same_vocab(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrain
     if min(vs, vt) < len(student_tok):
         raise ModelLoadError(f"teacher.model: output layer rows (student {vs}, teacher {vt}) are "
                              f"fewer than the tokenizer's {len(student_tok)} tokens")
+
+
+def check_same_rendering(student_tok: PreTrainedTokenizerBase,
+                         teacher_tok: PreTrainedTokenizerBase,
+                         messages: list[dict[str, Any]]) -> None:
+    """The teacher scores episodes rendered with the student's chat template; if the teacher's own
+    template renders the same conversation differently, every teacher log-prob is taken out of the
+    context the teacher was trained on — a silent failure. Checked on a probe conversation (the
+    env's first prompt, a reply and a follow-up) before training starts."""
+    probe = list(messages) + [{"role": "assistant", "content": "42"},
+                              {"role": "user", "content": "and then?"}]
+    try:
+        s = student_tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        t = teacher_tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # a template that cannot render the probe at all
+        raise ModelLoadError(f"teacher.model: cannot render a probe conversation with both chat "
+                             f"templates: {e}") from None
+    if s != t:
+        at = next((i for i, (a, b) in enumerate(zip(s, t)) if a != b), min(len(s), len(t)))
+        raise ModelLoadError(
+            "teacher.model: the teacher's chat template renders the same conversation differently "
+            f"from the student's (first difference at character {at}: student "
+            f"{s[max(0, at - 20): at + 30]!r} vs teacher {t[max(0, at - 20): at + 30]!r}). The "
+            "teacher would score the student's tokens out of its own format. Use a teacher with "
+            "the student's template, or set teacher.check_template=false if this is intended.")

@@ -42,6 +42,7 @@ from mmopd.logprobs import (
 )
 from mmopd.metrics import JsonlLog, plot_curves, summary_line
 from mmopd.models import (
+    check_same_rendering,
     check_same_vision,
     check_same_vocab,
     load_model,
@@ -56,9 +57,11 @@ from mmopd.objectives import (
     TokenBatch,
     full_vocab_divergence,
     make_plan,
+    needed_scores,
     policy_loss_sum,
     topk_divergence,
 )
+from mmopd.objectives.zoo import pair_stats, teacher_topk_fkl
 from mmopd.optim import make_accelerator, make_optimizer, make_scheduler
 from mmopd.render import ChatRenderer
 from mmopd.rollout import collect_episodes
@@ -125,12 +128,12 @@ def _needs_teacher_hidden(obj: Objective, cfg: TrainConfig) -> bool:
                                          or cfg.objective.topk_source == "student")
 
 
-def _divergence_sum(obj: Objective, cfg: TrainConfig, s_head: Head, t_head: Head,
+def _divergence_sum(kind: str, k: int, cfg: TrainConfig, s_head: Head, t_head: Head,
                     h_NH: torch.Tensor,
                     scores: TokenScores, tok: torch.Tensor, keep_N: torch.Tensor) -> torch.Tensor:
-    """sum over kept tokens of the per-token divergence (times its step weight, if any),
-    chunked and checkpointed."""
-    kind, beta, k = obj.divergence, cfg.objective.jsd_beta, cfg.objective.topk
+    """sum over kept tokens of the per-token divergence `kind` (full vocabulary for k = 0, else
+    top-k + tail), times its weight, chunked and checkpointed."""
+    beta = cfg.objective.jsd_beta
     chunk = cfg.trainer.chunk_size
     if k == 0:
         def fn(h, ht):
@@ -154,16 +157,68 @@ def _divergence_sum(obj: Objective, cfg: TrainConfig, s_head: Head, t_head: Head
     return (d * keep_N.to(d.device)).sum()
 
 
+def _probe_messages(env: Any) -> list[dict[str, Any]]:
+    """The prompt of the first of a few episodes that starts (a bad data row is skipped; the
+    rollout records such rows as failed episodes)."""
+    for seed in range(8):
+        try:
+            return env.reset(seed=seed)[1]["messages"]
+        except Exception:
+            continue
+    return [{"role": "user", "content": "What is 2+2?"}]
+
+
+def _aux_sum(objective: Objective, cfg: TrainConfig, heads: Heads, h_NH: torch.Tensor,
+             teach: TokenScores, tok: torch.Tensor, aux_N: torch.Tensor) -> torch.Tensor:
+    """An objective's auxiliary divergence, summed over the tokens where its weight is > 0:
+    EOPD's forward KL over the teacher's top-k (renormalised), or AOPD's full divergence."""
+    sel = (aux_N > 0).nonzero().squeeze(-1)
+    if not sel.numel():
+        return h_NH.sum() * 0.0  # keeps the graph connected for DDP
+    dev = h_NH.device
+    if objective.aux == "teacher_topk_fkl":
+        k = cfg.objective.eopd_topk
+        ids = teach.topk_ids_NK[tok[sel], :k].to(dev)
+        tlp = teach.topk_logp_NK[tok[sel], :k].to(dev)
+
+        def fn(h, i, t):
+            return (teacher_topk_fkl(torch.log_softmax(heads.student(h), -1).gather(-1, i), t),)
+        (d,) = chunked_map(fn, cfg.trainer.chunk_size, h_NH[sel.to(dev)], ids, tlp)
+        return (d * aux_N[sel].to(dev)).sum()
+    return _divergence_sum(cfg.objective.aopd_divergence, 0, cfg, heads.student, heads.teacher,
+                           h_NH[sel.to(dev)], teach, tok[sel], aux_N[sel])
+
+
 def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: HFScorer | None,
                 teacher_topk: int = 0, keep_hidden: bool = False,
-                negative_scorer: HFScorer | None = None,
-                ) -> tuple[TokenBatch, TokenScores, list[torch.Tensor]]:
-    """log pi_old and entropy from the student, log pi_T from the teacher (and from the teacher
-    under the negative view, for V-Zero), flat over tokens."""
-    old = old_scorer.score(episodes)
-    teach = (teacher_scorer.score(episodes, topk=teacher_topk, keep_hidden=keep_hidden)
+                negative_scorer: HFScorer | None = None, *, ref_scorer: HFScorer | None = None,
+                heads: Heads | None = None, needs: frozenset[str] = frozenset(),
+                diag_tokens: int = 0, overlap_k: int = 10, chunk_size: int = 256,
+                ) -> tuple[TokenBatch, TokenScores, list[torch.Tensor], dict[str, float]]:
+    """log pi_old and entropy from the student, log pi_T (and its entropy) from the teacher, and
+    what the objective needs besides (log pi_ref, the teacher under a negative view, per-token
+    KL and top-k overlap), flat over tokens; plus teacher-student diagnostics on a sample."""
+    pair = bool({"kl", "overlap"} & needs) and teacher_scorer is not None
+    diag = diag_tokens > 0 and teacher_scorer is not None and heads is not None
+    old = old_scorer.score(episodes, keep_hidden=pair or diag)
+    teach = (teacher_scorer.score(episodes, topk=teacher_topk,
+                                  keep_hidden=keep_hidden or pair or diag)
              if teacher_scorer else old)
     negative = negative_scorer.score(episodes).logp_N if negative_scorer else None
+    ref = ref_scorer.score(episodes).logp_N if ref_scorer else None
+    stats: dict[str, torch.Tensor] = {}
+    metrics: dict[str, float] = {}
+    n = old.logp_N.numel()
+    if (pair or diag) and n:
+        assert heads is not None and heads.teacher is not None
+        idx = (torch.arange(n) if pair else
+               torch.linspace(0, n - 1, min(n, diag_tokens)).round().long().unique())
+        stats = pair_pass(heads, old.hidden_NH, teach.hidden_NH, idx, overlap_k, chunk_size)
+        metrics = {"diag/topk_overlap": float(stats["overlap"].mean()),
+                   "diag/teacher_mass_on_student_topk": float(stats["teacher_mass"].mean()),
+                   "diag/entropy_gap": float((stats["entropy_student"]
+                                              - stats["entropy_teacher"]).mean()),
+                   "diag/kl": float(stats["kl"].mean())}
     slices = _token_slices(episodes)
     tb = TokenBatch(
         episode_N=torch.cat([torch.full((len(s),), i) for i, s in enumerate(slices)]),
@@ -171,8 +226,25 @@ def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: H
                              for k, m in zip(ep.step_index, ep.loss_mask) if m], dtype=torch.long),
         logp_old_N=old.logp_N, logp_teacher_N=teach.logp_N, entropy_N=old.entropy_N,
         reward_E=torch.tensor([ep.reward for ep in episodes]),
-        group_E=torch.tensor([ep.group for ep in episodes]), logp_negative_N=negative)
-    return tb, teach, slices
+        group_E=torch.tensor([ep.group for ep in episodes]), logp_negative_N=negative,
+        logp_ref_N=ref, teacher_entropy_N=teach.entropy_N if teacher_scorer else None,
+        kl_N=stats.get("kl") if pair else None, overlap_N=stats.get("overlap") if pair else None)
+    return tb, teach, slices, metrics
+
+
+@torch.no_grad()
+def pair_pass(heads: Heads, h_old_NH: torch.Tensor, h_teacher_NH: torch.Tensor,
+              idx: torch.Tensor, k: int, chunk_size: int) -> dict[str, torch.Tensor]:
+    """`pair_stats` of student (pi_old) and teacher distributions at positions `idx`, rebuilt
+    chunk by chunk from both models' final hidden states."""
+    assert heads.teacher is not None
+    parts: dict[str, list[torch.Tensor]] = {}
+    for c in idx.split(chunk_size):
+        out = pair_stats(heads.student(h_old_NH[c.to(h_old_NH.device)]),
+                         heads.teacher(h_teacher_NH[c.to(h_teacher_NH.device)]), k)
+        for name, v in out.items():
+            parts.setdefault(name, []).append(v.float().cpu())
+    return {name: torch.cat(v) for name, v in parts.items()}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -208,6 +280,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             t_model = load_model(cfg.teacher.model, t_tok, "teacher.model", vision=t_vision)
             check_same_vocab(tokenizer, t_tok, t_model, student)
             check_same_vision(vision, t_vision)
+            if cfg.teacher.check_template:
+                check_same_rendering(tokenizer, t_tok, _probe_messages(train_pool.take(1)[0]))
         t_model.requires_grad_(False).to(device)
         # Output layers are often padded past the tokenizer, differently per model size
         # (Qwen2.5: 151936 rows at 1.5B, 152064 at 7B); distributions are compared on the rows
@@ -218,6 +292,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                   view="teacher" if cfg.teacher.view == "privileged" else "student",
                                   micro_batch_size=tcfg.micro_batch_size,
                                   chunk_size=tcfg.chunk_size, topk_vocab=vocab)
+    needs = needed_scores(objective, cfg.objective)
+    ref_scorer = None
+    if "ref" in needs:  # G-OPD's reference: the initial student, frozen
+        ref_model = copy.deepcopy(student).to(resolve_dtype(cfg.model.dtype)).requires_grad_(False)
+        ref_scorer = HFScorer(ref_model.to(device), tokenizer.pad_token_id,
+                              micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
 
     resume_dir = resolve_resume(tcfg.resume, out / "checkpoints")
     if resume_dir is not None:
@@ -266,9 +346,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                   teacher=lm_head_fn(teacher_scorer.model, vocab) if teacher_scorer else None)
     params = SamplingParams(n=rcfg.samples_per_prompt, temperature=rcfg.temperature,
                             top_p=rcfg.top_p, max_new_tokens=rcfg.max_new_tokens, stop=rcfg.stop)
-    need_hidden = _needs_teacher_hidden(objective, cfg)
+    need_hidden = _needs_teacher_hidden(objective, cfg) or objective.aux == "divergence"
     teacher_topk = cfg.objective.topk if (objective.kind == "divergence" and not need_hidden) \
         else cfg.teacher.topk
+    if "teacher_topk" in needs:
+        teacher_topk = max(teacher_topk, cfg.objective.eopd_topk)
 
     def run_eval(step: int) -> dict[str, Any] | None:
         if not main:
@@ -312,15 +394,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         # ---- scoring: log pi_old and entropy from the student, log pi_T from the teacher
         t0 = time.perf_counter()
-        tb, teach, slices = score_batch(episodes, old_scorer, teacher_scorer, teacher_topk,
-                                        need_hidden, negative_scorer)
+        tb, teach, slices, diagnostics = score_batch(
+            episodes, old_scorer, teacher_scorer, teacher_topk, need_hidden, negative_scorer,
+            ref_scorer=ref_scorer, heads=heads, needs=needs, diag_tokens=tcfg.diagnostics_tokens,
+            overlap_k=cfg.objective.overlap_topk, chunk_size=tcfg.chunk_size)
         t_teacher = time.perf_counter() - t0
         gen_tokens = sum(ep.num_generated for ep in episodes)
         batch_stats = {
             "env_reward": float(tb.reward_E.mean()),
             "train_accuracy": sum(map(is_correct, episodes)) / len(episodes),
             "response_tokens": gen_tokens / len(episodes),
-            **episode_stats(episodes), "failed_episodes": len(failed),
+            **episode_stats(episodes), "failed_episodes": len(failed), **diagnostics,
             "rollout_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
             "time_rollout_s": t_rollout / mbs, "time_teacher_s": t_teacher / mbs,
         }
@@ -388,7 +472,7 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
     tok_all = torch.cat(slices)
     # Token mean over the whole minibatch (and all ranks): the divisor is known before any
     # micro-batch runs, so accumulation gives exactly the full-batch gradient.
-    n_keep = accelerator.reduce(plan.keep_N[tok_all].sum().to(device), "sum")
+    n_keep = accelerator.reduce(plan.counted_N[tok_all].sum().to(device), "sum")
     denom = max(float(n_keep), 1.0)
     mb = cfg.trainer.micro_batch_size
     loss_total, ratio_sum, seq_tokens = 0.0, 0.0, 0
@@ -413,10 +497,13 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                                            keep.to(device))
                 with torch.no_grad():
                     ratio_sum += float((torch.exp(logp - logp_old) * keep.to(device)).sum())
+                if plan.aux_N is not None:
+                    loss_sum = loss_sum + _aux_sum(objective, cfg, heads, h, teach, tok,
+                                                   plan.aux_N[tok])
             else:
                 weight = keep if plan.weight_N is None else keep * plan.weight_N[tok]
-                loss_sum = _divergence_sum(objective, cfg, heads.student, heads.teacher, h, teach,
-                                           tok, weight)
+                loss_sum = _divergence_sum(objective.divergence, cfg.objective.topk, cfg,
+                                           heads.student, heads.teacher, h, teach, tok, weight)
                 ratio_sum += float(keep.sum())
             loss = loss_sum / denom * world  # DDP averages over ranks; undo it for a token mean
             accelerator.backward(loss)

@@ -160,7 +160,8 @@ def test_reopold_switch_frac_default():
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_empty_batch_gives_zero_loss_not_nan(name):
     z = torch.zeros(0)
-    tb = TokenBatch(torch.zeros(0, dtype=torch.long), z, z, z, z, torch.zeros(0, dtype=torch.long))
+    tb = TokenBatch(torch.zeros(0, dtype=torch.long), z, z, z, z, torch.zeros(0, dtype=torch.long),
+                    logp_ref_N=z, kl_N=z, overlap_N=z, teacher_entropy_N=z)
     plan = OBJECTIVES[name].plan(tb, 50, 60, ObjectiveConfig())
     loss = policy_loss_sum(torch.zeros(0, requires_grad=True), tb.logp_old_N, plan.advantage_N,
                            plan.keep_N) / max(float(plan.keep_N.sum()), 1.0)

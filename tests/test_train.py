@@ -3,6 +3,7 @@ accumulation, deterministic resume, and the CLI's errors on bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -68,6 +69,8 @@ def test_variants_run(extra, tiny_overrides):
 @pytest.mark.parametrize("name, extra", [
     ("reopold", []), ("grpo", []), ("rkl", []),
     ("jsd", ["objective.topk=4", "objective.topk_source=teacher"]),
+    ("gopd", ["objective.reward_scale=1.5"]), ("vopd", []), ("aopd", []),
+    ("eopd", ["objective.eopd_tau=0.0", "objective.eopd_topk=4"]),
 ])
 def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir, teacher_dir):
     """Token mean over the whole minibatch: 1 sequence per micro-batch gives the same gradient
@@ -75,6 +78,7 @@ def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir
     from mmopd.envs import make_env
     from mmopd.logprobs import lm_head_fn
     from mmopd.models import load_model, load_tokenizer
+    from mmopd.objectives import needed_scores
     from mmopd.optim import make_accelerator
     from mmopd.render import ChatRenderer
     from mmopd.rollout import collect_episodes
@@ -92,17 +96,23 @@ def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir
                            [{"seed": i} for i in range(4)], HFSampler(student, tok), r,
                            SamplingParams(n=2, max_new_tokens=8))
     old = HFScorer(student, tok.pad_token_id, view="student")
-    need_hidden = _needs_teacher_hidden(obj, cfg)
+    need_hidden = _needs_teacher_hidden(obj, cfg) or obj.aux == "divergence"
     t_scorer = HFScorer(teacher, tok.pad_token_id, view="student")
-    tb, teach, slices = score_batch(eps, old, t_scorer, cfg.objective.topk, need_hidden)
+    heads = Heads(lm_head_fn(student), lm_head_fn(student), lm_head_fn(teacher))
+    needs = needed_scores(obj, cfg.objective)
+    ref = HFScorer(copy.deepcopy(teacher), tok.pad_token_id) if "ref" in needs else None
+    topk = cfg.objective.eopd_topk if "teacher_topk" in needs else cfg.objective.topk
+    tb, teach, slices, _ = score_batch(eps, old, t_scorer, topk, need_hidden, ref_scorer=ref,
+                                       heads=heads, needs=needs)
     tb.reward_E = torch.tensor([1.0, 0.0] * 4)  # a random student solves nothing; GRPO needs spread
     plan = obj.plan(tb, 9, 10, cfg.objective)  # REOPOLD refinement: a subset of tokens is kept
     assert 0 < int(plan.keep_N.sum()) < len(plan.keep_N) or name != "reopold"
+    if obj.aux:  # some tokens carry the auxiliary divergence, some the policy gradient
+        assert 0 < int((plan.aux_N > 0).sum()) < len(plan.keep_N) or name == "eopd"
     grads = []
     for micro in (1, 3, 8):
         cfg.trainer.micro_batch_size = micro
         student.zero_grad()
-        heads = Heads(lm_head_fn(student), lm_head_fn(student), lm_head_fn(teacher))
         accumulate_gradients(student, make_accelerator(), eps, slices, tb, plan, teach, obj, cfg,
                              heads, tok.pad_token_id)
         grads.append({k: p.grad.clone() for k, p in student.named_parameters()})

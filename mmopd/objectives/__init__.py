@@ -28,12 +28,21 @@ from mmopd.objectives.divergences import (
     with_tail,
 )
 from mmopd.objectives.weighting import sod_weights, vzero_weights
+from mmopd.objectives.zoo import (
+    aopd_split,
+    drift_weights,
+    eopd_mask,
+    gopd_advantage,
+    tip_scores,
+    top_fraction,
+    vopd_advantage,
+)
 
 __all__ = [
     "OBJECTIVES", "Objective", "Plan", "TokenBatch", "register_objective", "policy_loss_sum",
     "reopold_floor", "grpo_advantages", "full_vocab_divergence", "topk_divergence",
     "divergence_from_logp", "with_tail", "masked_mean", "make_plan", "sod_weights",
-    "vzero_weights",
+    "vzero_weights", "needed_scores",
 ]
 
 
@@ -50,6 +59,10 @@ class TokenBatch:
     step_N: torch.Tensor | None = None  # long: assistant turn of each token (multi-turn)
     weight_N: torch.Tensor | None = None  # detached reward weights (SOD, V-Zero); None = all 1
     logp_negative_N: torch.Tensor | None = None  # log pi_T(y_t) under a negative view (V-Zero)
+    logp_ref_N: torch.Tensor | None = None  # log pi_ref(y_t), the frozen initial student (G-OPD)
+    kl_N: torch.Tensor | None = None  # KL(pi_old || pi_T) at each position, full vocabulary
+    overlap_N: torch.Tensor | None = None  # |top-k student ∩ top-k teacher| / k at each position
+    teacher_entropy_N: torch.Tensor | None = None  # teacher entropy at each position
 
     @property
     def token_reward_N(self) -> torch.Tensor:
@@ -66,6 +79,12 @@ class Plan:
     advantage_N: torch.Tensor  # detached; unused by divergence objectives
     metrics: dict[str, float]
     weight_N: torch.Tensor | None = None  # per-token loss weight of divergence objectives (SOD)
+    aux_N: torch.Tensor | None = None  # weight of an objective's auxiliary divergence term
+
+    @property
+    def counted_N(self) -> torch.Tensor:
+        """Tokens in the loss's token mean: kept ones and those with an auxiliary term."""
+        return self.keep_N if self.aux_N is None else self.keep_N | (self.aux_N > 0)
 
 
 PlanFn = Callable[[TokenBatch, int, int, ObjectiveConfig], Plan]
@@ -82,6 +101,12 @@ class Objective:
     # For kind "divergence": rkl, fkl or jsd (full vocabulary, or top-k + tail per config).
     divergence: str | None = None
     doc: str = ""
+    # Per-token scores the plan reads beyond the defaults: "ref" (log pi_ref), "kl" (full
+    # KL(pi_old || pi_T)), "teacher_topk" (the teacher's top eopd_topk log-probs)
+    needs: frozenset[str] = frozenset()
+    # An auxiliary divergence added to a policy-gradient loss where plan.aux_N > 0:
+    # "teacher_topk_fkl" (EOPD) or "divergence" (AOPD: objective.aopd_divergence)
+    aux: str | None = None
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -184,6 +209,52 @@ def _all_tokens_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig
     return Plan(keep, torch.zeros_like(tb.logp_old_N), {**_common_metrics(tb), "kept_frac": 1.0})
 
 
+def _gopd_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig,
+               lam: float = 1.0) -> Plan:
+    if tb.logp_ref_N is None:
+        raise ValueError("G-OPD needs log pi_ref of the frozen initial student")
+    scale = lam if cfg.reward_scale is None else cfg.reward_scale
+    adv = gopd_advantage(tb.logp_teacher_N, tb.logp_old_N, tb.logp_ref_N, scale)
+    if tb.weight_N is not None:
+        adv = adv * tb.weight_N
+    keep = torch.ones_like(adv, dtype=torch.bool)
+    return Plan(keep, adv, {**_common_metrics(tb), "kept_frac": 1.0, "reward_scale": scale,
+                            "ref_gap": masked_mean(tb.logp_old_N - tb.logp_ref_N)})
+
+
+def _exopd_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> Plan:
+    return _gopd_plan(tb, step, total, cfg, lam=1.25)
+
+
+def _vopd_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> Plan:
+    if tb.kl_N is None:
+        raise ValueError("vOPD needs the per-token KL(pi_old || pi_T)")
+    adv = vopd_advantage(tb.logp_teacher_N, tb.logp_old_N, tb.kl_N)
+    if tb.weight_N is not None:
+        adv = adv * tb.weight_N
+    keep = torch.ones_like(adv, dtype=torch.bool)
+    return Plan(keep, adv, {**_common_metrics(tb), "kept_frac": 1.0,
+                            "value_mean": masked_mean(-tb.kl_N)})
+
+
+def _eopd_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> Plan:
+    if tb.teacher_entropy_N is None:
+        raise ValueError("EOPD needs the teacher's entropy at each position")
+    plan = _opd_plan(tb, step, total, cfg)
+    high = eopd_mask(tb.teacher_entropy_N, cfg.eopd_tau)
+    plan.aux_N = high.float() * cfg.eopd_coef
+    plan.metrics["eopd_frac"] = masked_mean(high.float())
+    return plan
+
+
+def _aopd_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> Plan:
+    adv = tb.token_reward_N
+    pg, div = aopd_split(adv)
+    w = div.float() if tb.weight_N is None else div.float() * tb.weight_N
+    return Plan(pg, adv, {**_common_metrics(tb), "kept_frac": masked_mean(pg.float()),
+                          "aopd_divergence_frac": masked_mean(div.float())}, aux_N=w)
+
+
 register_objective(Objective(
     "opd", "pg", _opd_plan,
     doc="sampled-token reverse KL as a dense reward: L = -mean(rho * sg(R))"))
@@ -202,6 +273,22 @@ register_objective(Objective(
 register_objective(Objective(
     "jsd", "divergence", _all_tokens_plan, divergence="jsd",
     doc="generalised JSD_beta per position (beta=0: forward KL, beta=1: reverse KL)"))
+register_objective(Objective(
+    "gopd", "pg", _gopd_plan, needs=frozenset({"ref"}),
+    doc="G-OPD: A = lam*(log pi_T - log pi_ref) - (log pi_old - log pi_ref), lam = reward_scale"))
+register_objective(Objective(
+    "exopd", "pg", _exopd_plan, needs=frozenset({"ref"}),
+    doc="ExOPD: G-OPD with reward_scale 1.25 (extrapolating past the teacher)"))
+register_objective(Objective(
+    "vopd", "pg", _vopd_plan, needs=frozenset({"kl"}),
+    doc="vOPD: OPD reward plus the detached closed-form value baseline, A = R + KL(pi_old||pi_T)"))
+register_objective(Objective(
+    "eopd", "pg", _eopd_plan, needs=frozenset({"teacher_topk"}), aux="teacher_topk_fkl",
+    doc="EOPD: OPD plus forward KL over the teacher's top-k where teacher entropy > eopd_tau"))
+register_objective(Objective(
+    "aopd", "pg", _aopd_plan, aux="divergence",
+    doc="AOPD: policy gradient on positive-advantage tokens, a divergence to the teacher on "
+        "the rest"))
 
 
 def make_plan(obj: Objective, tb: TokenBatch, step: int, total: int,
@@ -225,10 +312,42 @@ def make_plan(obj: Objective, tb: TokenBatch, step: int, total: int,
         w_N = w_E[tb.episode_N]
         tb = dataclasses.replace(tb, weight_N=w_N if tb.weight_N is None else tb.weight_N * w_N)
         extra = {**extra, **gate}
+    if cfg.drift_threshold > 0:
+        if tb.overlap_N is None:
+            raise ValueError("drift control needs the teacher-student top-k overlap")
+        w_N, start_E = drift_weights(tb.overlap_N, tb.episode_N, cfg.drift_threshold,
+                                     cfg.drift_patience, cfg.drift_weight)
+        tb = dataclasses.replace(tb, weight_N=w_N if tb.weight_N is None else tb.weight_N * w_N)
+        drifted = start_E >= 0
+        extra = {**extra, "drift/episodes_frac": masked_mean(drifted.float()),
+                 "drift/start_mean": masked_mean(start_E.float(), drifted),
+                 "drift/tokens_down_frac": masked_mean((w_N < 1).float())}
     plan = obj.plan(tb, step, total, cfg)
+    if cfg.token_selection != "none":
+        if cfg.token_selection == "tip":
+            if tb.kl_N is None:
+                raise ValueError("TIP token selection needs the per-token KL(pi_old || pi_T)")
+            score = tip_scores(tb.entropy_N, tb.kl_N)
+        else:
+            score = tb.entropy_N.float()
+        chosen = top_fraction(score, cfg.select_rho)
+        plan.keep_N = plan.keep_N & chosen
+        if plan.aux_N is not None:
+            plan.aux_N = plan.aux_N * chosen
+        plan.metrics["selected_frac"] = masked_mean(chosen.float())
     if cfg.outcome_coef:
         adv_E = grpo_advantages(tb.reward_E, tb.group_E, cfg.grpo_eps)
         plan.advantage_N = plan.advantage_N + cfg.outcome_coef * adv_E[tb.episode_N]
     plan.weight_N = tb.weight_N
     plan.metrics.update(extra)
     return plan
+
+
+def needed_scores(obj: Objective, cfg: ObjectiveConfig) -> frozenset[str]:
+    """Per-token scores an objective with its composable options needs from the scoring pass."""
+    needs = set(obj.needs)
+    if cfg.token_selection == "tip":
+        needs.add("kl")
+    if cfg.drift_threshold > 0:
+        needs.add("overlap")
+    return frozenset(needs)

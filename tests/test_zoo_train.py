@@ -1,0 +1,114 @@
+"""The objective zoo in the trainer: G-OPD / ExOPD, vOPD, EOPD, AOPD, TIP and entropy token
+selection, drift control, per-batch teacher-student diagnostics and the template check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmopd.config import ConfigError, TrainConfig, load_config
+from mmopd.models import ModelLoadError
+from mmopd.objectives import OBJECTIVES, TokenBatch, make_plan
+from mmopd.train import train
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tb(n: int = 6) -> TokenBatch:
+    g = torch.Generator().manual_seed(0)
+    return TokenBatch(
+        episode_N=torch.tensor([0, 0, 0, 1, 1, 1][:n]), logp_old_N=-torch.rand(n, generator=g),
+        logp_teacher_N=-torch.rand(n, generator=g), entropy_N=torch.arange(n, dtype=torch.float),
+        reward_E=torch.zeros(2), group_E=torch.zeros(2, dtype=torch.long),
+        logp_ref_N=-torch.rand(n, generator=g), kl_N=torch.tensor([0.0, 5, 0, 0, 0, 1])[:n],
+        overlap_N=torch.tensor([1.0, 0.1, 0.1, 0.9, 0.1, 0.9])[:n],
+        teacher_entropy_N=torch.tensor([0.1, 0.9, 2.0, 0.5, 0.81, 0.8])[:n])
+
+
+def _cfg(**kw):
+    return load_config(TrainConfig, None, ["model.path=x", "teacher.model.path=y"]
+                       + [f"objective.{k}={v}" for k, v in kw.items()]).objective
+
+
+def test_gopd_with_scale_one_is_opd_and_exopd_extrapolates():
+    tb = _tb()
+    opd = make_plan(OBJECTIVES["opd"], tb, 0, 10, _cfg(name="opd"))
+    g1 = make_plan(OBJECTIVES["gopd"], tb, 0, 10, _cfg(name="gopd"))
+    torch.testing.assert_close(g1.advantage_N, opd.advantage_N)
+    ex = make_plan(OBJECTIVES["exopd"], tb, 0, 10, _cfg(name="exopd"))
+    expect = 1.25 * (tb.logp_teacher_N - tb.logp_ref_N) - (tb.logp_old_N - tb.logp_ref_N)
+    torch.testing.assert_close(ex.advantage_N, expect)
+    assert ex.metrics["reward_scale"] == 1.25
+    g2 = make_plan(OBJECTIVES["gopd"], tb, 0, 10, _cfg(name="gopd", reward_scale=2.0))
+    assert g2.metrics["reward_scale"] == 2.0
+    with pytest.raises(ConfigError, match="reward_scale"):
+        _cfg(name="opd", reward_scale=2.0)
+
+
+def test_vopd_eopd_aopd_plans():
+    tb = _tb()
+    v = make_plan(OBJECTIVES["vopd"], tb, 0, 10, _cfg(name="vopd"))
+    torch.testing.assert_close(v.advantage_N, tb.logp_teacher_N - tb.logp_old_N + tb.kl_N)
+    e = make_plan(OBJECTIVES["eopd"], tb, 0, 10, _cfg(name="eopd", eopd_coef=0.5))
+    assert e.aux_N.tolist() == [0.0, 0.5, 0.5, 0.0, 0.5, 0.0]  # teacher entropy > 0.8
+    assert e.keep_N.all() and e.counted_N.all()
+    a = make_plan(OBJECTIVES["aopd"], tb, 0, 10, _cfg(name="aopd"))
+    pos = (tb.logp_teacher_N - tb.logp_old_N) > 0
+    assert a.keep_N.tolist() == pos.tolist() and (a.aux_N > 0).tolist() == (~pos).tolist()
+
+
+def test_token_selection_and_drift_compose_with_any_objective():
+    tb = _tb()
+    tip = make_plan(OBJECTIVES["opd"], tb, 0, 10, _cfg(name="opd", token_selection="tip",
+                                                        select_rho=0.5))
+    # entropy 0..5 normalised, kl (0,5,0,0,0,1) normalised: soft OR keeps tokens 1, 4 and 5
+    assert tip.keep_N.tolist() == [False, True, False, False, True, True]
+    ent = make_plan(OBJECTIVES["rkl"], tb, 0, 10, _cfg(name="rkl", token_selection="entropy",
+                                                        select_rho=0.3))
+    assert ent.keep_N.tolist() == [False, False, False, False, True, True]  # ceil(0.3 * 6)
+    drift = make_plan(OBJECTIVES["opd"], tb, 0, 10, _cfg(name="opd", drift_threshold=0.5,
+                                                          drift_patience=2, drift_weight=0.25))
+    # episode 0: overlap 1, .1, .1 -> drift from its 2nd token; episode 1: .9 .1 .9 -> none
+    r = tb.logp_teacher_N - tb.logp_old_N
+    torch.testing.assert_close(drift.advantage_N, r * torch.tensor([1, .25, .25, 1, 1, 1]))
+    assert drift.metrics["drift/episodes_frac"] == 0.5 and drift.metrics["drift/start_mean"] == 1
+
+
+@pytest.mark.parametrize("extra", [
+    ["objective.name=exopd"],
+    ["objective.name=vopd", "objective.token_selection=tip"],
+    ["objective.name=eopd", "objective.eopd_tau=0.0"],
+    ["objective.name=aopd", "objective.aopd_divergence=jsd"],
+    ["objective.name=reopold", "objective.token_selection=entropy"],
+    ["objective.name=opd", "objective.drift_threshold=0.9", "objective.drift_patience=2",
+     "objective.drift_weight=0.5"],
+])
+def test_zoo_options_train_two_steps_with_diagnostics(extra, tiny_overrides):
+    res = train(load_config(TrainConfig, None, tiny_overrides + extra))
+    rows = _rows(Path(res["run_dir"]))
+    assert len(rows) == 2 and all(r["grad_norm"] > 0 for r in rows)
+    for r in rows:
+        assert 0 <= r["diag/topk_overlap"] <= 1 and 0 <= r["diag/teacher_mass_on_student_topk"] <= 1
+        assert r["diag/kl"] >= 0 and "diag/entropy_gap" in r
+    if "objective.drift_threshold=0.9" in extra:
+        assert all("drift/episodes_frac" in r for r in rows)
+
+
+def test_teacher_with_another_chat_template_is_refused(tiny_overrides, teacher_dir, tmp_path):
+    other = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, other)
+    tpl = other / "chat_template.jinja"
+    tpl.write_text("{{ 'You are a teacher.\\n' }}" + tpl.read_text())
+    overrides = [o for o in tiny_overrides if not o.startswith("teacher.model.path")]
+    cfg = load_config(TrainConfig, None, overrides + [f"teacher.model.path={other}"])
+    with pytest.raises(ModelLoadError, match="renders the same conversation differently"):
+        train(cfg)
+    cfg = load_config(TrainConfig, None, overrides + [f"teacher.model.path={other}",
+                                                      "teacher.check_template=false"])
+    assert train(cfg)["step"] == 2
