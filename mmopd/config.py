@@ -117,9 +117,17 @@ class RolloutConfig:
     # rolled out (and so trained), up to max_turns.
     curriculum: Literal["none", "tcod"] = "none"
     tcod_c: int = 10
+    # Prefix OPD: sample (and so train on) only the first prefix_tokens tokens of each reply,
+    # growing by prefix_growth tokens per optimiser step, up to max_new_tokens (0 = off)
+    prefix_tokens: int = 0
+    prefix_growth: float = 0.0
 
     def __post_init__(self) -> None:
         w = "rollout"
+        _check(self.prefix_tokens >= 0, f"{w}.prefix_tokens", "must be >= 0 (0: off)")
+        _check(self.prefix_growth >= 0, f"{w}.prefix_growth", "must be >= 0")
+        _check(self.prefix_tokens > 0 or self.prefix_growth == 0, f"{w}.prefix_growth",
+               "needs rollout.prefix_tokens > 0 (the starting prefix length)")
         for name in ("prompts_per_batch", "samples_per_prompt", "max_new_tokens", "batch_size",
                      "minibatches", "max_turns", "tcod_c"):
             _check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
@@ -139,17 +147,20 @@ class TeacherConfig:
     usually with view "privileged" (self-distillation from a prompt that holds the solution).
     kind "ema": an exponential moving average of the student (theta_T <- d * theta_T +
     (1 - d) * theta_S after every optimiser step, d = ema_decay), as in Vision-OPD.
+    kind "cache": no live teacher; batches and the teacher's scores come from a cache built by
+    `mmopd cache-teacher` (Lightning OPD), directory `cache`.
     view "privileged": the teacher reads the env's teacher view (info["teacher_messages"]: a worked
     solution, the question-relevant image crop, ...) instead of the student's prompt.
     """
 
-    kind: Literal["model", "self", "ema"] = "model"
+    kind: Literal["model", "self", "ema", "cache"] = "model"
     model: ModelConfig | None = None
     view: Literal["same", "privileged"] = "same"
     topk: int = 0  # also return the teacher's top-k log-probs (0 = off)
     ema_decay: float = 0.95
     # refuse a teacher whose chat template renders a probe conversation differently
     check_template: bool = True
+    cache: str | None = None  # kind "cache": a directory written by `mmopd cache-teacher`
 
     def __post_init__(self) -> None:
         _check(self.topk >= 0, "teacher.topk", "must be >= 0")
@@ -236,6 +247,22 @@ class OptimConfig:
 
 
 @dataclass
+class WarmupConfig:
+    """Off-policy warm-up: before on-policy distillation, `steps` optimiser steps on episodes the
+    teacher samples itself (one per prompt), to raise the initial teacher-student overlap: "sft"
+    (cross-entropy on the teacher's tokens) or "fkl" (forward KL to the teacher's distribution at
+    every one of its tokens). Needs a separate teacher model (teacher.kind=model)."""
+
+    steps: int = 0
+    kind: Literal["sft", "fkl"] = "fkl"
+    prompts_per_batch: int = 16
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "warmup.steps", "must be >= 0 (0: no warm-up)")
+        _check(self.prompts_per_batch > 0, "warmup.prompts_per_batch", "must be positive")
+
+
+@dataclass
 class EvalConfig:
     """Held-out evaluation: greedy accuracy and pass@k."""
 
@@ -285,6 +312,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
     def __post_init__(self) -> None:
         _check(self.trainer.steps % self.rollout.minibatches == 0, "trainer.steps",
@@ -301,6 +329,29 @@ class TrainConfig:
             raise ConfigError(f"objective.outcome_coef: the episode advantage is added to "
                               f"policy-gradient objectives; {obj.name!r} is a divergence "
                               "(use opd or reopold, or set outcome_coef=0)")
+        if obj.name == "opsd" and (self.teacher.kind != "self"
+                                   or self.teacher.view != "privileged"):
+            raise ConfigError("objective.name: opsd distils from the frozen initial student "
+                              "reading the reference solution; set teacher.kind=self and "
+                              "teacher.view=privileged")
+        if self.teacher.kind == "cache" and needs_teacher:
+            _check(self.teacher.cache is not None, "teacher.cache",
+                   "teacher.kind=cache needs the directory `mmopd cache-teacher` wrote")
+            from mmopd.objectives import needed_scores
+
+            live = (obj.kind == "divergence" and (self.objective.topk == 0
+                                                  or self.objective.topk_source == "student"))
+            live = live or obj.aux == "divergence" or bool(
+                {"kl", "overlap"} & needed_scores(obj, self.objective))
+            live = live or self.objective.episode_gating != "none"
+            _check(not live, "teacher.kind",
+                   f"objective {obj.name!r} with these options needs the teacher's full "
+                   "distribution (a live teacher); a cache holds log-probs and top-k only: use a "
+                   "sampled-token objective (opd, reopold, gopd, eopd) or topk_source=teacher")
+        if self.warmup.steps and (not needs_teacher or self.teacher.kind != "model"):
+            raise ConfigError("warmup.steps: the off-policy warm-up trains on a separate "
+                              "teacher's own samples; it needs teacher.kind=model and an "
+                              "objective with a teacher")
         if self.objective.reward_scale is not None and obj.name not in ("gopd", "exopd"):
             raise ConfigError(f"objective.reward_scale: the G-OPD reward scale applies to gopd "
                               f"and exopd, not {obj.name!r}")

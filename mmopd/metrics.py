@@ -67,7 +67,8 @@ def plot_curves(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], out:
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (title, keys) in zip(axes.flat, panels):
         for k in keys:
-            pts = [(m["step"], m[k]) for m in metrics if m.get(k) is not None]
+            pts = [(m["step"], m[k]) for m in metrics
+                   if m.get(k) is not None and "warmup_step" not in m]  # warm-up rows: step 0
             if pts:
                 ax.plot(*zip(*pts), label=k)
         ax.set_title(title)

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from mmopd.cache import TeacherCache
 from mmopd.checkpoint import (
     load_state,
     resolve_resume,
@@ -66,11 +67,11 @@ from mmopd.optim import make_accelerator, make_optimizer, make_scheduler
 from mmopd.render import ChatRenderer
 from mmopd.rollout import collect_episodes
 from mmopd.sampler import HFSampler, SamplingParams
-from mmopd.teacher import HFScorer, TokenScores
+from mmopd.teacher import HFScorer, Teacher, TokenScores
 from mmopd.toolcalls import make_parser
 from mmopd.vision import VisionInputs, forward_kwargs
 
-_PROBLEMS, _SAMPLING, _SHUFFLE = 0, 1, 2  # independent random streams derived from the seed
+_PROBLEMS, _SAMPLING, _SHUFFLE, _WARMUP = 0, 1, 2, 3  # independent random streams of the seed
 
 
 def _derived_seed(seed: int, iteration: int, stream: int, i: int = 0) -> int:
@@ -88,6 +89,25 @@ def _turn_limit(rcfg: RolloutConfig, step: int) -> int:
     if rcfg.curriculum == "tcod":
         return min(rcfg.max_turns, 1 + step // rcfg.tcod_c)
     return rcfg.max_turns
+
+
+def prefix_len(rcfg: RolloutConfig, step: int) -> int:
+    """Prefix OPD: tokens sampled per reply at optimiser step `step` (max_new_tokens when off)."""
+    if not rcfg.prefix_tokens:
+        return rcfg.max_new_tokens
+    return min(rcfg.max_new_tokens, rcfg.prefix_tokens + int(rcfg.prefix_growth * step))
+
+
+def step_flops(episodes: list[Episode], n_student: int, n_teacher: int,
+               scorers: int) -> dict[str, float]:
+    """Approximate FLOPs of one rollout batch (2 x params per token forward, 6 x with backward):
+    rollout = one forward over every token of every episode (prompt prefill and each generated
+    token); training = the student's forward + backward over the sequences, plus `scorers`
+    no-grad forwards (log pi_old, the teacher, ...) counted at the teacher's size for the
+    teacher."""
+    tokens = sum(len(ep.input_ids) for ep in episodes)
+    return {"flops_rollout": 2.0 * n_student * tokens,
+            "flops_train": (6.0 * n_student + 2.0 * n_student + 2.0 * n_teacher * scorers) * tokens}
 
 
 def episode_stats(episodes: list[Episode]) -> dict[str, float]:
@@ -189,7 +209,7 @@ def _aux_sum(objective: Objective, cfg: TrainConfig, heads: Heads, h_NH: torch.T
                            h_NH[sel.to(dev)], teach, tok[sel], aux_N[sel])
 
 
-def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: HFScorer | None,
+def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: Teacher | None,
                 teacher_topk: int = 0, keep_hidden: bool = False,
                 negative_scorer: HFScorer | None = None, *, ref_scorer: HFScorer | None = None,
                 heads: Heads | None = None, needs: frozenset[str] = frozenset(),
@@ -199,7 +219,8 @@ def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: H
     what the objective needs besides (log pi_ref, the teacher under a negative view, per-token
     KL and top-k overlap), flat over tokens; plus teacher-student diagnostics on a sample."""
     pair = bool({"kl", "overlap"} & needs) and teacher_scorer is not None
-    diag = diag_tokens > 0 and teacher_scorer is not None and heads is not None
+    diag = (diag_tokens > 0 and teacher_scorer is not None and heads is not None
+            and heads.teacher is not None)
     old = old_scorer.score(episodes, keep_hidden=pair or diag)
     teach = (teacher_scorer.score(episodes, topk=teacher_topk,
                                   keep_hidden=keep_hidden or pair or diag)
@@ -268,9 +289,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     student = load_model(cfg.model, tokenizer, trainable=True, vision=vision)
     renderer = ChatRenderer(tokenizer, vision)
 
-    teacher_scorer: HFScorer | None = None
+    teacher_scorer: HFScorer | TeacherCache | None = None
+    t_model: torch.nn.Module | None = None  # the live teacher (None: none, or a cache)
     vocab = None
-    if objective.needs_teacher:
+    cache = None
+    if objective.needs_teacher and cfg.teacher.kind == "cache":  # Lightning OPD
+        cache = TeacherCache.load(cfg.teacher.cache)
+        cache.check_fits(tokenizer)
+        teacher_scorer = cache
+    elif objective.needs_teacher:
         if cfg.teacher.kind in ("self", "ema"):  # the initial student (EMA: then tracking it)
             dtype = torch.float32 if cfg.teacher.kind == "ema" else resolve_dtype(cfg.model.dtype)
             t_model = copy.deepcopy(student).to(dtype)
@@ -314,7 +341,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     student, optimizer = accelerator.prepare(student, optimizer)
     model = accelerator.unwrap_model(student)
     start_step = 0
-    ema = teacher_scorer.model if cfg.teacher.kind == "ema" and teacher_scorer else None
+    ema = t_model if cfg.teacher.kind == "ema" else None
     if resume_dir is not None:
         state = load_state(resume_dir)
         if ema is not None:
@@ -334,16 +361,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     eval_log = JsonlLog(out / "eval.jsonl", resumed_at, enabled=main)
 
     # V-Zero: the same teacher, reading each episode's negative view
-    negative_scorer = (HFScorer(teacher_scorer.model, tokenizer.pad_token_id, view="negative",
+    negative_scorer = (HFScorer(t_model, tokenizer.pad_token_id, view="negative",
                                 micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
-                       if cfg.objective.episode_gating == "vzero" and teacher_scorer else None)
+                       if cfg.objective.episode_gating == "vzero" and t_model is not None else None)
     sampler = HFSampler(model, tokenizer, batch_size=rcfg.batch_size,
                         stop_token_ids=renderer.stop_token_ids,
                         suppress_token_ids=vision.special_ids if vision else None)
     old_scorer = HFScorer(model, tokenizer.pad_token_id,
                           micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
     heads = Heads(sampled=lm_head_fn(model), student=lm_head_fn(model, vocab),
-                  teacher=lm_head_fn(teacher_scorer.model, vocab) if teacher_scorer else None)
+                  teacher=lm_head_fn(t_model, vocab) if t_model is not None else None)
     params = SamplingParams(n=rcfg.samples_per_prompt, temperature=rcfg.temperature,
                             top_p=rcfg.top_p, max_new_tokens=rcfg.max_new_tokens, stop=rcfg.stop)
     need_hidden = _needs_teacher_hidden(objective, cfg) or objective.aux == "divergence"
@@ -368,7 +395,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"{k} {v:.3f}" for k, v in res.items() if k != "num_problems"))
         return row
 
+    if cfg.warmup.steps and start_step == 0:
+        assert t_model is not None
+        off_policy_warmup(cfg, student, accelerator, optimizer, t_model, heads,
+                          renderer, train_pool, metrics_log,
+                          HFSampler(t_model, tokenizer, batch_size=rcfg.batch_size,
+                                    stop_token_ids=renderer.stop_token_ids,
+                                    suppress_token_ids=vision.special_ids if vision else None))
     last_eval = run_eval(0) if cfg.eval.at_start and start_step == 0 else None
+    n_student = sum(p.numel() for p in model.parameters())
+    n_teacher = sum(p.numel() for p in t_model.parameters()) if t_model is not None else 0
+    flops_total: dict[str, float] = {}
     total, mbs = tcfg.steps, rcfg.minibatches
     step = start_step
     bar = tqdm(total=total, initial=start_step, desc="train", unit="step", disable=None)
@@ -379,12 +416,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         n_prompts = rcfg.prompts_per_batch
         starts = [{"seed": _derived_seed(tcfg.seed, it, _PROBLEMS, rank * n_prompts + i)}
                   for i in range(n_prompts)]
-        episodes = collect_episodes(
-            train_pool.take(len(starts) * params.n), starts, sampler, renderer, params,
-            teacher_view=cfg.teacher.view == "privileged" and objective.needs_teacher,
-            views=("negative",) if negative_scorer else (), max_turns=_turn_limit(rcfg, step),
-            max_episode_tokens=rcfg.max_episode_tokens,
-            parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id)
+        prefix = prefix_len(rcfg, step)
+        if cache is not None:  # Lightning OPD: fixed rollouts, scored once
+            episodes = cache.batch(it, n_prompts * params.n, tcfg.seed + 7919 * rank)
+        else:
+            episodes = collect_episodes(
+                train_pool.take(len(starts) * params.n), starts, sampler, renderer,
+                dataclasses.replace(params, max_new_tokens=prefix),
+                teacher_view=cfg.teacher.view == "privileged" and objective.needs_teacher,
+                views=("negative",) if negative_scorer else (), max_turns=_turn_limit(rcfg, step),
+                max_episode_tokens=rcfg.max_episode_tokens,
+                parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id)
         t_rollout = time.perf_counter() - t0
         failed = [ep for ep in episodes if not ep.input_ids]  # reset or prompt rendering failed
         if len(failed) == len(episodes):
@@ -407,7 +449,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             **episode_stats(episodes), "failed_episodes": len(failed), **diagnostics,
             "rollout_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
             "time_rollout_s": t_rollout / mbs, "time_teacher_s": t_teacher / mbs,
+            "prefix_len": prefix,
         }
+        flops = step_flops(episodes, n_student, n_teacher, int(t_model is not None))
+        for k, v in flops.items():  # cumulative, so runs compare at equal compute
+            flops_total[k] = flops_total.get(k, 0.0) + v
+            batch_stats[k] = flops_total[k]
 
         # ---- minibatch updates: several optimiser steps per rollout batch (rho != 1 after one)
         shuffle = torch.Generator().manual_seed(_derived_seed(tcfg.seed, it, _SHUFFLE, rank))
@@ -453,6 +500,60 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if main:
         plot_curves(metrics_log.rows(), eval_log.rows(), out / "curves.png")
     return {"run_dir": str(out), "eval": last_eval, "step": step}
+
+
+def off_policy_warmup(cfg: TrainConfig, student: torch.nn.Module, accelerator: Accelerator,
+                      optimizer: torch.optim.Optimizer, teacher: torch.nn.Module, heads: Heads,
+                      renderer: ChatRenderer, pool: EnvPool, log: JsonlLog,
+                      teacher_sampler: HFSampler) -> None:
+    """The sparse-to-dense bridge: `cfg.warmup.steps` optimiser steps on episodes the teacher
+    samples from the student's prompts, with cross-entropy on the teacher's tokens ("sft") or
+    the forward KL to the teacher's full distribution at each of them ("fkl"). The learning-rate
+    schedule of the on-policy phase starts after it."""
+    wcfg, rcfg, tcfg = cfg.warmup, cfg.rollout, cfg.trainer
+    device, pad = accelerator.device, renderer.tokenizer.pad_token_id
+    unwrapped = accelerator.unwrap_model(student)
+    scorer = HFScorer(teacher, pad, micro_batch_size=tcfg.micro_batch_size,
+                      chunk_size=tcfg.chunk_size)
+    params = SamplingParams(n=1, temperature=rcfg.temperature, top_p=rcfg.top_p,
+                            max_new_tokens=rcfg.max_new_tokens, stop=rcfg.stop)
+    for k in tqdm(range(wcfg.steps), desc="warm-up", unit="step", disable=None):
+        starts = [{"seed": _derived_seed(tcfg.seed, k, _WARMUP, i)}
+                  for i in range(wcfg.prompts_per_batch)]
+        episodes = [ep for ep in collect_episodes(
+            pool.take(len(starts)), starts, teacher_sampler, renderer, params,
+            max_turns=rcfg.max_turns, max_episode_tokens=rcfg.max_episode_tokens,
+            parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id, desc="warm-up rollout")
+            if ep.num_generated]
+        if not episodes:
+            continue
+        teach = scorer.score(episodes, keep_hidden=wcfg.kind == "fkl")
+        slices = _token_slices(episodes)
+        denom = max(sum(ep.num_generated for ep in episodes), 1)
+        total = 0.0
+        mb = tcfg.micro_batch_size
+        for s in range(0, len(episodes), mb):
+            eps, tok = episodes[s: s + mb], torch.cat(slices[s: s + mb])
+            batch = pad_right([e.input_ids for e in eps], [e.loss_mask for e in eps], pad, device)
+            vision = VisionInputs.cat(e.vision for e in eps)
+            hidden = final_hidden(student, batch.input_ids, batch.attention_mask,
+                                  **forward_kwargs(unwrapped, batch.input_ids, vision))
+            rows, cols = predicting_positions(batch.loss_mask)
+            h = hidden[rows, cols - 1]
+            if wcfg.kind == "sft":
+                loss_sum = -target_logprobs(heads.sampled, h, batch.input_ids[rows, cols],
+                                            tcfg.chunk_size).sum()
+            else:
+                loss_sum = _divergence_sum("fkl", 0, cfg, heads.student, heads.teacher, h, teach,
+                                           tok, torch.ones(len(tok)))
+            accelerator.backward(loss_sum / denom)
+            total += loss_sum.item() / denom
+        grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.write({"step": 0, "warmup_step": k + 1, "warmup_kind": wcfg.kind, "loss": total,
+                   "grad_norm": float(grad_norm),
+                   "response_tokens": denom / len(episodes)})
 
 
 @torch.no_grad()

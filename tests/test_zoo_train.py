@@ -112,3 +112,74 @@ def test_teacher_with_another_chat_template_is_refused(tiny_overrides, teacher_d
     cfg = load_config(TrainConfig, None, overrides + [f"teacher.model.path={other}",
                                                       "teacher.check_template=false"])
     assert train(cfg)["step"] == 2
+
+
+def test_prefix_opd_samples_and_trains_only_a_growing_prefix(tiny_overrides):
+    from mmopd.config import RolloutConfig
+    from mmopd.train import prefix_len
+
+    r = RolloutConfig(max_new_tokens=32, prefix_tokens=4, prefix_growth=2.5)
+    assert [prefix_len(r, s) for s in (0, 1, 2, 10, 100)] == [4, 6, 9, 29, 32]
+    assert prefix_len(RolloutConfig(max_new_tokens=32), 7) == 32
+    res = train(load_config(TrainConfig, None, tiny_overrides + [
+        "rollout.max_new_tokens=8", "rollout.prefix_tokens=2", "rollout.prefix_growth=2",
+        "rollout.minibatches=1", "objective.name=opd"]))
+    rows = _rows(Path(res["run_dir"]))
+    assert [r["prefix_len"] for r in rows] == [2, 4]
+    assert all(r["response_tokens"] <= r["prefix_len"] for r in rows)
+    # FLOPs are cumulative and grow with the tokens of each batch
+    assert 0 < rows[0]["flops_rollout"] < rows[1]["flops_rollout"]
+    assert rows[0]["flops_train"] > rows[0]["flops_rollout"]
+
+
+@pytest.mark.parametrize("kind", ["sft", "fkl"])
+def test_off_policy_warmup_runs_before_distillation(kind, tiny_overrides, sft_teacher_dir):
+    overrides = [o for o in tiny_overrides if not o.startswith("teacher.model.path")]
+    res = train(load_config(TrainConfig, None, overrides + [
+        f"teacher.model.path={sft_teacher_dir}", "warmup.steps=3", f"warmup.kind={kind}",
+        "warmup.prompts_per_batch=4", "rollout.max_new_tokens=16"]))
+    rows = _rows(Path(res["run_dir"]))
+    warm = [r for r in rows if "warmup_step" in r]
+    assert [r["warmup_step"] for r in warm] == [1, 2, 3] and rows[:3] == warm
+    assert all(r["loss"] > 0 and r["grad_norm"] > 0 for r in warm)
+    assert [r["step"] for r in rows[3:]] == [1, 2]
+    assert (Path(res["run_dir"]) / "curves.png").is_file()
+    with pytest.raises(ConfigError, match="warmup.steps"):
+        load_config(TrainConfig, None, overrides + ["teacher.kind=self", "teacher.view=privileged",
+                                                    "warmup.steps=1"])
+
+
+def test_lightning_cache_trains_without_a_live_teacher(tiny_overrides, tmp_path):
+    from mmopd.cache import CacheError, TeacherCache, build_teacher_cache
+
+    cfg = load_config(TrainConfig, None, tiny_overrides + ["teacher.topk=4"])
+    path = build_teacher_cache(cfg, tmp_path / "cache", num_batches=2)
+    cache = TeacherCache.load(path.parent)
+    assert len(cache.episodes) == 2 * 4 * 2 and cache.topk == 4
+    # the cached scores are the teacher's: rescore one episode with the live teacher
+    from mmopd.models import load_model, load_tokenizer
+    from mmopd.teacher import HFScorer
+
+    tok = load_tokenizer(cfg.teacher.model)
+    live = HFScorer(load_model(cfg.teacher.model, tok), tok.pad_token_id)
+    ep = cache.episodes[3]
+    torch.testing.assert_close(cache.score([ep]).logp_N, live.score([ep]).logp_N)
+    # train from the cache: no teacher model is loaded, batches come from the cached episodes
+    overrides = [o for o in tiny_overrides if not o.startswith("teacher.model.path")]
+    res = train(load_config(TrainConfig, None, overrides + [
+        "teacher.kind=cache", f"teacher.cache={tmp_path / 'cache'}", "objective.name=opd"]))
+    rows = _rows(Path(res["run_dir"]))
+    assert len(rows) == 2 and all(r["grad_norm"] > 0 for r in rows)
+    assert "diag/kl" not in rows[0]
+    res = train(load_config(TrainConfig, None, overrides + [
+        "teacher.kind=cache", f"teacher.cache={tmp_path / 'cache'}", "objective.name=jsd",
+        "objective.topk=4", "objective.topk_source=teacher",
+        f"trainer.output_dir={tmp_path / 'run2'}"]))
+    assert res["step"] == 2
+    with pytest.raises(ConfigError, match="live teacher"):
+        load_config(TrainConfig, None, overrides + ["teacher.kind=cache", "teacher.cache=x",
+                                                    "objective.name=rkl"])
+    with pytest.raises(CacheError, match="no teacher_cache.pt"):
+        TeacherCache.load(tmp_path)
+    with pytest.raises(CacheError, match="top-8"):
+        cache.score([ep], topk=8)
