@@ -8,7 +8,14 @@ import os
 import sys
 
 
+def _config_error(msg: str) -> Exception:
+    from mmopd.config import ConfigError
+
+    return ConfigError(msg)
+
+
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from mmopd.cache import CacheError
     from mmopd.checkpoint import CheckpointError
     from mmopd.config import ConfigError
     from mmopd.envs.math_text import DatasetError
@@ -19,7 +26,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from mmopd.sft import SFTDataError
 
     return (ConfigError, ModelLoadError, CheckpointError, RenderError, EnvContractError,
-            SFTDataError, DatasetError, EnvNotFoundError)
+            SFTDataError, DatasetError, EnvNotFoundError, CacheError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sft", help="supervised fine-tuning on an env's worked solutions")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
+
+    c = sub.add_parser("cache-teacher", help="Lightning OPD: roll out with the initial student, "
+                       "score with the teacher once, save the scores for teacher.kind=cache")
+    c.add_argument("config", help="a train config (model, teacher, env, rollout, seed)")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--out", required=True, help="directory for teacher_cache.pt")
+    c.add_argument("--batches", type=int, default=8, help="rollout batches to cache")
 
     e = sub.add_parser("eval", help="greedy accuracy / pass@k of a model on an env")
     e.add_argument("model", help="hub name or save_pretrained directory")
@@ -114,6 +128,16 @@ def _run(args: argparse.Namespace) -> int:
         from mmopd.sft import sft
 
         print(json.dumps(sft(load_config(SFTConfig, args.config, args.overrides))))
+        return 0
+    if args.cmd == "cache-teacher":
+        from mmopd.cache import build_teacher_cache
+        from mmopd.config import TrainConfig, load_config
+
+        if args.batches < 1:
+            raise _config_error(f"--batches must be positive, got {args.batches}")
+        path = build_teacher_cache(load_config(TrainConfig, args.config, args.overrides),
+                                   args.out, args.batches)
+        print(f"wrote {path}")
         return 0
     if args.cmd == "eval":
         from mmopd.config import ConfigError, ModelConfig

@@ -49,6 +49,8 @@ def test_run_directory_contents(tiny_overrides, tmp_path):
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_every_objective_trains_two_steps(name, tiny_overrides):
     extra = [f"objective.name={name}"]
+    if name == "opsd":  # self-distillation from the privileged (worked-solution) prompt
+        extra += ["teacher.kind=self", "teacher.view=privileged"]
     res = train(_cfg(tiny_overrides, extra))
     rows = _rows(Path(res["run_dir"]) / "metrics.jsonl")
     assert len(rows) == 2 and all(r["loss"] is not None for r in rows)

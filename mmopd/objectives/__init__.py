@@ -274,6 +274,10 @@ register_objective(Objective(
     "jsd", "divergence", _all_tokens_plan, divergence="jsd",
     doc="generalised JSD_beta per position (beta=0: forward KL, beta=1: reverse KL)"))
 register_objective(Objective(
+    "opsd", "divergence", _all_tokens_plan, divergence="fkl",
+    doc="OPSD: forward KL to the frozen initial student reading the reference solution "
+        "(teacher.kind=self, teacher.view=privileged)"))
+register_objective(Objective(
     "gopd", "pg", _gopd_plan, needs=frozenset({"ref"}),
     doc="G-OPD: A = lam*(log pi_T - log pi_ref) - (log pi_old - log pi_ref), lam = reward_scale"))
 register_objective(Objective(
