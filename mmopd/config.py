@@ -208,6 +208,9 @@ class ObjectiveConfig:
     drift_threshold: float = 0.0
     drift_patience: int = 8
     drift_weight: float = 0.0
+    # also stop sampling a reply once it drifts, checked every drift_chunk tokens
+    drift_stop: bool = False
+    drift_chunk: int = 16
 
     def __post_init__(self) -> None:
         w = "objective"
@@ -219,6 +222,9 @@ class ObjectiveConfig:
         _check(0 <= self.drift_threshold <= 1, f"{w}.drift_threshold", "must be in [0, 1]")
         _check(self.drift_patience > 0, f"{w}.drift_patience", "must be positive")
         _check(0 <= self.drift_weight <= 1, f"{w}.drift_weight", "must be in [0, 1]")
+        _check(self.drift_chunk > 0, f"{w}.drift_chunk", "must be positive")
+        _check(not self.drift_stop or self.drift_threshold > 0, f"{w}.drift_stop",
+               "needs objective.drift_threshold > 0")
         _check(self.sod_delta >= 0, f"{w}.sod_delta", "must be >= 0")
         _check(self.sod_eps > 0, f"{w}.sod_eps", "must be > 0")
         _check(self.vzero_gamma >= 0, f"{w}.vzero_gamma", "must be >= 0")
@@ -348,6 +354,11 @@ class TrainConfig:
                    f"objective {obj.name!r} with these options needs the teacher's full "
                    "distribution (a live teacher); a cache holds log-probs and top-k only: use a "
                    "sampled-token objective (opd, reopold, gopd, eopd) or topk_source=teacher")
+        if self.objective.drift_stop and (self.teacher.kind == "cache"
+                                          or self.teacher.view != "same"):
+            raise ConfigError("objective.drift_stop: stopping drifted samples runs the live "
+                              "teacher on the student's own prompt while sampling; it needs "
+                              "teacher.view=same and a teacher model")
         if self.warmup.steps and (not needs_teacher or self.teacher.kind != "model"):
             raise ConfigError("warmup.steps: the off-policy warm-up trains on a separate "
                               "teacher's own samples; it needs teacher.kind=model and an "

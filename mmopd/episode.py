@@ -21,8 +21,9 @@ STOP_ENV = "env"  # the environment terminated the episode
 STOP_ERROR = "error"  # the environment raised; details in metadata["error"]
 STOP_MAX_TURNS = "max_turns"  # the agent loop's turn bound ran out
 STOP_BUDGET = "token_budget"  # the episode's total token budget ran out
+STOP_DRIFT = "drift"  # sampling stopped early: the reply drifted away from the teacher
 STOP_REASONS = (STOP_EOS, STOP_STRING, STOP_LENGTH, STOP_ENV, STOP_ERROR, STOP_MAX_TURNS,
-                STOP_BUDGET)
+                STOP_BUDGET, STOP_DRIFT)
 
 
 @dataclass

@@ -28,6 +28,7 @@ import gymnasium as gym
 
 from mmopd.episode import (
     STOP_BUDGET,
+    STOP_DRIFT,
     STOP_ENV,
     STOP_EOS,
     STOP_ERROR,
@@ -200,7 +201,7 @@ class AgentLoop:
         text = self.decode(ids)
         ep.metadata.setdefault("completions", []).append(text)
         slot.messages.append({"role": "assistant", "content": text})
-        if cut:
+        if cut or stop_reason == STOP_DRIFT:  # a drifted reply is not worth acting on
             return False
         if slot.tools is not None:
             parsed = self.parser.parse(self._raw_text(ids))

@@ -30,6 +30,7 @@ from mmopd.checkpoint import (
     set_rng_state,
 )
 from mmopd.config import RolloutConfig, TrainConfig, dump_yaml
+from mmopd.drift import DriftStopSampler
 from mmopd.envs import import_env_modules, make_env
 from mmopd.episode import STOP_REASONS, Episode, pad_right
 from mmopd.evaluate import EnvPool, evaluate, is_correct
@@ -66,7 +67,7 @@ from mmopd.objectives.zoo import pair_stats, teacher_topk_fkl
 from mmopd.optim import make_accelerator, make_optimizer, make_scheduler
 from mmopd.render import ChatRenderer
 from mmopd.rollout import collect_episodes
-from mmopd.sampler import HFSampler, SamplingParams
+from mmopd.sampler import HFSampler, Sampler, SamplingParams
 from mmopd.teacher import HFScorer, Teacher, TokenScores
 from mmopd.toolcalls import make_parser
 from mmopd.vision import VisionInputs, forward_kwargs
@@ -371,6 +372,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                           micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
     heads = Heads(sampled=lm_head_fn(model), student=lm_head_fn(model, vocab),
                   teacher=lm_head_fn(t_model, vocab) if t_model is not None else None)
+    rollout_sampler: Sampler = sampler
+    if cfg.objective.drift_stop and t_model is not None and heads.teacher is not None:
+        ocfg = cfg.objective  # Prune-OPD: stop sampling replies that drift from the teacher
+        rollout_sampler = DriftStopSampler(
+            sampler, model, t_model, heads.student, heads.teacher, tokenizer.pad_token_id,
+            threshold=ocfg.drift_threshold, patience=ocfg.drift_patience, k=ocfg.overlap_topk,
+            chunk=ocfg.drift_chunk)
     params = SamplingParams(n=rcfg.samples_per_prompt, temperature=rcfg.temperature,
                             top_p=rcfg.top_p, max_new_tokens=rcfg.max_new_tokens, stop=rcfg.stop)
     need_hidden = _needs_teacher_hidden(objective, cfg) or objective.aux == "divergence"
@@ -421,7 +429,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             episodes = cache.batch(it, n_prompts * params.n, tcfg.seed + 7919 * rank)
         else:
             episodes = collect_episodes(
-                train_pool.take(len(starts) * params.n), starts, sampler, renderer,
+                train_pool.take(len(starts) * params.n), starts, rollout_sampler, renderer,
                 dataclasses.replace(params, max_new_tokens=prefix),
                 teacher_view=cfg.teacher.view == "privileged" and objective.needs_teacher,
                 views=("negative",) if negative_scorer else (), max_turns=_turn_limit(rcfg, step),
@@ -451,6 +459,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "time_rollout_s": t_rollout / mbs, "time_teacher_s": t_teacher / mbs,
             "prefix_len": prefix,
         }
+        if isinstance(rollout_sampler, DriftStopSampler):  # cumulative early stops
+            batch_stats["drift/stopped_samples"] = rollout_sampler.stopped
+            batch_stats["drift/tokens_not_sampled"] = rollout_sampler.tokens_saved
         flops = step_flops(episodes, n_student, n_teacher, int(t_model is not None))
         for k, v in flops.items():  # cumulative, so runs compare at equal compute
             flops_total[k] = flops_total.get(k, 0.0) + v

@@ -183,3 +183,54 @@ def test_lightning_cache_trains_without_a_live_teacher(tiny_overrides, tmp_path)
         TeacherCache.load(tmp_path)
     with pytest.raises(CacheError, match="top-8"):
         cache.score([ep], topk=8)
+
+
+def test_drift_stop_sampler_is_transparent_until_a_reply_drifts(student_dir, teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    from mmopd.config import ModelConfig
+    from mmopd.drift import DriftStopSampler
+    from mmopd.episode import STOP_DRIFT
+    from mmopd.logprobs import lm_head_fn
+    from mmopd.models import load_tokenizer
+    from mmopd.sampler import HFSampler, SamplingParams
+
+    tok = load_tokenizer(ModelConfig(path=str(student_dir)))
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    base = HFSampler(student, tok)
+    prompts = [tok.encode("12+30="), tok.encode("7+5=")]
+    greedy = SamplingParams(n=2, temperature=0.0, max_new_tokens=12)
+
+    def wrap(threshold: float) -> DriftStopSampler:
+        return DriftStopSampler(base, student, teacher, lm_head_fn(student), lm_head_fn(teacher),
+                                tok.pad_token_id, threshold=threshold, patience=2, k=5, chunk=4)
+
+    # nothing counts as low overlap: chunked sampling gives exactly the one-shot samples
+    quiet = wrap(1e-9)
+    for a, b in zip(quiet.generate(prompts, greedy), base.generate(prompts, greedy)):
+        assert [s.token_ids for s in a] == [s.token_ids for s in b]
+        assert [s.stop_reason for s in a] == [s.stop_reason for s in b]
+    assert quiet.stopped == 0
+    # every token is low (overlap < 1.01): each reply stops after its first chunk
+    loud = wrap(1.01)
+    for group in loud.generate(prompts, greedy):
+        for s in group:
+            assert s.stop_reason == STOP_DRIFT and len(s.token_ids) == 4
+    assert loud.stopped == 4 and loud.tokens_saved == 4 * 8
+
+
+def test_drift_stop_trains(tiny_overrides):
+    """Top-50 sets of two random models never coincide: every reply drifts at its first check."""
+    res = train(load_config(TrainConfig, None, tiny_overrides + [
+        "objective.name=opd", "objective.drift_threshold=1.0", "objective.overlap_topk=50",
+        "objective.drift_patience=2",
+        "objective.drift_weight=0.5", "objective.drift_stop=true", "objective.drift_chunk=4"]))
+    rows = _rows(Path(res["run_dir"]))
+    # each reply drifted at its first check, unless it ended inside the first 4-token chunk
+    first = rows[0]
+    assert first["stop_drift_frac"] + first["stop_eos_frac"] == 1.0
+    assert first["drift/stopped_samples"] == round(8 * first["stop_drift_frac"]) > 0
+    assert all(r["response_tokens"] <= 4 for r in rows)
+    with pytest.raises(ConfigError, match="drift_stop"):
+        load_config(TrainConfig, None, tiny_overrides + ["objective.drift_stop=true"])
