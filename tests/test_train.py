@@ -79,6 +79,7 @@ def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir
     as the whole minibatch at once (the normaliser is the minibatch's kept-token count)."""
     from mmopd.envs import make_env
     from mmopd.logprobs import lm_head_fn
+    from mmopd.losses import Heads, accumulate_gradients, needs_teacher_hidden
     from mmopd.models import load_model, load_tokenizer
     from mmopd.objectives import needed_scores
     from mmopd.optim import make_accelerator
@@ -86,7 +87,7 @@ def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir
     from mmopd.rollout import collect_episodes
     from mmopd.sampler import HFSampler, SamplingParams
     from mmopd.teacher import HFScorer
-    from mmopd.train import Heads, _needs_teacher_hidden, accumulate_gradients, score_batch
+    from mmopd.train import score_batch
 
     cfg = _cfg(tiny_overrides, [f"objective.name={name}", *extra])
     obj = OBJECTIVES[name]
@@ -98,7 +99,7 @@ def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir
                            [{"seed": i} for i in range(4)], HFSampler(student, tok), r,
                            SamplingParams(n=2, max_new_tokens=8))
     old = HFScorer(student, tok.pad_token_id, view="student")
-    need_hidden = _needs_teacher_hidden(obj, cfg) or obj.aux == "divergence"
+    need_hidden = needs_teacher_hidden(obj, cfg) or obj.aux == "divergence"
     t_scorer = HFScorer(teacher, tok.pad_token_id, view="student")
     heads = Heads(lm_head_fn(student), lm_head_fn(student), lm_head_fn(teacher))
     needs = needed_scores(obj, cfg.objective)

@@ -1,0 +1,165 @@
+"""Losses over the student's hidden states: the per-token divergences and auxiliary terms the
+objectives ask for, teacher-student statistics, and gradient accumulation over micro-batches.
+
+Everything works on the final hidden states of the loss positions and rebuilds logits chunk by
+chunk through the output layers (`Heads`), so no [tokens x vocab] tensor of a whole batch exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+
+import torch
+from accelerate import Accelerator
+
+from mmopd.config import TrainConfig
+from mmopd.episode import Episode, pad_right
+from mmopd.logprobs import (
+    Head,
+    chunked_map,
+    final_hidden,
+    predicting_positions,
+    target_logprobs,
+)
+from mmopd.objectives import (
+    Objective,
+    Plan,
+    TokenBatch,
+    full_vocab_divergence,
+    policy_loss_sum,
+    topk_divergence,
+)
+from mmopd.objectives.zoo import pair_stats, teacher_topk_fkl
+from mmopd.teacher import TokenScores
+from mmopd.vision import VisionInputs, forward_kwargs
+
+
+@dataclasses.dataclass(frozen=True)
+class Heads:
+    """Output layers as functions: `sampled` (the student's full layer, for log-probs of sampled
+    tokens) and `student` / `teacher` trimmed to their shared rows (for distributions)."""
+
+    sampled: Head
+    student: Head
+    teacher: Head | None
+
+
+def needs_teacher_hidden(obj: Objective, cfg: TrainConfig) -> bool:
+    """Full-vocabulary objectives (and top-k over the student's ids) rebuild teacher logits."""
+    return obj.kind == "divergence" and (cfg.objective.topk == 0
+                                         or cfg.objective.topk_source == "student")
+
+
+def divergence_sum(kind: str, k: int, cfg: TrainConfig, s_head: Head, t_head: Head,
+                    h_NH: torch.Tensor,
+                    scores: TokenScores, tok: torch.Tensor, keep_N: torch.Tensor) -> torch.Tensor:
+    """sum over kept tokens of the per-token divergence `kind` (full vocabulary for k = 0, else
+    top-k + tail), times its weight, chunked and checkpointed."""
+    beta = cfg.objective.jsd_beta
+    chunk = cfg.trainer.chunk_size
+    if k == 0:
+        def fn(h, ht):
+            return (full_vocab_divergence(kind, s_head(h), t_head(ht), beta),)
+        (d,) = chunked_map(fn, chunk, h_NH, scores.hidden_NH[tok.to(scores.hidden_NH.device)])
+    elif cfg.objective.topk_source == "student":
+        def fn(h, ht):
+            s = torch.log_softmax(s_head(h), -1)
+            ids = s.detach().topk(k, -1).indices
+            t = torch.log_softmax(t_head(ht), -1)
+            return (topk_divergence(kind, s.gather(-1, ids), t.gather(-1, ids), beta),)
+        (d,) = chunked_map(fn, chunk, h_NH, scores.hidden_NH[tok.to(scores.hidden_NH.device)])
+    else:
+        dev = h_NH.device
+
+        def fn(h, ids, tlp):
+            s = torch.log_softmax(s_head(h), -1)
+            return (topk_divergence(kind, s.gather(-1, ids), tlp, beta),)
+        (d,) = chunked_map(fn, chunk, h_NH, scores.topk_ids_NK[tok].to(dev),
+                           scores.topk_logp_NK[tok].to(dev))
+    return (d * keep_N.to(d.device)).sum()
+
+
+def aux_sum(objective: Objective, cfg: TrainConfig, heads: Heads, h_NH: torch.Tensor,
+             teach: TokenScores, tok: torch.Tensor, aux_N: torch.Tensor) -> torch.Tensor:
+    """An objective's auxiliary divergence, summed over the tokens where its weight is > 0:
+    EOPD's forward KL over the teacher's top-k (renormalised), or AOPD's full divergence."""
+    sel = (aux_N > 0).nonzero().squeeze(-1)
+    if not sel.numel():
+        return h_NH.sum() * 0.0  # keeps the graph connected for DDP
+    dev = h_NH.device
+    if objective.aux == "teacher_topk_fkl":
+        k = cfg.objective.eopd_topk
+        ids = teach.topk_ids_NK[tok[sel], :k].to(dev)
+        tlp = teach.topk_logp_NK[tok[sel], :k].to(dev)
+
+        def fn(h, i, t):
+            return (teacher_topk_fkl(torch.log_softmax(heads.student(h), -1).gather(-1, i), t),)
+        (d,) = chunked_map(fn, cfg.trainer.chunk_size, h_NH[sel.to(dev)], ids, tlp)
+        return (d * aux_N[sel].to(dev)).sum()
+    return divergence_sum(cfg.objective.aopd_divergence, 0, cfg, heads.student, heads.teacher,
+                           h_NH[sel.to(dev)], teach, tok[sel], aux_N[sel])
+
+
+@torch.no_grad()
+def pair_pass(heads: Heads, h_old_NH: torch.Tensor, h_teacher_NH: torch.Tensor,
+              idx: torch.Tensor, k: int, chunk_size: int) -> dict[str, torch.Tensor]:
+    """`pair_stats` of student (pi_old) and teacher distributions at positions `idx`, rebuilt
+    chunk by chunk from both models' final hidden states."""
+    assert heads.teacher is not None
+    parts: dict[str, list[torch.Tensor]] = {}
+    for c in idx.split(chunk_size):
+        out = pair_stats(heads.student(h_old_NH[c.to(h_old_NH.device)]),
+                         heads.teacher(h_teacher_NH[c.to(h_teacher_NH.device)]), k)
+        for name, v in out.items():
+            parts.setdefault(name, []).append(v.float().cpu())
+    return {name: torch.cat(v) for name, v in parts.items()}
+
+
+def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
+                         episodes: list[Episode], slices: list[torch.Tensor], tb: TokenBatch,
+                         plan: Plan, teach: TokenScores, objective: Objective, cfg: TrainConfig,
+                         heads: Heads, pad_id: int) -> tuple[float, float, int]:
+    """Accumulate gradients of one minibatch; returns (loss, sum of rho over kept, tokens)."""
+    device, world = accelerator.device, accelerator.num_processes
+    unwrapped = accelerator.unwrap_model(student)
+    tok_all = torch.cat(slices)
+    # Token mean over the whole minibatch (and all ranks): the divisor is known before any
+    # micro-batch runs, so accumulation gives exactly the full-batch gradient.
+    n_keep = accelerator.reduce(plan.counted_N[tok_all].sum().to(device), "sum")
+    denom = max(float(n_keep), 1.0)
+    mb = cfg.trainer.micro_batch_size
+    loss_total, ratio_sum, seq_tokens = 0.0, 0.0, 0
+    parts = range(0, len(episodes), mb)
+    for j, s in enumerate(parts):
+        eps, tok = episodes[s: s + mb], torch.cat(slices[s: s + mb])
+        batch = pad_right([e.input_ids for e in eps], [e.loss_mask for e in eps], pad_id, device)
+        seq_tokens += int(batch.attention_mask.sum())
+        keep = plan.keep_N[tok]
+        sync = j == len(parts) - 1
+        vision = VisionInputs.cat(e.vision for e in eps)
+        with accelerator.no_sync(student) if not sync else nullcontext():
+            hidden = final_hidden(student, batch.input_ids, batch.attention_mask,
+                                  **forward_kwargs(unwrapped, batch.input_ids, vision))
+            rows, cols = predicting_positions(batch.loss_mask)
+            h = hidden[rows, cols - 1]
+            if objective.kind == "pg":
+                logp = target_logprobs(heads.sampled, h, batch.input_ids[rows, cols],
+                                       cfg.trainer.chunk_size)
+                logp_old = tb.logp_old_N[tok].to(device)
+                loss_sum = policy_loss_sum(logp, logp_old, plan.advantage_N[tok].to(device),
+                                           keep.to(device))
+                with torch.no_grad():
+                    ratio_sum += float((torch.exp(logp - logp_old) * keep.to(device)).sum())
+                if plan.aux_N is not None:
+                    loss_sum = loss_sum + aux_sum(objective, cfg, heads, h, teach, tok,
+                                                   plan.aux_N[tok])
+            else:
+                weight = keep if plan.weight_N is None else keep * plan.weight_N[tok]
+                loss_sum = divergence_sum(objective.divergence, cfg.objective.topk, cfg,
+                                           heads.student, heads.teacher, h, teach, tok, weight)
+                ratio_sum += float(keep.sum())
+            loss = loss_sum / denom * world  # DDP averages over ranks; undo it for a token mean
+            accelerator.backward(loss)
+        loss_total += loss_sum.item() / denom
+    return loss_total, ratio_sum, seq_tokens
