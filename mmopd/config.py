@@ -343,11 +343,10 @@ class TrainConfig:
         if self.teacher.kind == "cache" and needs_teacher:
             _check(self.teacher.cache is not None, "teacher.cache",
                    "teacher.kind=cache needs the directory `mmopd cache-teacher` wrote")
+            from mmopd.losses import needs_teacher_hidden
             from mmopd.objectives import needed_scores
 
-            live = (obj.kind == "divergence" and (self.objective.topk == 0
-                                                  or self.objective.topk_source == "student"))
-            live = live or obj.aux == "divergence" or bool(
+            live = needs_teacher_hidden(obj, self) or bool(
                 {"kl", "overlap"} & needed_scores(obj, self.objective))
             live = live or self.objective.episode_gating != "none"
             _check(not live, "teacher.kind",

@@ -46,9 +46,10 @@ class Heads:
 
 
 def needs_teacher_hidden(obj: Objective, cfg: TrainConfig) -> bool:
-    """Full-vocabulary objectives (and top-k over the student's ids) rebuild teacher logits."""
-    return obj.kind == "divergence" and (cfg.objective.topk == 0
-                                         or cfg.objective.topk_source == "student")
+    """Full-vocabulary objectives (and top-k over the student's ids, and AOPD's full divergence
+    term) rebuild teacher logits from its hidden states: they need a live teacher."""
+    return obj.aux == "divergence" or (obj.kind == "divergence" and (
+        cfg.objective.topk == 0 or cfg.objective.topk_source == "student"))
 
 
 def divergence_sum(kind: str, k: int, cfg: TrainConfig, s_head: Head, t_head: Head,

@@ -298,7 +298,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             chunk=ocfg.drift_chunk)
     params = SamplingParams(n=rcfg.samples_per_prompt, temperature=rcfg.temperature,
                             top_p=rcfg.top_p, max_new_tokens=rcfg.max_new_tokens, stop=rcfg.stop)
-    need_hidden = needs_teacher_hidden(objective, cfg) or objective.aux == "divergence"
+    need_hidden = needs_teacher_hidden(objective, cfg)
     teacher_topk = cfg.objective.topk if (objective.kind == "divergence" and not need_hidden) \
         else cfg.teacher.topk
     if "teacher_topk" in needs:

@@ -99,7 +99,7 @@ def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir
                            [{"seed": i} for i in range(4)], HFSampler(student, tok), r,
                            SamplingParams(n=2, max_new_tokens=8))
     old = HFScorer(student, tok.pad_token_id, view="student")
-    need_hidden = needs_teacher_hidden(obj, cfg) or obj.aux == "divergence"
+    need_hidden = needs_teacher_hidden(obj, cfg)
     t_scorer = HFScorer(teacher, tok.pad_token_id, view="student")
     heads = Heads(lm_head_fn(student), lm_head_fn(student), lm_head_fn(teacher))
     needs = needed_scores(obj, cfg.objective)
