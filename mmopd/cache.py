@@ -107,11 +107,14 @@ class TeacherCache:
         """The `index`-th batch of `size` cached episodes: epochs over the cache, each in a
         seeded order, so a resumed run sees the same batches."""
         n = len(self.episodes)
+        orders: dict[int, list[int]] = {}  # one permutation per epoch the batch touches
         out = []
         for j in range(index * size, (index + 1) * size):
             epoch, pos = divmod(j, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-            out.append(self.episodes[int(order[pos])])
+            if epoch not in orders:
+                gen = torch.Generator().manual_seed(seed + epoch)
+                orders[epoch] = torch.randperm(n, generator=gen).tolist()
+            out.append(self.episodes[orders[epoch][pos]])
         return out
 
     def score(self, episodes: list[Episode], *, topk: int = 0,
