@@ -46,7 +46,8 @@ class World:
     student_epochs: int
     distill: tuple[str, ...]
     teacher_epochs: int = 3
-    sft_schedule: str = "{warmup_steps: 0, schedule: constant}"
+    sft_schedule: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"warmup_steps": 0, "schedule": "constant"})
     teacher_model: dict[str, Any] = dataclasses.field(default_factory=lambda: TEACHER)
     student_model: dict[str, Any] = dataclasses.field(default_factory=lambda: STUDENT)
     vision: bool = False  # tiny Qwen2.5-VL models and a tokenizer with an image processor
@@ -75,7 +76,7 @@ WORLDS = {
         env={"id": "mmopd/VisionQA-v0", "kwargs": {"task": "color", "image_size": 84,
                                                    "num_distractors": 1, "system_prompt": None}},
         teacher_examples=6000, student_examples=3000, sft_lr=1e-3, student_epochs=2,
-        teacher_epochs=2, sft_schedule="{warmup_steps: 20, schedule: cosine}",
+        teacher_epochs=2, sft_schedule={"warmup_steps": 20, "schedule": "cosine"},
         teacher_model=VL_TEACHER, student_model=VL_STUDENT, vision=True, student_view_frac=0.5,
         distill=("rollout.prompts_per_batch=32", "rollout.max_new_tokens=24", "optim.lr=2e-4",
                  "trainer.steps=300", "eval.every=50")),
@@ -97,7 +98,7 @@ def demo_configs(out: Path, fast: bool = False,
         return load_config(SFTConfig, None, [
             f"model={json.dumps({'tiny': tiny, 'tokenizer': tok})}",
             f"data={json.dumps(data)}", f"epochs={epochs}",
-            "batch_size=32", f"optim={{lr: {w.sft_lr}, {w.sft_schedule[1:]}",
+            "batch_size=32", f"optim={json.dumps({'lr': w.sft_lr, **w.sft_schedule})}",
             f"output_dir={out / name}", "eval_problems=0", f"seed={seed}",
         ])
 
