@@ -80,30 +80,9 @@ class Episode:
         return self.input_ids[self.prompt_len:]
 
     @property
-    def teacher_input_ids(self) -> list[int]:
-        """The teacher's sequence: its own prompt, then the identical continuation."""
-        if self.teacher_prompt_ids is None:
-            return self.input_ids
-        return self.teacher_prompt_ids + self.continuation
-
-    @property
-    def teacher_offset(self) -> int:
-        """Add to a student position to get the same token's position in the teacher sequence."""
-        if self.teacher_prompt_ids is None:
-            return 0
-        return len(self.teacher_prompt_ids) - self.prompt_len
-
-    @property
     def continuation_vision(self) -> VisionInputs | None:
         """Images after the prompt (tool results): the same in every view."""
         return self.vision.select(self.prompt_images) if self.vision is not None else None
-
-    @property
-    def teacher_vision(self) -> VisionInputs | None:
-        """Images of `teacher_input_ids`."""
-        if self.teacher_prompt_ids is None:
-            return self.vision
-        return VisionInputs.cat([self.teacher_prompt_vision, self.continuation_vision])
 
     def view(self, name: str) -> tuple[list[int], list[int], VisionInputs | None]:
         """(token ids, loss mask, images) of the sequence under a prompt view: "student", "teacher"

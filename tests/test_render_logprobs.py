@@ -41,8 +41,9 @@ def test_episode_masks_and_teacher_view():
     ep.append([7], student=True, step=1, logprobs=[-0.3])
     assert ep.loss_mask == [0, 0, 0, 1, 1, 0, 1]
     assert ep.step_index == [-1, -1, -1, 0, 0, -1, 1]
-    assert ep.teacher_input_ids == [9, 9, 9, 9, 9, 4, 5, 6, 7]
-    assert ep.teacher_offset == 2 and ep.num_generated == 3
+    ids, mask, _ = ep.view("teacher")  # the teacher prompt, then the identical continuation
+    assert ids == [9, 9, 9, 9, 9, 4, 5, 6, 7] and mask == [0] * 5 + [1, 1, 0, 1]
+    assert ep.num_generated == 3
     with pytest.raises(ValueError):
         Episode(input_ids=[1], loss_mask=[], step_index=[], sampled_logprobs=[], prompt_len=1)
 
