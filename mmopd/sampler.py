@@ -149,7 +149,7 @@ class HFSampler:
         toks = ids.tolist()
         is_eos = torch.isin(ids, torch.tensor(self.eos_ids))
         end_eos = int(is_eos.nonzero()[0]) + 1 if is_eos.any() else None
-        for end in range(1, (end_eos or len(toks)) if params.stop else 0):
+        for end in range(1, (end_eos or len(toks)) + 1 if params.stop else 0):
             text = self.tokenizer.decode(toks[:end])
             if any(s in text for s in params.stop):
                 return Sample(toks[:end], logp[:end].tolist(), STOP_STRING)
