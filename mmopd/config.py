@@ -98,10 +98,39 @@ class EnvConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM rollout engine (rollout.backend=vllm), colocated with the trainer.
+
+    Its weights follow the student's after every optimiser step; every rollout batch is checked:
+    the mean |log-prob| gap between the engine's sampled-token log-probs and the trainer's own
+    must stay under `max_logprob_gap`, or training stops (a failed weight sync would otherwise
+    train on another model's samples).
+    """
+
+    gpu_memory_utilization: float = 0.3  # the engine's share of the GPU; training has the rest
+    sleep: bool = False  # GPU: release the engine's memory between rollouts
+    max_model_len: int | None = None  # defaults to the checkpoint's
+    enforce_eager: bool = False  # skip CUDA graph capture (faster start, slower decode)
+    dtype: str = "auto"
+    cpu_kv_cache_gb: int = 1  # CPU backend: key-value cache size
+    max_logprob_gap: float = 0.1  # mean |log pi_vllm - log pi_trainer| per sampled token
+
+    def __post_init__(self) -> None:
+        w = "rollout.vllm"
+        _check(0 < self.gpu_memory_utilization <= 1, f"{w}.gpu_memory_utilization",
+               "must be in (0, 1]")
+        _check(self.max_model_len is None or self.max_model_len > 0, f"{w}.max_model_len",
+               "must be positive")
+        _check(self.cpu_kv_cache_gb > 0, f"{w}.cpu_kv_cache_gb", "must be positive")
+        _check(self.max_logprob_gap > 0, f"{w}.max_logprob_gap", "must be positive")
+
+
+@dataclass
 class RolloutConfig:
     """How student episodes are sampled each rollout batch."""
 
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     prompts_per_batch: int = 16
     samples_per_prompt: int = 4
     temperature: float = 1.0
@@ -140,6 +169,31 @@ class RolloutConfig:
 
 
 @dataclass
+class ServedTeacherConfig:
+    """A teacher behind an OpenAI-compatible vLLM server (`vllm serve MODEL`), for teachers on
+    other GPUs or nodes. It returns prompt log-probs with top-k, not logits: objectives that need
+    the teacher's full distribution are refused at config time."""
+
+    url: str | None = None  # e.g. http://10.0.0.5:8000
+    model: str | None = None  # the served model's name (default: the only one served)
+    topk: int = 20  # log-probs per position asked for (the entropy estimate uses them)
+    batch_size: int = 8  # episodes per request
+    concurrency: int = 2  # requests in flight
+    timeout_s: float = 300.0  # per request
+    max_retries: int = 3  # per request, with exponential backoff (connection errors, 5xx)
+    api_key_env: str | None = None  # name of an environment variable holding the API key
+
+    def __post_init__(self) -> None:
+        w = "teacher.served"
+        _check(self.url is None or self.url.startswith(("http://", "https://")), f"{w}.url",
+               f"{self.url!r} is not an http(s) URL")
+        for name in ("topk", "batch_size", "concurrency"):
+            _check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
+        _check(self.timeout_s > 0, f"{w}.timeout_s", "must be positive")
+        _check(self.max_retries >= 0, f"{w}.max_retries", "must be >= 0")
+
+
+@dataclass
 class TeacherConfig:
     """Who scores the student's tokens.
 
@@ -149,11 +203,12 @@ class TeacherConfig:
     (1 - d) * theta_S after every optimiser step, d = ema_decay), as in Vision-OPD.
     kind "cache": no live teacher; batches and the teacher's scores come from a cache built by
     `mmopd cache-teacher` (Lightning OPD), directory `cache`.
+    kind "served": a teacher behind a vLLM server (`served`): sampled-token log-probs and top-k.
     view "privileged": the teacher reads the env's teacher view (info["teacher_messages"]: a worked
     solution, the question-relevant image crop, ...) instead of the student's prompt.
     """
 
-    kind: Literal["model", "self", "ema", "cache"] = "model"
+    kind: Literal["model", "self", "ema", "cache", "served"] = "model"
     model: ModelConfig | None = None
     view: Literal["same", "privileged"] = "same"
     topk: int = 0  # also return the teacher's top-k log-probs (0 = off)
@@ -161,6 +216,7 @@ class TeacherConfig:
     # refuse a teacher whose chat template renders a probe conversation differently
     check_template: bool = True
     cache: str | None = None  # kind "cache": a directory written by `mmopd cache-teacher`
+    served: ServedTeacherConfig = field(default_factory=ServedTeacherConfig)
 
     def __post_init__(self) -> None:
         _check(self.topk >= 0, "teacher.topk", "must be >= 0")
@@ -340,9 +396,15 @@ class TrainConfig:
             raise ConfigError("objective.name: opsd distils from the frozen initial student "
                               "reading the reference solution; set teacher.kind=self and "
                               "teacher.view=privileged")
-        if self.teacher.kind == "cache" and needs_teacher:
-            _check(self.teacher.cache is not None, "teacher.cache",
+        if self.teacher.kind == "served" and needs_teacher:
+            _check(self.teacher.served.url is not None, "teacher.served.url",
+                   "teacher.kind=served needs the server's URL (http://HOST:PORT)")
+        if self.teacher.kind in ("cache", "served") and needs_teacher:
+            _check(self.teacher.kind != "cache" or self.teacher.cache is not None,
+                   "teacher.cache",
                    "teacher.kind=cache needs the directory `mmopd cache-teacher` wrote")
+            held = ("a cache holds log-probs and top-k only" if self.teacher.kind == "cache"
+                    else "a served teacher returns log-probs and top-k only")
             from mmopd.losses import needs_teacher_hidden
             from mmopd.objectives import needed_scores
 
@@ -351,9 +413,12 @@ class TrainConfig:
             live = live or self.objective.episode_gating != "none"
             _check(not live, "teacher.kind",
                    f"objective {obj.name!r} with these options needs the teacher's full "
-                   "distribution (a live teacher); a cache holds log-probs and top-k only: use a "
-                   "sampled-token objective (opd, reopold, gopd, eopd) or topk_source=teacher")
-        if self.objective.drift_stop and (self.teacher.kind == "cache"
+                   f"distribution (an in-process teacher); {held}: use a sampled-token "
+                   "objective (opd, reopold, gopd, eopd) or topk_source=teacher")
+        if self.rollout.backend == "vllm" and self.objective.drift_stop:
+            raise ConfigError("objective.drift_stop: stopping drifted samples re-scores every "
+                              "chunk of a reply in process; it needs rollout.backend=hf")
+        if self.objective.drift_stop and (self.teacher.kind in ("cache", "served")
                                           or self.teacher.view != "same"):
             raise ConfigError("objective.drift_stop: stopping drifted samples runs the live "
                               "teacher on the student's own prompt while sampling; it needs "

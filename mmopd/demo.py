@@ -83,12 +83,21 @@ WORLDS = {
 }
 
 
-def demo_configs(out: Path, fast: bool = False,
-                 world: str = "math") -> tuple[SFTConfig, SFTConfig, TrainConfig]:
-    """The three runs of the demo as configs (printable, overridable, reusable in tests)."""
+def demo_configs(out: Path, fast: bool = False, world: str = "math",
+                 rollout: str = "hf") -> tuple[SFTConfig, SFTConfig, TrainConfig]:
+    """The three runs of the demo as configs (printable, overridable, reusable in tests).
+    `rollout="vllm"` samples the distillation episodes with vLLM; the student then has head
+    size 32 (hidden / 32 heads, one key-value head), the smallest vLLM's CPU attention runs."""
     if world not in WORLDS:
         raise ValueError(f"unknown demo world {world!r}; choose one of {sorted(WORLDS)}")
     w = WORLDS[world]
+    if rollout == "vllm":
+        if w.vision:
+            raise ValueError("the vLLM rollout backend samples text students; the vision world "
+                             "rolls out with HF generate")
+        heads = w.student_model["hidden_size"] // 32
+        w = dataclasses.replace(w, student_model={**w.student_model, "num_heads": heads,
+                                                  "num_kv_heads": 1})
     tok = str(out / "tokenizer")
 
     def supervised(tiny: dict, examples: int, epochs: int, name: str, seed: int,
@@ -118,19 +127,19 @@ def demo_configs(out: Path, fast: bool = False,
         f"trainer.output_dir={out / 'reopold'}",
         "optim.lr=3e-4", "optim.warmup_steps=0", "trainer.log_every=10",  # world may override
         "eval.num_problems=200", "eval.pass_k=4", "eval.at_start=false",
-        *w.distill,
+        *w.distill, f"rollout.backend={rollout}",
         *(["trainer.steps=4", "eval.every=0"] if fast else []),
     ])
     return teacher_sft, student_sft, distill
 
 
 def run_demo(out: str | Path = "runs/demo", fast: bool = False,
-             world: str = "math") -> dict[str, Any]:
+             world: str = "math", rollout: str = "hf") -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     build_char_tokenizer(out / "tokenizer", vision=WORLDS[world].vision)
-    teacher_sft, student_sft, distill = demo_configs(out, fast, world)
+    teacher_sft, student_sft, distill = demo_configs(out, fast, world, rollout)
 
     data = {"math": "worked solutions", "agent": "expert episodes"}.get(world, "answers")
     print(f"== 1/4 supervised teacher on {data}")

