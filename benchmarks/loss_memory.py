@@ -23,6 +23,7 @@ import argparse
 import json
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -153,7 +154,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"vocab": args.vocab, "tokens": args.tokens, "topk": args.topk, "chunk": args.chunk,
-            "repeats": args.repeats, "machine": machine}
+            "repeats": args.repeats, "machine": machine,
+            "command": "python " + shlex.join(sys.argv)}
     (out / "loss_memory.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     lines = [f"Loss memory at V = {args.vocab:,}, T = {args.tokens:,} tokens (top-k = "
              f"{args.topk}, chunk = {args.chunk}; {machine}); forward + backward, gradients of "

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -79,7 +81,7 @@ def main() -> None:
         "median_train_s": med("time_train_s"),
         "median_train_tokens_per_s": med("train_tokens_per_s"),
         "median_rollout_tokens_per_s": med("rollout_tokens_per_s"),
-        "wall_s": wall,
+        "wall_s": wall, "command": "python " + shlex.join(sys.argv),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
