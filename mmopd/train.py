@@ -261,6 +261,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     device = accelerator.device
     set_seed(tcfg.seed)
     objective = OBJECTIVES[cfg.objective.name]
+    if rcfg.backend == "vllm":  # a missing or too old vLLM fails before anything loads
+        from mmopd.vllm_sampler import check_vllm
+
+        check_vllm()
 
     # Environments first: a bad env id or data file fails before any model is loaded.
     import_env_modules(cfg.env.imports)

@@ -80,6 +80,15 @@ def state_dict_for_inference(model: PreTrainedModel) -> Iterator[tuple[str, torc
     yield from sd.items()
 
 
+def check_vllm() -> None:
+    """Raise VLLMUnavailable unless a recent enough vLLM is installed."""
+    version = vllm_version()
+    if version < MIN_VLLM:
+        raise VLLMUnavailable(f"rollout.backend=vllm needs vLLM >= "
+                              f"{'.'.join(map(str, MIN_VLLM))}; found "
+                              f"{'.'.join(map(str, version))}")
+
+
 class VLLMSampler:
     """Samples with a vLLM engine built from `model_path` (a checkpoint directory with its
     tokenizer); `load_weights` pushes the trainer's weights into it."""
@@ -90,11 +99,7 @@ class VLLMSampler:
                  gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
                  sleep: bool = False, seed: int = 0, enforce_eager: bool = False,
                  cpu_kv_cache_gb: int = 1) -> None:
-        version = vllm_version()
-        if version < MIN_VLLM:
-            raise VLLMUnavailable(f"rollout.backend=vllm needs vLLM >= "
-                                  f"{'.'.join(map(str, MIN_VLLM))}; found "
-                                  f"{'.'.join(map(str, version))}")
+        check_vllm()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
         try:

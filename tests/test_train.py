@@ -4,6 +4,7 @@ accumulation, deterministic resume, and the CLI's errors on bad input."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import subprocess
 import sys
@@ -248,3 +249,13 @@ def test_demo_fast_runs_end_to_end(tmp_path, world, method):
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert {"before", "after", "teacher", "wall_seconds"} <= set(res)
     assert (tmp_path / "demo" / "reopold" / "curves.png").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_backend_without_vllm_fails_before_loading(tiny_overrides):
+    from mmopd.vllm_sampler import VLLMUnavailable
+
+    cfg = load_config(TrainConfig, None, [*tiny_overrides, "rollout.backend=vllm",
+                                          "model.path=/nonexistent"])
+    with pytest.raises(VLLMUnavailable, match="needs vLLM"):  # not the missing model path
+        train(cfg)
