@@ -1,6 +1,7 @@
 """Checkpoints: `checkpoints/step-N/` with the student (save_pretrained), its tokenizer and the
 optimiser / scheduler / RNG state. Written to a temporary directory and renamed into place, so a
-directory named step-N is always complete; `resume=auto` picks the newest one."""
+directory named step-N is always complete; `resume=auto` picks the newest one. A LoRA student is
+saved merged (a plain model, loadable by path) with its adapter in `step-N/adapter/`."""
 
 from __future__ import annotations
 
@@ -46,14 +47,17 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any,
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    from mmopd.models import save_merged
+
+    save_merged(model, tmp)
     tokenizer.save_pretrained(tmp)
     if processor is not None:
         processor.save_pretrained(tmp)
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
-    for f in tmp.iterdir():  # data on disk before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -92,3 +96,20 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 
 def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path / STATE_FILE, weights_only=False)
+
+
+def load_student(cfg: Any, tokenizer: Any, path: Path, vision: Any = None) -> Any:
+    """The trainable student of checkpoint `path` (`cfg`: the run's ModelConfig). Full
+    fine-tuning: the saved weights. LoRA: the run's own base model with the saved adapter, so
+    training continues on the same adapters the optimiser state belongs to (adapters put on
+    top of the merged weights would start afresh)."""
+    import dataclasses
+
+    from mmopd.models import load_adapter, load_model
+
+    if cfg.lora is None:
+        return load_model(dataclasses.replace(cfg, path=str(path), tiny=None, tokenizer=None),
+                          tokenizer, trainable=True)
+    student = load_model(cfg, tokenizer, trainable=True, vision=vision)
+    load_adapter(student, path / "adapter")
+    return student

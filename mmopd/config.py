@@ -59,6 +59,30 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters on the student (peft): the base weights stay frozen and only the adapters
+    train (and go to the optimiser). Checkpoints hold the merged full model, loadable by path
+    (`mmopd eval`, a vLLM engine, a later run), plus the adapter alone in `adapter/`."""
+
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scaling alpha / r
+    # dropout > 0 makes the training forward differ from the (eval-mode) pi_old scoring, so the
+    # ratio rho != 1 even on a rollout batch's first step
+    dropout: float = 0.0
+    # attention and MLP projections of Qwen / Llama-style decoders
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def __post_init__(self) -> None:
+        w = "model.lora"
+        _check(self.r > 0, f"{w}.r", f"{self.r} must be positive")
+        _check(self.alpha > 0, f"{w}.alpha", f"{self.alpha} must be positive")
+        _check(0 <= self.dropout < 1, f"{w}.dropout", f"{self.dropout} is outside [0, 1)")
+        _check(bool(self.target_modules), f"{w}.target_modules",
+               "needs at least one module name (e.g. [q_proj, v_proj])")
+
+
+@dataclass
 class ModelConfig:
     """Where a model comes from: a hub name or local directory, or a tiny config to build."""
 
@@ -71,6 +95,8 @@ class ModelConfig:
     # VLMs: images are resized into [min_pixels, max_pixels] (None: the image processor's own)
     min_pixels: int | None = None
     max_pixels: int | None = None
+    # train LoRA adapters instead of every weight (the student only; null: full fine-tuning)
+    lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
         _check((self.path is None) != (self.tiny is None), "model",
@@ -221,6 +247,8 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         _check(self.topk >= 0, "teacher.topk", "must be >= 0")
         _check(0 <= self.ema_decay < 1, "teacher.ema_decay", f"{self.ema_decay} is outside [0, 1)")
+        _check(self.model is None or self.model.lora is None, "teacher.model.lora",
+               "LoRA adapters train the student; a teacher is frozen (remove the setting)")
 
 
 @dataclass
@@ -486,6 +514,8 @@ class SFTConfig:
         _check(self.epochs > 0, "epochs", "must be positive")
         _check(self.max_turns > 0, "max_turns", "must be positive")
         _check(self.data.num_examples > 0, "data.num_examples", "must be positive")
+        _check(self.model.lora is None, "model.lora",
+               "`mmopd sft` trains every weight; LoRA students are for `mmopd train`")
 
 
 # --------------------------------------------------------------------------- loading

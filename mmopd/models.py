@@ -4,6 +4,7 @@ config (tests, demos). Both paths end in the same `PreTrainedModel` + tokenizer 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any
@@ -22,7 +23,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from mmopd.config import ModelConfig, TinyModelConfig
+from mmopd.config import LoraSettings, ModelConfig, TinyModelConfig
 from mmopd.vision import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, VisionProcessor
 
 
@@ -184,7 +185,18 @@ def _tiny_config(t: TinyModelConfig, tokenizer: PreTrainedTokenizerBase,
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, field: str = "model",
                trainable: bool = False, vision: VisionProcessor | None = None) -> PreTrainedModel:
     """Build or load a causal LM (or a VLM with its LM head) in `cfg.dtype` on the CPU
-    (accelerate moves it). Tiny VL models take their patch geometry from `vision`."""
+    (accelerate moves it). Tiny VL models take their patch geometry from `vision`. A trainable
+    model with `cfg.lora` comes back wrapped in peft LoRA adapters, the base frozen; loaded for
+    inference the same config is the plain base model (fresh adapters change nothing)."""
+    model = _load_base(cfg, tokenizer, field, trainable, vision)
+    if trainable and cfg.lora is not None:
+        return add_lora(model, cfg.lora)
+    return model
+
+
+def _load_base(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, field: str,
+               trainable: bool, vision: VisionProcessor | None) -> PreTrainedModel:
+    """The plain transformers model of `cfg` (no adapters)."""
     dtype = resolve_dtype(cfg.dtype, trainable)
     if cfg.tiny is not None:
         config = _tiny_config(cfg.tiny, tokenizer, vision)
@@ -206,6 +218,88 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, field: str 
         raise ModelLoadError(f"{field}.path: cannot load {cfg.path!r}: "
                              f"{str(e).splitlines()[0]}") from None
     return model
+
+
+# --------------------------------------------------------------------------- LoRA students
+
+
+def add_lora(model: PreTrainedModel, lora: LoraSettings) -> PreTrainedModel:
+    """Wrap `model` in trainable LoRA adapters (peft); every base weight is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in lora.target_modules  # peft matches a name or a dotted suffix
+               if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ModelLoadError(f"model.lora.target_modules: {missing} are not module names of "
+                             f"{type(model).__name__} (e.g. {leaves[:12]})")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    """A peft-wrapped model (LoRA student)."""
+    return hasattr(model, "get_base_model")
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of the plain model a LoRA student stands for (W + scale * B A per adapted
+    layer), under the base model's own names, computed out of place: merging into the live
+    model and back would leave rounding error in the frozen base weights. A plain model's own
+    state dict otherwise."""
+    if not is_lora(model):
+        return model.state_dict()
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    out = {k.replace(".base_layer", ""): v for k, v in base.state_dict().items()
+           if "lora_" not in k}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                w = out[f"{name}.weight"]
+                for adapter in module.active_adapters:
+                    w = w + module.get_delta_weight(adapter).to(w.dtype)
+                out[f"{name}.weight"] = w
+    return out
+
+
+def plain_copy(model: torch.nn.Module) -> PreTrainedModel:
+    """A deep copy as a plain transformers model: a LoRA student's adapters are merged in, so
+    frozen teachers copied from it (self, EMA, G-OPD's reference) are ordinary models."""
+    if not is_lora(model):
+        return copy.deepcopy(model)
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def save_merged(model: torch.nn.Module, out_dir: str | os.PathLike) -> None:
+    """save_pretrained of the plain model; for a LoRA student the merged weights (loadable by
+    path anywhere) and the adapter alone in `out_dir/adapter` (to resume training it)."""
+    if not is_lora(model):
+        model.save_pretrained(out_dir, safe_serialization=True)
+        return
+    model.get_base_model().save_pretrained(out_dir, state_dict=merged_state_dict(model),
+                                           safe_serialization=True)
+    model.save_pretrained(os.path.join(out_dir, "adapter"), safe_serialization=True)
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike) -> None:
+    """Put the adapter weights saved by `save_merged` into a LoRA student built from the same
+    base and settings."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    f = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not is_lora(model) or not os.path.isfile(f):
+        raise ModelLoadError(f"trainer.resume: {adapter_dir} holds no LoRA adapter for this "
+                             "student (model.lora must match the run that saved it)")
+    res = set_peft_model_state_dict(model, load_file(f))
+    if res.unexpected_keys or any("lora_" in k for k in res.missing_keys):
+        raise ModelLoadError(f"trainer.resume: the adapter in {adapter_dir} does not fit "
+                             f"model.lora (first mismatches: {res.unexpected_keys[:3]} "
+                             f"{[k for k in res.missing_keys if 'lora_' in k][:3]})")
 
 
 def check_same_vision(student: VisionProcessor | None, teacher: VisionProcessor | None) -> None:

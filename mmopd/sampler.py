@@ -125,9 +125,10 @@ class HFSampler:
         # generate() fills unset fields from model.generation_config (a checkpoint's repetition
         # penalty, say); on-policy samples must come from the model's own distribution, so a
         # neutral default stands in while generating.
-        saved = self.model.generation_config
-        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids,
-                                                        pad_token_id=pad)
+        # (a peft LoRA model proxies the attribute to its base model on read only: set it there)
+        owner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        saved = owner.generation_config
+        owner.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=pad)
         try:
             ids = ids.to(device)
             res = self.model.generate(
@@ -136,7 +137,7 @@ class HFSampler:
                 tokenizer=self.tokenizer if params.stop else None,
                 **forward_kwargs(self.model, ids, VisionInputs.cat(vision)))
         finally:
-            self.model.generation_config = saved
+            owner.generation_config = saved
         new = res.sequences[:, width:]
         logp = recorder.finish(new[:, -1]).cpu()
         new = new.cpu()

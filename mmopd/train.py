@@ -9,7 +9,6 @@ metrics, periodic eval, checkpoint. The losses themselves live in mmopd/losses.p
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from mmopd.cache import TeacherCache
 from mmopd.checkpoint import (
     load_state,
+    load_student,
     resolve_resume,
     save_checkpoint,
     set_rng_state,
@@ -51,10 +51,14 @@ from mmopd.models import (
     check_same_rendering,
     check_same_vision,
     check_same_vocab,
+    is_lora,
     load_model,
     load_tokenizer,
     load_vision,
+    merged_state_dict,
+    plain_copy,
     resolve_dtype,
+    save_merged,
 )
 from mmopd.objectives import (
     OBJECTIVES,
@@ -210,8 +214,7 @@ def make_vllm_sampler(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
     path = cfg.model.path
     if cfg.model.tiny is not None or cfg.model.tokenizer or path is None:
         path = str(out / "vllm_init")
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.save_pretrained(path)
+        save_merged(model, path)
         tokenizer.save_pretrained(path)
     v = cfg.rollout.vllm
     gen_eos = model.generation_config.eos_token_id
@@ -293,7 +296,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     elif objective.needs_teacher:
         if cfg.teacher.kind in ("self", "ema"):  # the initial student (EMA: then tracking it)
             dtype = torch.float32 if cfg.teacher.kind == "ema" else resolve_dtype(cfg.model.dtype)
-            t_model = copy.deepcopy(student).to(dtype)
+            t_model = plain_copy(student).to(dtype)  # LoRA: merged, a plain model
         else:
             t_tok = load_tokenizer(cfg.teacher.model, "teacher.model")
             t_vision = load_vision(cfg.teacher.model, t_tok, "teacher.model")
@@ -315,20 +318,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     needs = needed_scores(objective, cfg.objective)
     ref_scorer = None
     if "ref" in needs:  # G-OPD's reference: the initial student, frozen
-        ref_model = copy.deepcopy(student).to(resolve_dtype(cfg.model.dtype)).requires_grad_(False)
+        ref_model = plain_copy(student).to(resolve_dtype(cfg.model.dtype)).requires_grad_(False)
         ref_scorer = HFScorer(ref_model.to(device), tokenizer.pad_token_id,
                               micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
 
     resume_dir = resolve_resume(tcfg.resume, out / "checkpoints")
     if resume_dir is not None:
-        student = load_model(dataclasses.replace(cfg.model, path=str(resume_dir), tiny=None,
-                                                 tokenizer=None), tokenizer, trainable=True)
+        student = load_student(cfg.model, tokenizer, resume_dir, vision)
     if tcfg.gradient_checkpointing:
         # transformers >= 5.20 renamed it; 5.19 only has the old name
         enable = getattr(student, "activation_checkpointing_enable", None)
         (enable or student.gradient_checkpointing_enable)()
         student.config.use_cache = False
-    optimizer = make_optimizer(student.parameters(), cfg.optim)
+        if is_lora(student):  # frozen embeddings: reentrant checkpoints would pass no gradient
+            student.enable_input_require_grads()
+    # LoRA: the adapters alone (the frozen base has no gradients and needs no optimiser state)
+    optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, tcfg.steps)
     student.train()  # from_pretrained returns eval mode, which also disables grad checkpointing
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -571,7 +576,13 @@ def off_policy_warmup(cfg: TrainConfig, student: torch.nn.Module, accelerator: A
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """theta_T <- decay * theta_T + (1 - decay) * theta_S, parameter by parameter."""
+    """theta_T <- decay * theta_T + (1 - decay) * theta_S, parameter by parameter (a LoRA
+    student: its merged weights, by name)."""
+    if is_lora(model):
+        merged = merged_state_dict(model)
+        for name, p_t in ema.named_parameters():
+            p_t.mul_(decay).add_(merged[name].to(p_t.dtype), alpha=1 - decay)
+        return
     for p_t, p_s in zip(ema.parameters(), model.parameters(), strict=True):
         p_t.mul_(decay).add_(p_s.detach().to(p_t.dtype), alpha=1 - decay)
 

@@ -150,7 +150,8 @@ def forward_kwargs(model: PreTrainedModel, input_ids_BT: torch.Tensor,
     device = input_ids_BT.device
     out = {"pixel_values": vision.pixel_values.to(device),
            "image_grid_thw": vision.image_grid_thw.to(device)}
-    if _takes_mm_token_type_ids(type(model)):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA
+    if _takes_mm_token_type_ids(type(base)):
         out["mm_token_type_ids"] = (input_ids_BT == model.config.image_token_id).int()
     return out
 

@@ -63,17 +63,11 @@ def check_cpu_head_size(config: Any) -> None:
 
 def state_dict_for_inference(model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of the weights a checkpoint of `model` would hold, as vLLM loads
-    them. Tied output embeddings are sent under lm_head too (vLLM skips the name where it ties
-    them itself). A peft LoRA model sends its merged weights under the base model's names."""
-    if hasattr(model, "merge_adapter") and hasattr(model, "get_base_model"):
-        model.merge_adapter()
-        try:
-            sd = {k.replace(".base_layer", ""): v.detach().clone()
-                  for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
-        finally:
-            model.unmerge_adapter()
-    else:
-        sd = {k: v.detach() for k, v in model.state_dict().items()}
+    them: a LoRA student's merged weights under the base model's names, and the output layer
+    under lm_head even when tied (vLLM skips the name where it ties them itself)."""
+    from mmopd.models import merged_state_dict
+
+    sd = {k: v.detach() for k, v in merged_state_dict(model).items()}
     out = model.get_output_embeddings()
     if out is not None and "lm_head.weight" not in sd:
         sd["lm_head.weight"] = out.weight.detach()

@@ -26,6 +26,8 @@ from mmopd.train import train  # noqa: E402
 from mmopd.vllm_sampler import VLLMSampler, VLLMUnavailable  # noqa: E402
 
 pytestmark = pytest.mark.vllm
+# The module's engine lives in this process; the trainer tests at the end build their own, and an
+# engine torn down takes vLLM's process-wide distributed state with it: those tests come last.
 
 
 def _tiny(root: Path, tok_dir: Path, **tiny) -> Path:
@@ -150,6 +152,23 @@ def test_unsupported_cpu_head_size_is_refused_up_front(tmp_path, tok_dir, tokeni
         VLLMSampler(d, tokenizer)
 
 
+def test_lora_student_syncs_its_merged_weights(engine, model_dir, tokenizer):
+    from mmopd.config import LoraSettings
+    from mmopd.models import add_lora
+
+    model = add_lora(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                     LoraSettings(r=4, alpha=8)).eval()
+    with torch.no_grad():  # a trained adapter: B != 0
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    prompts = _prompts(tokenizer)
+    engine.load_weights(model)
+    out = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=16))
+    assert _max_gap(model, prompts, out) < 1e-3
+    engine.load_weights(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+
+
 def _train_cfg(model_dir, teacher_dir, out, *extra) -> TrainConfig:
     return load_config(TrainConfig, None, [
         f"model.path={model_dir}", f"teacher.model.path={teacher_dir}",
@@ -175,3 +194,4 @@ def test_trainer_stops_on_a_failed_weight_sync(model_dir, teacher_dir, tmp_path,
     with pytest.raises(RuntimeError, match="not sampling from the student's weights"):
         train(_train_cfg(model_dir, teacher_dir, tmp_path / "run", "optim.lr=3e-2",
                          "rollout.vllm.max_logprob_gap=0.02"))
+
