@@ -25,16 +25,44 @@ def lm_head_fn(model: PreTrainedModel, vocab: int | None = None) -> Head:
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     scale = getattr(model.config, "logit_scale", None)
+    project = _fsdp_projection(head) or head
 
     def fn(h: torch.Tensor) -> torch.Tensor:
         # hidden states come back in float32 from a forward under autocast, while the weights
         # may be bf16; outside autocast the matmul needs one dtype
-        logits = head(h.to(head.weight.dtype)).float()
+        logits = project(h.to(head.weight.dtype)).float()
         if scale is not None:
             logits = logits * scale
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits[..., :vocab] if vocab is not None else logits
+
+    return fn
+
+
+def _fsdp_projection(head: torch.nn.Module) -> Head | None:
+    """For an output layer sharded by FSDP2: the same matmul without the module's FSDP hooks.
+
+    The losses call the head on final hidden states after the model's forward. FSDP2 keeps the
+    output layer gathered from the forward until backward (it is in the root's or accelerate's
+    tail group, neither resharded after forward), but a second *module call* re-enters its
+    forward/backward hooks and crashes backward (a segfault with torch 2.13 on gloo). A plain
+    F.linear on the gathered weight gives the same gradient, which FSDP reduce-scatters with the
+    rest. Any other head (plain, DDP, peft) is called as a module, unchanged."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without FSDP2
+        return None
+    if not (isinstance(head, FSDPModule) and isinstance(head, torch.nn.Linear)):
+        return None
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        weight = head.weight
+        if isinstance(weight, DTensor):
+            raise RuntimeError("FSDP: the output layer is still sharded; run the model's forward "
+                               "before projecting its hidden states")
+        return torch.nn.functional.linear(h, weight, head.bias)
 
     return fn
 

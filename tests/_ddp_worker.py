@@ -1,0 +1,90 @@
+"""One rank of tests/test_distributed.py: `accumulate_gradients` through a real Accelerator on
+this rank's share of a fixed minibatch, with the student wrapped in DDP and then sharded by FSDP2
+(gloo, CPU).
+
+    ACCELERATE_USE_CPU=true python -m torch.distributed.run --standalone --nproc_per_node 2 \
+        tests/_ddp_worker.py BUNDLE.pt OUT_DIR
+
+BUNDLE.pt (written by the test) holds the model directories and, per case, the episodes, their
+token slices, TokenBatch, Plan, teacher scores, config and which episodes each rank takes. Every
+rank writes OUT_DIR/rank{R}.pt: {"ddp" | "fsdp": {case name: {parameter name: full gradient}}}.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType
+
+from mmopd.config import ModelConfig
+from mmopd.logprobs import lm_head_fn
+from mmopd.losses import Heads, accumulate_gradients
+from mmopd.models import load_model, load_tokenizer
+from mmopd.objectives import OBJECTIVES
+from mmopd.optim import make_accelerator
+
+
+def fsdp2_on_cpu(accelerator: Accelerator) -> Accelerator:
+    """accelerate enables FSDP only for GPU-like devices (on CPU the plugin is ignored); set the
+    state it would have under configs/accelerate/fsdp.yaml, so `prepare` shards the student with
+    accelerate's own FSDP2 code (torch `fully_shard` per decoder layer, on gloo)."""
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["Qwen2DecoderLayer"], state_dict_type="FULL_STATE_DICT",
+        reshard_after_forward=True, cpu_ram_efficient_loading=False)
+    assert accelerator.is_fsdp2
+    return accelerator
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) gradient gathered from every rank; a plain one as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
+
+
+def run(mode: str, bundle: dict) -> dict[str, dict[str, torch.Tensor]]:
+    accelerator = make_accelerator()
+    if mode == "fsdp":
+        fsdp2_on_cpu(accelerator)
+    assert accelerator.num_processes == 2, accelerator.state  # not two lone single processes
+    rank = accelerator.process_index
+    tok = load_tokenizer(ModelConfig(path=bundle["student"]))
+    student = load_model(ModelConfig(path=bundle["student"]), tok, trainable=True)
+    teacher = load_model(ModelConfig(path=bundle["teacher"]), tok).requires_grad_(False)
+    student, _ = accelerator.prepare(student, torch.optim.SGD(student.parameters(), lr=0.0))
+    if mode == "ddp":
+        assert isinstance(student, torch.nn.parallel.DistributedDataParallel), type(student)
+    else:
+        assert type(student.lm_head.weight).__name__ == "DTensor"  # really sharded
+    model = accelerator.unwrap_model(student)
+    heads = Heads(lm_head_fn(model), lm_head_fn(model), lm_head_fn(teacher))
+    grads = {}
+    for name, case in bundle["cases"].items():
+        model.zero_grad(set_to_none=True)
+        mine = case["split"][rank]
+        accumulate_gradients(student, accelerator, [case["episodes"][i] for i in mine],
+                             [case["slices"][i] for i in mine], case["tb"], case["plan"],
+                             case["teach"], OBJECTIVES[name], case["cfg"], heads,
+                             tok.pad_token_id)
+        grads[name] = {k: full(p.grad) for k, p in model.named_parameters()}
+    return grads
+
+
+def main(bundle_path: str, out_dir: str) -> None:
+    bundle = torch.load(bundle_path, weights_only=False)
+    result = {mode: run(mode, bundle) for mode in ("ddp", "fsdp")}
+    rank = torch.distributed.get_rank()
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
+    # Exit without interpreter teardown: gloo's process-group destructor, run from DDP's Reducer
+    # as objects are freed, has been seen to hang for good (joining one of its threads).
+    sys.stdout.flush()
+    os._exit(0)
