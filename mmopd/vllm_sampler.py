@@ -128,6 +128,10 @@ class VLLMSampler:
             logprobs_mode="raw_logprobs")
         if not self.on_cpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
+        else:
+            # vLLM 0.32's CPU worker cannot rewind a seeded request's generator when a chunked
+            # prefill discards its token ("CPU Generator does not use offset"): prefills whole
+            kwargs.update(enable_chunked_prefill=False)
         self.llm = LLM(**kwargs)
         # The engine lowers torch's thread count for serving; the trainer shares this process.
         if torch.get_num_threads() != torch_threads:

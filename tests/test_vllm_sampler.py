@@ -123,6 +123,14 @@ def test_same_seed_same_samples(engine, tokenizer):
     assert [[s.token_ids for s in g] for g in a] == [[s.token_ids for s in g] for g in b]
 
 
+def test_a_batch_larger_than_one_engine_step(engine, tokenizer):
+    """Hundreds of seeded prompts: the scheduler spreads their prefills over several steps
+    (on CPU a chunked prefill of a seeded request used to crash the engine)."""
+    prompt = tokenizer.encode("What is 12+7? " * 4, add_special_tokens=False)
+    out = engine.generate([prompt] * 256, SamplingParams(n=1, temperature=1.0, max_new_tokens=4))
+    assert len(out) == 256 and all(len(g[0].token_ids) >= 1 for g in out)
+
+
 def test_weight_sync_after_an_update(engine, model_dir, tokenizer):
     """Weights changed by a (mock) optimiser step reach the engine; the prefix cache does not
     serve keys and values of the old weights."""
