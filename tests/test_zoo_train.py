@@ -176,7 +176,7 @@ def test_lightning_cache_trains_without_a_live_teacher(tiny_overrides, tmp_path)
         "objective.topk=4", "objective.topk_source=teacher",
         f"trainer.output_dir={tmp_path / 'run2'}"]))
     assert res["step"] == 2
-    with pytest.raises(ConfigError, match="live teacher"):
+    with pytest.raises(ConfigError, match="in-process teacher"):
         load_config(TrainConfig, None, overrides + ["teacher.kind=cache", "teacher.cache=x",
                                                     "objective.name=rkl"])
     with pytest.raises(CacheError, match="no teacher_cache.pt"):
