@@ -449,7 +449,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             overlap_k=cfg.objective.overlap_topk, chunk_size=tcfg.chunk_size)
         t_teacher = time.perf_counter() - t0
         gap = logprob_gap(episodes, tb.logp_old_N) if cache is None else {}
-        if rcfg.backend == "vllm" and gap["rollout/logprob_gap"] > rcfg.vllm.max_logprob_gap:
+        if rcfg.backend == "vllm" and gap and (
+                gap["rollout/logprob_gap"] > rcfg.vllm.max_logprob_gap):
             raise RuntimeError(
                 f"rollout batch {it}: the vLLM engine's sampled-token log-probs differ from the "
                 f"trainer's by {gap['rollout/logprob_gap']:.4f} per token on average (max "
