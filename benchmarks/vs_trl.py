@@ -1,0 +1,567 @@
+"""One on-policy distillation step, mmopd vs TRL, in the same run on the same machine.
+
+Identical tiny Qwen2 student (hidden 128 x 3 layers) and teacher (256 x 4), random weights (the
+speed of a step does not depend on what the weights know), saved once with save_pretrained and
+loaded in float32 by both systems; identical prompts (the `mmopd/MathText-v0` level-2 problems
+that mmopd draws for each step, rendered by the same chat template: the prompt token ids each
+system actually generated from are hashed and compared); the same batch (8 prompts x 4 samples =
+32 sequences, one optimiser step per batch, 2 micro-batches of 16), max 48 new tokens,
+temperature 1, top-p 1, no top-k, AdamW (lr 1e-5, betas 0.9/0.999, no weight decay, constant
+schedule, grad-norm clip 1), no gradient checkpointing, no bf16, the same number of threads.
+
+Systems (each in its own subprocess; all are started, one at a time, and then stepped
+round-robin: step k of every system runs alone, right after the others' step k, so on a shared
+machine every system sees the same background load, and no two steps ever overlap):
+
+- `trl`: `trl.DistillationTrainer` (TRL 1.16: the on-policy distillation trainer TRL now
+  recommends, in its stable API; `GKDTrainer` lives in `trl.experimental` and warns that
+  lmbda=1 / temperature=1 runs are "fully covered by DistillationTrainer"). It always trains
+  on the student's own samples, with the generalised JSD of GKD; `beta=1.0` is the reverse
+  KL(student || teacher) over the full vocabulary (checked in
+  `trl/kernels/chunked_divergence.py`: beta == 1 -> sum p_s (log p_s - log p_t)). It samples
+  one completion per dataset row, so each prompt is `--samples` consecutive rows.
+- `mmopd-rkl`: objective `rkl` with `topk 0` (full-vocabulary reverse KL per position): the same
+  loss as TRL's.
+- `mmopd-opd`, `mmopd-reopold`: mmopd's sampled-token objectives (plain OPD, and REOPOLD, the
+  default), which need only the teacher's log-prob of each sampled token.
+- `trl-gkd` (opt-in, `--systems ... trl-gkd`): `trl.experimental.gkd.GKDTrainer` with lmbda=1,
+  beta=1, temperature=1 (generates per micro-batch, materialises the full [B, L, V] logits).
+
+A step is the wall time of one optimiser step, generation, scoring and update included: for TRL
+from `on_step_begin` to `on_step_end` of a TrainerCallback; for mmopd from the start of the
+step's rollout (`collect_episodes`) to the moment its metrics row is written (this also counts
+mmopd's per-step bookkeeping: answer checking, metrics). Generated tokens are counted from the
+completions each system sampled (the end-of-turn token included) and tokens/s is generated tokens
+per second of the whole step. Peak RSS is VmHWM of the child process, read at the end of the last
+measured step; "peak extra" subtracts VmRSS once the models (and the trainer) exist, before the
+first step. CPU s / step is the process's CPU time over the step (all threads), less sensitive
+to other jobs than wall time. Numbers are medians over the measured steps (after warm-up) of all
+`--repeats` runs.
+
+The large-vocabulary case gives both models an output layer (tied embeddings) of `--vocab`
+rows, like Qwen2.5's 151,936, while the tokenizer stays the 99-token character one: the rows
+past the tokenizer are ordinary, samplable ids (random weights make the distribution almost
+flat, so nearly every reply runs to the 48-token limit; neither system decodes them, except
+mmopd's reward check, which drops unknown ids).
+
+Differences that remain, by design of each system (not settings):
+
+- Generation: both call HF `generate` on the training model in process, one call for the whole
+  batch (`rollout.batch_size` = batch), KV cache on. mmopd adds a logits processor that keeps
+  each sampled token's log-prob (one log-softmax over [B, V] per decoded token).
+- Scoring: mmopd runs a separate no-grad student pass for log pi_old and the entropy (the
+  importance ratio and REOPOLD's entropy mask), and a no-grad teacher pass before the update;
+  TRL runs the teacher inside the loss, per micro-batch, and has no pi_old pass.
+- Loss: both build vocabulary logits chunk by chunk from hidden states and never hold
+  [B, L, V]: mmopd over the completion tokens only, `trainer.chunk_size` (256) rows at a time;
+  TRL (without Triton, i.e. on CPU) over every completion position of the right-padded batch,
+  padding included, in 4096 x 32768 tiles. `trl-gkd` computes full logits of the whole sequence,
+  prompt included, for student and teacher.
+- mmopd's teacher-student diagnostics are off (`trainer.diagnostics_tokens=0`); TRL logs its
+  own metrics each step (`logging_steps=1`) as mmopd does.
+- The samples differ (each system's own RNG), so generated lengths differ a little; with 32
+  sequences both decode nearly always to the 48-token limit (the slowest row sets the time).
+
+Run (default: both vocabularies, 1 warm-up + 4 measured steps, the four systems above; 9.5 min
+on a 2-core AMD EPYC VM), writing benchmarks/results/vs_trl.json and vs_trl.md:
+
+    python benchmarks/vs_trl.py [--vocab 0 151936] [--steps 4] [--warmup 1] [--prompts 8]
+        [--samples 4] [--micro-batch 16] [--max-new-tokens 48] [--repeats 1]
+        [--systems trl mmopd-rkl mmopd-opd mmopd-reopold] [--threads N]
+
+`--vocab 0` is the character tokenizer's own size (99). Needs TRL: `pip install -e ".[bench]"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = ("trl", "mmopd-rkl", "mmopd-opd", "mmopd-reopold")
+OPTIONAL = ("trl-gkd",)
+STUDENT = {"hidden": 128, "layers": 3, "seed": 1}
+TEACHER = {"hidden": 256, "layers": 4, "seed": 2}
+ENV_KWARGS = {"level": 2}
+
+
+def _rss_mb(field: str) -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) / 1024
+
+
+def _prompt_hash(prompts: list[list[int]]) -> str:
+    """Order-free fingerprint of a step's prompt token ids."""
+    blob = json.dumps(sorted(prompts)).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Gate:
+    """The child's side of the round-robin: before each optimiser step it reports "ready" and
+    waits for "go" on stdin; after the step it reports "done". The parent lets one system at a
+    time run a step, so every system's step k runs next to the others' step k, under the same
+    background load (this machine may be shared), and no two steps overlap."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.ctl = os.fdopen(fd, "w", buffering=1) if fd is not None else None
+
+    def before_step(self) -> None:
+        if self.ctl:
+            self.ctl.write("ready\n")
+            if not sys.stdin.readline():  # the parent is gone: never run unsupervised
+                raise SystemExit("benchmark parent exited")
+
+    def after_step(self) -> None:
+        if self.ctl:
+            self.ctl.write("done\n")
+
+
+# ---------------------------------------------------------------- models and prompts (parent)
+
+def build_models(root: Path, vocab: int) -> tuple[Path, Path, int]:
+    """Tokenizer + random-init student and teacher directories with `vocab` output rows
+    (0: the tokenizer's own size), and that row count. Tied embeddings, the shape of mmopd's
+    tiny Qwen2."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from mmopd.tokenizer import build_char_tokenizer
+
+    build_char_tokenizer(root / "tok")
+    tok = AutoTokenizer.from_pretrained(root / "tok")
+    dirs = []
+    for name, spec in (("student", STUDENT), ("teacher", TEACHER)):
+        h = spec["hidden"]
+        config = Qwen2Config(
+            vocab_size=vocab or len(tok), hidden_size=h, num_hidden_layers=spec["layers"],
+            num_attention_heads=4, num_key_value_heads=2, intermediate_size=3 * h,
+            max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
+        torch.manual_seed(spec["seed"])
+        out = root / name
+        Qwen2ForCausalLM(config).to(torch.float32).save_pretrained(out)
+        tok.save_pretrained(out)
+        dirs.append(out)
+    return dirs[0], dirs[1], vocab or len(tok)
+
+
+def step_prompts(total_steps: int, n_prompts: int, seed: int = 0) -> list[list[dict[str, Any]]]:
+    """The problem seeds mmopd's trainer draws for each rollout batch (`trainer.seed`, rank 0),
+    and their chat messages: the prompts both systems get, step by step."""
+    from mmopd.envs import make_env
+    from mmopd.train import _PROBLEMS, _derived_seed  # the trainer's own seeding
+
+    env = make_env("mmopd/MathText-v0", **ENV_KWARGS)
+    steps = []
+    for it in range(total_steps):
+        seeds = [_derived_seed(seed, it, _PROBLEMS, i) for i in range(n_prompts)]
+        steps.append([{"seed": s, "messages": env.reset(seed=s)[1]["messages"]} for s in seeds])
+    return steps
+
+
+def expected_hashes(model_dir: Path, prompts: list[list[dict[str, Any]]],
+                    samples: int) -> list[str]:
+    """Per step, the fingerprint of the prompt token ids both systems should generate from:
+    each prompt rendered by the tokenizer's chat template, `samples` times."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    render = lambda m: list(tok.apply_chat_template(  # noqa: E731
+        m, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    return [_prompt_hash([render(p["messages"]) for p in step for _ in range(samples)])
+            for step in prompts]
+
+
+# ---------------------------------------------------------------- mmopd (child)
+
+def run_mmopd(objective: str, spec: dict[str, Any], gate: Gate) -> dict[str, Any]:
+    import torch
+
+    import mmopd.train as mtrain
+    from mmopd.config import TrainConfig, load_config
+    from mmopd.metrics import JsonlLog
+
+    total = spec["warmup"] + spec["steps"]
+    batch = spec["prompts"] * spec["samples"]
+    cfg: TrainConfig = load_config(TrainConfig, None, [
+        f"model.path={spec['student']}", f"teacher.model.path={spec['teacher']}",
+        "model.dtype=float32", "teacher.model.dtype=float32",
+        f"objective.name={objective}", "objective.topk=0",
+        "env.kwargs={" + ", ".join(f"{k}: {v}" for k, v in ENV_KWARGS.items()) + "}",
+        f"rollout.prompts_per_batch={spec['prompts']}",
+        f"rollout.samples_per_prompt={spec['samples']}",
+        f"rollout.max_new_tokens={spec['max_new_tokens']}", "rollout.temperature=1.0",
+        "rollout.top_p=1.0", f"rollout.batch_size={batch}", "rollout.minibatches=1",
+        f"trainer.steps={total}", f"trainer.micro_batch_size={spec['micro_batch']}",
+        f"trainer.output_dir={spec['out']}", "trainer.diagnostics_tokens=0", "trainer.seed=0",
+        f"optim.lr={spec['lr']}", "optim.weight_decay=0.0", "optim.schedule=constant",
+        "optim.max_grad_norm=1.0",
+        "eval.at_start=false", "eval.num_problems=1", "eval.pass_k=0",
+    ])
+    steps: list[dict[str, Any]] = []
+    state: dict[str, Any] = {"base_rss": None, "peak_rss": None}
+    collect = mtrain.collect_episodes
+    write = JsonlLog.write
+
+    def timed_collect(envs, starts, *a, **k):
+        if state["base_rss"] is None:  # models, optimiser and trainer exist; nothing has run
+            state["base_rss"] = _rss_mb("VmRSS")
+        gate.before_step()
+        t0, c0 = time.perf_counter(), time.process_time()
+        episodes = collect(envs, starts, *a, **k)
+        prompts = [ep.input_ids[:ep.prompt_len] for ep in episodes if ep.input_ids]
+        steps.append({"t0": t0, "c0": c0, "rollout_s": time.perf_counter() - t0,
+                      "gen_tokens": sum(ep.num_generated for ep in episodes),
+                      "seeds": [s["seed"] for s in starts], "prompt_hash": _prompt_hash(prompts)})
+        return episodes
+
+    def timed_write(self, row):
+        if "time_train_s" in row and self.path.name == "metrics.jsonl":
+            cur = steps[-1]
+            cur["step_s"] = time.perf_counter() - cur.pop("t0")
+            cur["cpu_s"] = time.process_time() - cur.pop("c0")
+            # mmopd's own time_rollout_s would include the wait at the gate: the wrapper's is used
+            cur.update({k: row[k] for k in ("time_teacher_s", "time_train_s")})
+            if len(steps) == total:
+                state["peak_rss"] = _rss_mb("VmHWM")
+            out = write(self, row)
+            gate.after_step()
+            return out
+        return write(self, row)
+
+    mtrain.collect_episodes = timed_collect
+    JsonlLog.write = timed_write
+    torch.set_num_threads(spec["threads"])
+    mtrain.train(cfg)
+    return {"steps": steps, **state}
+
+
+# ---------------------------------------------------------------- TRL (child)
+
+def _trl_common(spec: dict[str, Any]) -> dict[str, Any]:
+    batch = spec["prompts"] * spec["samples"]
+    return dict(
+        output_dir=spec["out"], max_steps=spec["warmup"] + spec["steps"],
+        per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=batch // spec["micro_batch"],
+        learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, optim="adamw_torch",
+        max_grad_norm=1.0, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+        temperature=1.0, beta=1.0, seed=0, report_to="none", save_strategy="no",
+        logging_steps=1, dataloader_pin_memory=False)
+
+
+def run_trl(spec: dict[str, Any], gate: Gate, gkd: bool = False) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    torch.set_num_threads(spec["threads"])
+    prompts = json.loads(Path(spec["prompts_file"]).read_text())
+    rows = [{"prompt": p["messages"]} for step in prompts for p in step
+            for _ in range(spec["samples"])]  # one completion per row: n samples = n rows
+    tok = AutoTokenizer.from_pretrained(spec["student"], padding_side="left")
+    student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.float32)
+    steps: list[dict[str, Any]] = []
+    state: dict[str, Any] = {"base_rss": None, "peak_rss": None}
+    total = spec["warmup"] + spec["steps"]
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, st, control, **kw):
+            state["base_rss"] = _rss_mb("VmRSS")
+
+        def on_step_begin(self, args, st, control, **kw):
+            gate.before_step()
+            steps.append({"t0": time.perf_counter(), "c0": time.process_time(),
+                          "rollout_s": 0.0, "gen_tokens": 0, "prompts": []})
+
+        def on_step_end(self, args, st, control, **kw):
+            cur = steps[-1]
+            cur["step_s"] = time.perf_counter() - cur.pop("t0")
+            cur["cpu_s"] = time.process_time() - cur.pop("c0")
+            cur["prompt_hash"] = _prompt_hash(cur.pop("prompts"))
+            if len(steps) == total:
+                state["peak_rss"] = _rss_mb("VmHWM")
+            gate.after_step()
+
+    def record(prompt_ids: list[list[int]], completion_ids: list[list[int]], t0: float) -> None:
+        cur = steps[-1]
+        cur["rollout_s"] += time.perf_counter() - t0
+        cur["gen_tokens"] += sum(len(c) for c in completion_ids)
+        cur["prompts"] += [list(p) for p in prompt_ids]
+
+    if not gkd:
+        from trl import DistillationConfig, DistillationTrainer
+
+        args = DistillationConfig(**_trl_common(spec), max_completion_length=spec["max_new_tokens"],
+                                  top_p=1.0, top_k=0, shuffle_dataset=False)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                      train_dataset=Dataset.from_list(rows),
+                                      processing_class=tok, callbacks=[StepTimer()])
+        generate = trainer._generate
+
+        def timed_generate(batch_prompts):
+            t0 = time.perf_counter()
+            out = generate(batch_prompts)
+            record(out[0], out[1], t0)
+            return out
+
+        trainer._generate = timed_generate
+    else:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        args = GKDConfig(**_trl_common(spec), lmbda=1.0, max_new_tokens=spec["max_new_tokens"],
+                         disable_dropout=True)
+        # GKD's collator splits "messages" into prompt + reply; the reply is replaced on-policy
+        rows = [{"messages": r["prompt"] + [{"role": "assistant", "content": ""}]} for r in rows]
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=args,
+                             train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             callbacks=[StepTimer()])
+        trainer._get_train_sampler = lambda dataset=None: torch.utils.data.SequentialSampler(
+            dataset if dataset is not None else trainer.train_dataset)
+        generate = trainer.generate_on_policy_outputs
+
+        def timed_gkd(model, inputs, generation_config):
+            t0 = time.perf_counter()
+            ids, att, labels = generate(model, inputs, generation_config)
+            width = inputs["prompts"].shape[1]
+            prompts = [p[m.bool()].tolist()
+                       for p, m in zip(inputs["prompts"], inputs["prompt_attention_mask"])]
+            record(prompts, [r[r != -100].tolist() for r in labels[:, width:]], t0)
+            return ids, att, labels
+
+        trainer.generate_on_policy_outputs = timed_gkd
+    trainer.train()
+    return {"steps": steps, **state}
+
+
+# ---------------------------------------------------------------- parent
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = f"{names[0].strip()} ({platform.machine()})" if names else cpu
+        mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+    except (OSError, AttributeError):
+        mem = 0
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(mem / 2**20, 1),
+            "os": platform.platform(), "python": platform.python_version()}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "trl", "accelerate", "datasets", "mmopd"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+class Child:
+    """One system's subprocess, stepped by the parent through its Gate."""
+
+    def __init__(self, system: str, spec: dict[str, Any]) -> None:
+        self.system, self.spec = system, spec
+        run = Path(spec["out"])
+        run.parent.mkdir(parents=True, exist_ok=True)
+        self.spec_file, self.log = run.with_suffix(".spec.json"), run.with_suffix(".log")
+        self.spec_file.write_text(json.dumps(spec))
+        env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]),
+               "MKL_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false",
+               "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_VERBOSITY": "error"}
+        r, w = os.pipe()
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, __file__, "--one", system, str(self.spec_file), "--ctl-fd",
+                 str(w)], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                env=env, pass_fds=(w,), text=True)
+        os.close(w)
+        self.ctl = os.fdopen(r)
+        self.expect("ready")  # models loaded, blocked before its first step
+
+    def expect(self, word: str) -> None:
+        line = self.ctl.readline().strip()
+        if line != word:
+            self.proc.wait()
+            tail = self.log.read_text()[-4000:]
+            raise SystemExit(f"{self.system} failed (expected {word!r}, got {line!r}):\n{tail}")
+
+    def step(self, last: bool) -> None:
+        """Run one optimiser step alone; return once the child waits before the next one (or,
+        after the last, has exited)."""
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        self.expect("done")
+        if not last:
+            self.expect("ready")
+            return
+        if self.proc.wait() != 0:
+            raise SystemExit(f"{self.system} failed:\n{self.log.read_text()[-4000:]}")
+
+    def result(self) -> dict[str, Any]:
+        return json.loads(Path(self.spec["out"]).with_suffix(".result.json").read_text())
+
+
+def _summarise(system: str, vocab: int, runs: list[dict[str, Any]], warmup: int,
+               expected_hashes: list[str]) -> dict[str, Any]:
+    measured = [s for r in runs for s in r["steps"][warmup:]]
+    hashes = [[s["prompt_hash"] for s in r["steps"]] for r in runs]
+    med = lambda key: statistics.median(s[key] for s in measured)  # noqa: E731
+    row = {
+        "vocab": vocab, "system": system, "measured_steps": len(measured),
+        "step_s": med("step_s"), "cpu_s": med("cpu_s"), "rollout_s": med("rollout_s"),
+        "gen_tokens_per_step": med("gen_tokens"),
+        "gen_tokens_per_s": statistics.median(s["gen_tokens"] / s["step_s"] for s in measured),
+        "peak_rss_mb": statistics.median(r["peak_rss"] for r in runs),
+        "peak_extra_mb": statistics.median(r["peak_rss"] - r["base_rss"] for r in runs),
+        "base_rss_mb": statistics.median(r["base_rss"] for r in runs),
+        "same_prompts": all(h == expected_hashes for h in hashes),
+        "step_s_all": [s["step_s"] for s in measured],
+    }
+    if system.startswith("mmopd"):
+        for key in ("time_teacher_s", "time_train_s"):
+            row[key] = med(key)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, nargs="+", default=[0, 151_936],
+                    help="output-layer rows of both models (0: the tokenizer's 99)")
+    ap.add_argument("--steps", type=int, default=4, help="measured optimiser steps per run")
+    ap.add_argument("--warmup", type=int, default=1, help="optimiser steps discarded per run")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every system (interleaved)")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    ap.add_argument("--samples", type=int, default=4, help="samples per prompt")
+    ap.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS),
+                    choices=list(SYSTEMS + OPTIONAL))
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--one", nargs=2, metavar=("SYSTEM", "SPEC"), help=argparse.SUPPRESS)
+    ap.add_argument("--ctl-fd", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.one:  # the subprocess side
+        system, spec = args.one[0], json.loads(Path(args.one[1]).read_text())
+        gate = Gate(args.ctl_fd)
+        if system.startswith("mmopd-"):
+            res = run_mmopd(system.removeprefix("mmopd-"), spec, gate)
+        else:
+            res = run_trl(spec, gate, gkd=system == "trl-gkd")
+        Path(spec["out"]).with_suffix(".result.json").write_text(json.dumps(res))
+        return
+
+    import torch
+
+    batch = args.prompts * args.samples
+    if batch % args.micro_batch:
+        ap.error(f"--micro-batch {args.micro_batch} does not divide the batch of {batch}")
+    threads = args.threads or torch.get_num_threads()
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        prompts = step_prompts(args.warmup + args.steps, args.prompts)
+        (root / "prompts.json").write_text(json.dumps(prompts))
+        for vocab in args.vocab:
+            student, teacher, v = build_models(root / f"v{vocab}", vocab)
+            expected = expected_hashes(student, prompts, args.samples)
+            runs: dict[str, list[dict[str, Any]]] = {s: [] for s in args.systems}
+            for rep in range(args.repeats):
+                children: list[Child] = []
+                total = args.warmup + args.steps
+                try:
+                    for system in args.systems:  # started one at a time; each waits at step 1
+                        spec = {"student": str(student), "teacher": str(teacher),
+                                "prompts_file": str(root / "prompts.json"),
+                                "steps": args.steps, "warmup": args.warmup,
+                                "prompts": args.prompts, "samples": args.samples,
+                                "micro_batch": args.micro_batch,
+                                "max_new_tokens": args.max_new_tokens, "lr": args.lr,
+                                "threads": threads,
+                                "out": str(root / f"run-{vocab}-{system}-{rep}")}
+                        children.append(Child(system, spec))
+                    for k in range(total):  # round-robin: step k of every system, one at a time
+                        for child in children:
+                            child.step(last=k == total - 1)
+                        print(f"V={v:,} run {rep + 1}: step {k + 1}/{total} done", flush=True)
+                except BaseException:
+                    for child in children:  # never leave a started child behind
+                        child.proc.kill()
+                    raise
+                for child in children:
+                    res = child.result()
+                    runs[child.system].append(res)
+                    step_s = statistics.median(s["step_s"] for s in res["steps"][args.warmup:])
+                    print(f"V={v:>7,} {child.system:14s} run {rep + 1}: median step "
+                          f"{step_s:.2f} s, peak RSS {res['peak_rss']:.0f} MB", flush=True)
+            for system in args.systems:
+                rows.append(_summarise(system, v, runs[system], args.warmup, expected))
+    wall = time.perf_counter() - t_start
+
+    cmd = "python benchmarks/vs_trl.py " + " ".join(sys.argv[1:])
+    meta = {
+        "command": cmd.strip(), "machine": _machine(), "threads": threads,
+        "load_avg_1m_start_end": [load_start[0], os.getloadavg()[0]], "versions": _versions(),
+        "student": STUDENT, "teacher": TEACHER, "env": {"id": "mmopd/MathText-v0", **ENV_KWARGS},
+        "prompts_per_step": args.prompts, "samples_per_prompt": args.samples,
+        "sequences_per_step": batch, "micro_batch": args.micro_batch,
+        "max_new_tokens": args.max_new_tokens, "lr": args.lr, "warmup_steps": args.warmup,
+        "measured_steps_per_run": args.steps, "repeats": args.repeats, "wall_s": wall,
+        "trl_trainer": "trl.DistillationTrainer (beta=1.0: reverse KL, always on-policy)",
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vs_trl.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    m, ver = meta["machine"], meta["versions"]
+    lines = [
+        f"One on-policy distillation step, mmopd vs TRL ({m['cpu']}, {m['cores']} cores, "
+        f"{threads} torch threads, {m['ram_gb']} GB; torch {ver['torch']}, transformers "
+        f"{ver['transformers']}, trl {ver['trl']}, mmopd {ver['mmopd']}).",
+        "",
+        f"Student {STUDENT['hidden']} x {STUDENT['layers']} layers, teacher "
+        f"{TEACHER['hidden']} x {TEACHER['layers']}, float32; {args.prompts} prompts x "
+        f"{args.samples} samples = {batch} sequences per optimiser step (micro-batches of "
+        f"{args.micro_batch}), up to {args.max_new_tokens} new tokens, temperature 1. Medians "
+        f"of {args.steps} measured steps x {args.repeats} run(s) after {args.warmup} warm-up "
+        f"steps; `trl` = `trl.DistillationTrainer`, beta = 1 (reverse KL). Load average "
+        f"{load_start[0]:.2f} -> {os.getloadavg()[0]:.2f}; whole script {wall / 60:.1f} min.",
+        "",
+        f"`{meta['command']}`",
+        "",
+        "| vocab | system / objective | s / step | CPU s / step | generated tokens / s "
+        "| generated tokens / step | rollout s | peak RSS (MB) | peak extra (MB) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        flag = "" if r["same_prompts"] else " (prompts differ!)"
+        lines.append(f"| {r['vocab']:,} | {r['system']}{flag} | {r['step_s']:.2f} | "
+                     f"{r['cpu_s']:.2f} | {r['gen_tokens_per_s']:,.0f} | "
+                     f"{r['gen_tokens_per_step']:,.0f} | {r['rollout_s']:.2f} | "
+                     f"{r['peak_rss_mb']:,.0f} | {r['peak_extra_mb']:,.0f} |")
+    (out / "vs_trl.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
