@@ -26,6 +26,9 @@ BENCHMARKS = (
      "naive vs mmopd's chunked path"),
     ("sample_efficiency", "Sample efficiency: REOPOLD vs OPD vs GRPO (tiny math world)",
      "held-out accuracy against sampled episodes, 3 seeds"),
+    ("sample_efficiency_vision",
+     "Sample efficiency: REOPOLD vs OPD vs GRPO (tiny vision world, VLM student)",
+     "held-out accuracy against sampled episodes, 3 seeds"),
     ("agent_sod", "SOD on / off (tiny agent world)", "held-out accuracy at equal samples"),
     ("smollm2_teacher", "A real pretrained teacher: SmolLM2-135M-Instruct",
      "a layer-pruned student distilled with REOPOLD on arithmetic"),
@@ -33,20 +36,23 @@ BENCHMARKS = (
      "generated tokens/s of the two samplers on the same checkpoint"),
     ("train_step", "Training-step throughput", "rollout / scoring / update split of one step"),
 )
+# results written by a script of another name
+SCRIPTS = {"sample_efficiency_vision": "sample_efficiency.py --world vision"}
 
 
 def section(results: Path, figures: Path, name: str, title: str, what: str) -> list[str]:
     md, js = results / f"{name}.md", results / f"{name}.json"
     lines = [f"## {title}", "", f"*{what}.*", ""]
     if not md.is_file():
-        return lines + [f"Not run yet: `benchmarks/{name}.py`.", ""]
+        return lines + [f"Not run yet: `python benchmarks/{SCRIPTS.get(name, name + '.py')}`.",
+                        ""]
     command = None
     if js.is_file():
         command = json.loads(js.read_text()).get("command")
     when = dt.datetime.fromtimestamp(md.stat().st_mtime, dt.timezone.utc)
     lines.append(f"Command: `{command}`" if command else
                  "Command: not recorded by this result (older script version); rerun "
-                 f"`benchmarks/{name}.py` to record it")
+                 f"`benchmarks/{SCRIPTS.get(name, name + '.py')}` to record it")
     lines += [f"Written: {when:%Y-%m-%d %H:%M} UTC", ""]
     body = md.read_text().strip().splitlines()
     if body and body[0].startswith("# "):  # the section heading replaces the table's title

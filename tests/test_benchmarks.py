@@ -24,4 +24,41 @@ def test_results_md_is_the_scripts_output(tmp_path):
     assert "| 1,234 | 5.6x |" in text and "`python x.py --vocab 7`" in text
     assert "| 0.5 |" in text and "# Title" not in text
     assert "not recorded" in text  # train_step has no JSON with its command
-    assert "Not run yet: `benchmarks/vs_trl.py`" in text
+    assert "Not run yet: `python benchmarks/vs_trl.py`" in text
+    assert "Not run yet: `python benchmarks/sample_efficiency.py --world vision`" in text
+
+
+def _load(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(arm: str, seed: int, accs: list[float]) -> dict:
+    return {"arm": arm, "seed": seed, "curve": [
+        {"step": 10 * i, "episodes": 100 * i, "accuracy": a} for i, a in enumerate(accs)]}
+
+
+def test_sample_efficiency_ratio_to_grpo_final_accuracy():
+    se = _load("sample_efficiency")
+    runs = {"grpo": [_run("grpo", 0, [0.2, 0.4, 0.6, 0.8]), _run("grpo", 1, [0.2, 0.4, 0.6, 0.8])],
+            "opd": [_run("opd", 0, [0.2, 0.5, 0.9, 0.9]), _run("opd", 1, [0.2, 0.7, 0.9, 0.9])],
+            "slow": [_run("slow", 0, [0.2, 0.3, 0.4, 0.5])]}
+    out = se.summarize(runs)
+    assert out["target"] == {"arm": "grpo", "final_mean_accuracy": 0.8, "episodes": 300}
+    # opd's mean curve: 0.2, 0.6, 0.9 -> reaches 0.8 two-thirds of the way from 100 to 200
+    assert abs(out["reach"]["opd"]["episodes"] - 100 * (1 + 2 / 3)) < 1e-9
+    assert abs(out["reach"]["opd"]["ratio"] - 300 / (100 * (1 + 2 / 3))) < 1e-9
+    assert out["reach"]["slow"]["ratio_text"] == "not reached"
+    assert abs(out["curves"]["opd"]["std"][1] - 0.1414213562) < 1e-6
+
+
+def test_sample_efficiency_no_ratio_when_grpo_ends_below_the_start():
+    se = _load("sample_efficiency")
+    out = se.summarize({"grpo": [_run("grpo", 0, [0.7, 0.5, 0.6])],
+                        "opd": [_run("opd", 0, [0.7, 0.6, 0.8])]})
+    assert out["target"]["episodes"] == 0
+    assert out["reach"]["opd"]["ratio"] is None
