@@ -73,7 +73,10 @@ def main() -> None:
                          "curve": [{"episodes": e["step"] // cfg.rollout.minibatches * per_batch,
                                     **{k: e[k] for k in ("accuracy", "pass@4", "sample_accuracy")}}
                                    for e in evals]})
-    result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+    command = "python benchmarks/agent_sod.py" + "".join(
+        f" --{k} {v}" for k, v in vars(args).items() if v != ap.get_default(k))
+    result = {"command": command,
+              "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
               "config": to_dict(base), "runs": runs}
     (out / "agent_sod.json").write_text(json.dumps(result, indent=2))
 
@@ -92,7 +95,7 @@ def main() -> None:
     table = "\n".join(lines)
     (out / "agent_sod.md").write_text(
         "# SOD vs no SOD, tiny agent world (ToolMath level 2, REOPOLD)\n\n"
-        f"`python benchmarks/agent_sod.py --seeds {args.seeds}`, {result['machine']}\n\n"
+        f"`{command}`, {result['machine']}\n\n"
         + table + "\n")
     print(table)
 
