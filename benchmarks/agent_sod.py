@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
+
+from _machine import describe  # the script's folder is on sys.path
 
 from mmopd.config import TrainConfig, load_config, to_dict
 from mmopd.demo import demo_configs, run_demo
@@ -76,7 +77,7 @@ def main() -> None:
     command = "python benchmarks/agent_sod.py" + "".join(
         f" --{k} {v}" for k, v in vars(args).items() if v != ap.get_default(k))
     result = {"command": command,
-              "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+              "machine": describe(),
               "config": to_dict(base), "runs": runs}
     (out / "agent_sod.json").write_text(json.dumps(result, indent=2))
 

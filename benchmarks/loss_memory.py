@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import shlex
 import statistics
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import describe  # the script's folder is on sys.path
 
 LOSSES = ("full_vocab_rkl", "topk_rkl", "sampled_token")
 PATHS = ("naive", "mmopd")
@@ -149,8 +149,7 @@ def main() -> None:
                 print(f"H={hidden} {loss:15s} {path:6s} peak extra {res['peak_extra_mb']:8.0f} MB"
                       f"  {res['seconds']:6.2f} s", flush=True)
 
-    machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
-               f"{torch.__version__}")
+    machine = describe(torch.get_num_threads())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"vocab": args.vocab, "tokens": args.tokens, "topk": args.topk, "chunk": args.chunk,

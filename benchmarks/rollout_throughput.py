@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 import torch  # noqa: E402
+from _machine import describe  # noqa: E402  (the script's folder is on sys.path)
 
 from mmopd.config import ModelConfig, TinyModelConfig  # noqa: E402
 from mmopd.models import load_model, load_tokenizer  # noqa: E402
@@ -115,8 +115,7 @@ def main() -> None:
         for size in args.sizes.split(","):
             results.append(bench(size, args, tmp))
             print(json.dumps(results[-1]))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+    device = describe(torch.get_num_threads())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import vllm

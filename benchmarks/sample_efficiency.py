@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _machine import describe  # the script's folder is on sys.path
 
 from mmopd.config import TrainConfig, load_config, to_dict
 from mmopd.demo import demo_configs, run_demo
@@ -55,7 +56,7 @@ ARMS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 DEMO_DIRS = {"math": "runs/demo", "agent": "runs/agent-demo", "vision": "runs/vision-demo"}
 # optimiser steps per run and between evaluations, per world (the vision student learns slower)
-BUDGET = {"math": (80, 10), "agent": (100, 10), "vision": (150, 25)}
+BUDGET = {"math": (80, 10), "agent": (100, 10), "vision": (300, 50)}
 BASELINE = "grpo"
 
 
@@ -129,19 +130,6 @@ def summarize(arm_runs: dict[str, list[dict]]) -> dict[str, Any]:
         reach[arm] = row
     out["reach"] = reach
     return out
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [x.split(":", 1)[1].strip() for x in cpuinfo.read_text().splitlines()
-                 if x.startswith("model name")]
-        cpu = names[0] if names else cpu
-    import torch
-
-    return (f"{platform.machine()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
 
 
 def _load() -> str:
@@ -220,7 +208,7 @@ def main() -> None:
     if demo_results.is_file():
         teacher = json.loads(demo_results.read_text()).get("teacher")
     result = {
-        "world": world, "machine": machine(), "command": command,
+        "world": world, "machine": describe(), "command": command,
         "load_average_start": load_start, "load_average_end": _load(),
         "wall_seconds": seconds, "train_seconds_all_runs": sum(
             r["seconds"] or 0.0 for rs in arm_runs.values() for r in rs),

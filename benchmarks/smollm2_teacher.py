@@ -25,13 +25,13 @@ import dataclasses
 import importlib.util
 import json
 import os
-import platform
 import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
+from _machine import describe  # the script's folder is on sys.path
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from mmopd.config import TrainConfig, load_config, to_dict
@@ -232,15 +232,6 @@ def measure(path: Path, cfg: TrainConfig, samples: bool = True) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def _machine(threads: int) -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                .splitlines() if ln.startswith("model name")), platform.processor() or "?") \
-        if Path("/proc/cpuinfo").is_file() else platform.processor() or "?"
-    return (f"{platform.machine()} {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{threads} torch thread(s), no GPU" if not torch.cuda.is_available() else
-            f"{platform.machine()}, {torch.cuda.get_device_name()}")
-
-
 def _plot(path: Path, evals: list[dict], metrics: list[dict], teacher: dict, k: int,
           episodes_per_step: int) -> None:
     import matplotlib
@@ -365,7 +356,7 @@ def main() -> None:
     times = {**load_times, "train_s": train_s, "mean_step_s": sum(step_s) / max(len(step_s), 1),
              "measure_teacher_s": teacher["seconds"], "measure_student_s": before["seconds"],
              "wall_s": wall}
-    machine = _machine(torch.get_num_threads())
+    machine = describe(torch.get_num_threads())
     result_json = {
         "command": command, "machine": machine, "load_average_at_end": os.getloadavg(),
         "times": times,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from _machine import describe  # the script's folder is on sys.path
 
 from mmopd.config import ModelConfig, TinyModelConfig, TrainConfig, load_config
 from mmopd.models import load_model, load_tokenizer
@@ -72,8 +72,7 @@ def main() -> None:
 
     step_s = [r["time_rollout_s"] + r["time_teacher_s"] + r["time_train_s"] for r in rows]
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-                   f"threads, torch {torch.__version__}",
+        "machine": describe(torch.get_num_threads()),
         "objective": args.objective, "student_hidden": args.hidden, "layers": args.layers,
         "episodes_per_step": 128, "measured_steps": len(rows),
         "median_step_s": statistics.median(step_s),

@@ -88,7 +88,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _vs_trl_child import ENV_KWARGS, _prompt_hash  # the script's folder is on sys.path
+from _machine import cpu_name  # the script's folder is on sys.path
+from _vs_trl_child import ENV_KWARGS, _prompt_hash
 
 CHILD = Path(__file__).with_name("_vs_trl_child.py")
 
@@ -157,10 +158,8 @@ def expected_hashes(model_dir: Path, prompts: list[list[dict[str, Any]]],
 # ---------------------------------------------------------------- parent
 
 def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
+    cpu = f"{cpu_name()} ({platform.machine()})"
     try:
-        names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = f"{names[0].strip()} ({platform.machine()})" if names else cpu
         mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
     except (OSError, AttributeError):
         mem = 0

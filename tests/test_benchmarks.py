@@ -29,11 +29,18 @@ def test_results_md_is_the_scripts_output(tmp_path):
 
 
 def _load(name: str):
+    """A benchmark script as a module; like `python benchmarks/NAME.py`, it finds its helpers
+    (`benchmarks/_*.py`) on sys.path."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    bench = str(ROOT / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(bench)
     return mod
 
 
