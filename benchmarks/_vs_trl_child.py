@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_KWARGS = {"level": 2}  # the prompts' task: mmopd/MathText-v0 level 2 (two-digit sums)
+SYSTEMS = ("trl", "mmopd-rkl", "mmopd-opd", "mmopd-reopold")  # what vs_trl.py runs by default
+OPTIONAL = ("trl-gkd",)  # run only when asked for
 
 
 def _rss_mb(field: str) -> float:
@@ -218,8 +220,7 @@ def run_trl(spec: dict[str, Any], gate: Gate, gkd: bool = False) -> dict[str, An
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("system", choices=["mmopd-rkl", "mmopd-opd", "mmopd-reopold", "trl",
-                                       "trl-gkd"])
+    ap.add_argument("system", choices=SYSTEMS + OPTIONAL)
     ap.add_argument("spec", type=Path, help="the run's spec, written by vs_trl.py")
     ap.add_argument("--ctl-fd", type=int, default=None,
                     help="pipe to the parent (without it the run is not gated)")

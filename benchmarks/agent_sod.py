@@ -16,30 +16,16 @@ import json
 import time
 from pathlib import Path
 
-from _machine import describe  # the script's folder is on sys.path
+from _common import (  # the script's folder is on sys.path
+    command,
+    describe,
+    finished_run,
+    jsonl_rows,
+)
 
 from mmopd.config import TrainConfig, load_config, to_dict
 from mmopd.demo import demo_configs, run_demo
 from mmopd.train import train
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
-def _finished_run(cfg: TrainConfig, candidates: list[Path]) -> Path | None:
-    """A finished run directory with exactly this config (the demo's own REOPOLD + SOD run is
-    one arm of the comparison, so it is read rather than trained again)."""
-    want = {**to_dict(cfg), "trainer": {**to_dict(cfg)["trainer"], "output_dir": None}}
-    for d in candidates:
-        if not (d / "config.yaml").is_file() or not (d / "eval.jsonl").is_file():
-            continue
-        have = to_dict(load_config(TrainConfig, d / "config.yaml"))
-        have["trainer"]["output_dir"] = None
-        evals = _rows(d / "eval.jsonl")
-        if have == want and evals and evals[-1]["step"] == cfg.trainer.steps:
-            return d
-    return None
 
 
 def main() -> None:
@@ -63,20 +49,18 @@ def main() -> None:
                 f"objective.step_weighting={weighting}", f"trainer.seed={seed}",
                 f"trainer.output_dir={run_dir}"])
             t0 = time.perf_counter()
-            done = _finished_run(cfg, [demo / "reopold", run_dir])
+            done = finished_run(cfg, [demo / "reopold", run_dir])
             reused = done is not None
             if done is None:
                 train(cfg)
                 done = run_dir
-            evals = _rows(done / "eval.jsonl")
+            evals = jsonl_rows(done / "eval.jsonl")
             runs.append({"weighting": weighting, "seed": seed, "run_dir": str(done),
                          "reused": reused, "seconds": time.perf_counter() - t0,
                          "curve": [{"episodes": e["step"] // cfg.rollout.minibatches * per_batch,
                                     **{k: e[k] for k in ("accuracy", "pass@4", "sample_accuracy")}}
                                    for e in evals]})
-    command = "python benchmarks/agent_sod.py" + "".join(
-        f" --{k} {v}" for k, v in vars(args).items() if v != ap.get_default(k))
-    result = {"command": command,
+    result = {"command": command(),
               "machine": describe(),
               "config": to_dict(base), "runs": runs}
     (out / "agent_sod.json").write_text(json.dumps(result, indent=2))
@@ -96,7 +80,7 @@ def main() -> None:
     table = "\n".join(lines)
     (out / "agent_sod.md").write_text(
         "# SOD vs no SOD, tiny agent world (ToolMath level 2, REOPOLD)\n\n"
-        f"`{command}`, {result['machine']}\n\n"
+        f"`{result['command']}`, {result['machine']}\n\n"
         + table + "\n")
     print(table)
 

@@ -52,7 +52,7 @@ def section(results: Path, figures: Path, name: str, title: str, what: str) -> l
     when = dt.datetime.fromtimestamp(md.stat().st_mtime, dt.timezone.utc)
     lines.append(f"Command: `{command}`" if command else
                  "Command: not recorded by this result (older script version); rerun "
-                 f"`benchmarks/{SCRIPTS.get(name, name + '.py')}` to record it")
+                 f"`python benchmarks/{SCRIPTS.get(name, name + '.py')}` to record it")
     lines += [f"Written: {when:%Y-%m-%d %H:%M} UTC", ""]
     body = md.read_text().strip().splitlines()
     if body and body[0].startswith("# "):  # the section heading replaces the table's title

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from _machine import describe  # the script's folder is on sys.path
+from _common import command, describe  # the script's folder is on sys.path
 
 LOSSES = ("full_vocab_rkl", "topk_rkl", "sampled_token")
 PATHS = ("naive", "mmopd")
@@ -154,7 +153,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"vocab": args.vocab, "tokens": args.tokens, "topk": args.topk, "chunk": args.chunk,
             "repeats": args.repeats, "machine": machine,
-            "command": "python " + shlex.join(sys.argv)}
+            "command": command()}
     (out / "loss_memory.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     lines = [f"Loss memory at V = {args.vocab:,}, T = {args.tokens:,} tokens (top-k = "
              f"{args.topk}, chunk = {args.chunk}; {machine}); forward + backward, gradients of "

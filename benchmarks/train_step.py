@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _machine import describe  # the script's folder is on sys.path
+from _common import command, describe  # the script's folder is on sys.path
 
 from mmopd.config import ModelConfig, TinyModelConfig, TrainConfig, load_config
 from mmopd.models import load_model, load_tokenizer
@@ -80,7 +78,7 @@ def main() -> None:
         "median_train_s": med("time_train_s"),
         "median_train_tokens_per_s": med("train_tokens_per_s"),
         "median_rollout_tokens_per_s": med("rollout_tokens_per_s"),
-        "wall_s": wall, "command": "python " + shlex.join(sys.argv),
+        "wall_s": wall, "command": command(),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -63,8 +63,9 @@ Differences that remain, by design of each system (not settings):
 - The samples differ (each system's own RNG), so generated lengths differ a little; with 32
   sequences both decode nearly always to the 48-token limit (the slowest row sets the time).
 
-Run (default: both vocabularies, 1 warm-up + 4 measured steps, the four systems above; 9.5 min
-on a 2-core AMD EPYC VM), writing benchmarks/results/vs_trl.json and vs_trl.md:
+Run (default: both vocabularies, 1 warm-up + 4 measured steps, the four systems above; 8 to 10
+min on a 2-core AMD EPYC VM, recorded as `wall_s`), writing benchmarks/results/vs_trl.json and
+vs_trl.md:
 
     python benchmarks/vs_trl.py [--vocab 0 151936] [--steps 4] [--warmup 1] [--prompts 8]
         [--samples 4] [--micro-batch 16] [--max-new-tokens 48] [--repeats 1]
@@ -88,13 +89,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import cpu_name  # the script's folder is on sys.path
-from _vs_trl_child import ENV_KWARGS, _prompt_hash
+from _common import command, cpu_name  # the script's folder is on sys.path
+from _vs_trl_child import ENV_KWARGS, OPTIONAL, SYSTEMS, _prompt_hash
 
 CHILD = Path(__file__).with_name("_vs_trl_child.py")
 
-SYSTEMS = ("trl", "mmopd-rkl", "mmopd-opd", "mmopd-reopold")
-OPTIONAL = ("trl-gkd",)
 STUDENT = {"hidden": 128, "layers": 3, "seed": 1}
 TEACHER = {"hidden": 256, "layers": 4, "seed": 2}
 
@@ -314,9 +313,8 @@ def main() -> None:
                 rows.append(_summarise(system, v, runs[system], args.warmup, expected))
     wall = time.perf_counter() - t_start
 
-    cmd = "python benchmarks/vs_trl.py " + " ".join(sys.argv[1:])
     meta = {
-        "command": cmd.strip(), "machine": _machine(), "threads": threads,
+        "command": command(), "machine": _machine(), "threads": threads,
         "load_avg_1m_start_end": [load_start[0], os.getloadavg()[0]], "versions": _versions(),
         "student": STUDENT, "teacher": TEACHER, "env": {"id": "mmopd/MathText-v0", **ENV_KWARGS},
         "prompts_per_step": args.prompts, "samples_per_prompt": args.samples,

@@ -1,0 +1,60 @@
+"""What every benchmark script records beside its numbers: the machine, the command that
+produced them, and (for the training benchmarks) which runs already finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC ..."), or what `platform` knows where /proc is missing."""
+    try:
+        names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+    except OSError:
+        names = []
+    return names[0].strip() if names else (platform.processor() or "unknown CPU")
+
+
+def describe(threads: int | None = None) -> str:
+    """"x86_64 AMD EPYC, 2 cores, torch 2.13.0+cpu[, N torch thread(s)], no GPU" (or the GPU)."""
+    import torch
+
+    gpu = (f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU")
+    used = f", {threads} torch thread(s)" if threads else ""
+    return (f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}{used}, {gpu}")
+
+
+def command() -> str:
+    """This process's command line, quoted so that pasting it into a shell reruns it."""
+    return "python " + shlex.join(sys.argv)
+
+
+def jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def finished_run(cfg: Any, candidates: list[Path]) -> Path | None:
+    """The first of `candidates` that holds a finished training run of exactly `cfg` (a
+    `TrainConfig`; output directories aside), so a rerun reads it instead of training again."""
+    from mmopd.config import TrainConfig, load_config, to_dict
+
+    def key(c: TrainConfig) -> dict[str, Any]:
+        d = to_dict(c)
+        return {**d, "trainer": {**d["trainer"], "output_dir": None}}
+
+    for d in candidates:
+        if not (d / "config.yaml").is_file() or not (d / "eval.jsonl").is_file():
+            continue
+        evals = jsonl_rows(d / "eval.jsonl")
+        if (evals and evals[-1]["step"] == cfg.trainer.steps
+                and key(load_config(TrainConfig, d / "config.yaml")) == key(cfg)):
+            return d
+    return None
