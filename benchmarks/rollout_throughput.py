@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    t_start = time.perf_counter()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -121,7 +122,7 @@ def main() -> None:
     import vllm
 
     meta = {"machine": machine, "torch": torch.__version__, "vllm": vllm.__version__,
-            "command": command()}
+            "command": command(), "wall_s": time.perf_counter() - t_start}
     (out / "rollout_throughput.json").write_text(json.dumps({**meta, "results": results},
                                                             indent=2))
     lines = [f"Rollout throughput, HF generate vs vLLM, same checkpoint and prompts ({machine}; "

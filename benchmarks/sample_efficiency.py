@@ -211,6 +211,15 @@ def main() -> None:
     plot(result, out / f"{stem}.png")
 
 
+def _minutes(runs: list[dict[str, Any]]) -> str:
+    """Median and range of the runs' recorded training times."""
+    secs = [r["seconds"] for r in runs if r["seconds"] is not None]
+    if not secs:
+        return "not recorded"
+    return (f"median {statistics.median(secs) / 60:.1f} min (range {min(secs) / 60:.1f} to "
+            f"{max(secs) / 60:.1f})")
+
+
 def _pm(m: float, s: float) -> str:
     return f"{m:.3f} ± {s:.3f}"
 
@@ -229,8 +238,8 @@ def markdown(result: dict[str, Any], base: TrainConfig) -> str:
         f" at the start, {result['load_average_end']} at the end (shared machine). "
         f"This invocation: {result['wall_seconds'] / 60:.1f} min wall for {n_runs} runs"
         + (f" ({n_reused} read from earlier finished runs)" if n_reused else "")
-        + f"; training time of all {n_runs} runs together "
-        f"{result['train_seconds_all_runs'] / 60:.1f} min.", "",
+        + f"; training time per run {_minutes(result['runs'])} (a run trained while other "
+        "jobs shared the cores takes longer).", "",
         f"Per run: {cfg.trainer.steps} optimiser steps, {cfg.rollout.prompts_per_batch} prompts × "
         f"{cfg.rollout.samples_per_prompt} samples per rollout batch, {cfg.rollout.minibatches} "
         f"optimiser steps per batch, one lr for every arm ({cfg.optim.lr:g}, the demo's, tuned "
