@@ -177,47 +177,37 @@ def write_task(out: Path) -> None:
 
 
 def measure(path: Path, cfg: TrainConfig, samples: bool = True) -> dict:
-    """The trainer's held-out evaluation, redone with more detail: greedy accuracy and, with
-    `samples`, pass@k and the accuracy of k temperature-1 samples per problem (same seed and
-    batching as `mmopd.evaluate`); for both also a strict accuracy (the graded answer must be a
-    plain integer: the env's grader accepts an echoed "3 + 5" for 8), plus mean reply tokens,
-    parameters and a few greedy replies."""
+    """The trainer's held-out evaluation (`mmopd.evaluate.evaluation_episodes`, with the run's
+    settings), scored with more detail: greedy accuracy and, with `samples`, pass@k and the
+    accuracy of k temperature-1 samples per problem; for both also a strict accuracy (the graded
+    answer must be a plain integer: the env's grader accepts an echoed "3 + 5" for 8), plus mean
+    reply tokens, parameters and a few greedy replies."""
     from mmopd.envs import make_env
-    from mmopd.evaluate import is_correct
+    from mmopd.evaluate import EnvPool, evaluation_episodes, is_correct
     from mmopd.models import load_model, load_tokenizer
-    from mmopd.render import ChatRenderer
-    from mmopd.rollout import collect_episodes
-    from mmopd.sampler import HFSampler, SamplingParams
 
     mcfg = dataclasses.replace(cfg.model, path=str(path))
     tok = load_tokenizer(mcfg)
     model = load_model(mcfg, tok).eval()
-    renderer = ChatRenderer(tok)
-    sampler = HFSampler(model, tok, batch_size=cfg.rollout.batch_size,
-                        stop_token_ids=renderer.stop_token_ids)
     kwargs = {**cfg.env.kwargs, **cfg.env.eval_kwargs}
-    n = min(cfg.eval.num_problems, make_env(cfg.env.id, **kwargs).unwrapped.num_problems)
-    starts = [{"options": {"index": i}} for i in range(n)]
+    r = cfg.rollout
+    k = cfg.eval.pass_k if samples else 0
     t0 = time.perf_counter()
-
-    def run(k: int, temperature: float) -> list:
-        return collect_episodes([make_env(cfg.env.id, **kwargs) for _ in range(n * k)], starts,
-                                sampler, renderer,
-                                SamplingParams(k, temperature, 1.0, cfg.rollout.max_new_tokens),
-                                max_turns=1, env_id=cfg.env.id, desc="measure")
+    greedy, sampled = evaluation_episodes(
+        model, tok, EnvPool(lambda: make_env(cfg.env.id, **kwargs)),
+        num_problems=cfg.eval.num_problems, pass_k=k, temperature=cfg.eval.temperature,
+        max_new_tokens=cfg.eval.max_new_tokens or r.max_new_tokens, batch_size=r.batch_size,
+        seed=cfg.trainer.seed, stop=r.stop, max_turns=r.max_turns,
+        max_episode_tokens=r.max_episode_tokens, env_id=cfg.env.id)
+    n = len(greedy)
 
     def strict(e: object) -> bool:
         return is_correct(e) and bool(_INT.fullmatch(str(e.metadata.get("pred"))))
 
-    greedy = run(1, 0.0)
     res = {"accuracy": sum(map(is_correct, greedy)) / n,
            "strict_accuracy": sum(map(strict, greedy)) / n,
            "mean_reply_tokens": sum(e.num_generated for e in greedy) / n}
-    k = cfg.eval.pass_k
-    if samples and k:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.trainer.seed)
-            sampled = run(k, cfg.eval.temperature)
+    if k:
         res[f"pass@{k}"] = sum(any(map(is_correct, sampled[i * k:(i + 1) * k]))
                                for i in range(n)) / n
         res["sample_accuracy"] = sum(map(is_correct, sampled)) / (n * k)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
 import torch
@@ -32,15 +33,17 @@ class EnvPool:
         return self.envs[:n]
 
 
-def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pool: EnvPool, *,
-             num_problems: int, pass_k: int = 0, temperature: float = 1.0,
-             max_new_tokens: int = 64, batch_size: int = 64, seed: int = 0,
-             stop: list[str] | None = None, max_turns: int = 8, max_episode_tokens: int = 0,
-             env_id: str = "env", vision: VisionProcessor | None = None) -> dict[str, float]:
-    """Greedy accuracy over problems 0..num_problems-1; with pass_k > 0 also pass@k (any of k
-    samples correct) and the mean per-sample accuracy. Sampling uses its own RNG stream, so an
-    evaluation never changes the training run's random state. `vision`: a VLM's image pipeline.
-    Problems whose episode failed to start (a corrupt image) count as wrong."""
+def evaluation_episodes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                        pool: EnvPool, *, num_problems: int, pass_k: int = 0,
+                        temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 64,
+                        seed: int = 0, stop: list[str] | None = None, max_turns: int = 8,
+                        max_episode_tokens: int = 0, env_id: str = "env",
+                        vision: VisionProcessor | None = None
+                        ) -> tuple[list[Episode], list[Episode]]:
+    """The episodes `evaluate` scores: one greedy episode for each of problems
+    0..num_problems-1 (fewer when the env has fewer), and with pass_k > 0 also pass_k sampled
+    ones per problem, in problem order. Sampling uses its own RNG stream, so an evaluation never
+    changes the training run's random state."""
     num = num_problems
     probe = pool.take(1)[0].unwrapped
     if getattr(probe, "num_problems", None) is not None:
@@ -55,8 +58,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pool: E
     greedy = collect_episodes(pool.take(num), starts, sampler, renderer,
                               SamplingParams(1, 0.0, 1.0, max_new_tokens, stop),
                               desc="eval greedy", **limits)
-    out = {"accuracy": sum(map(is_correct, greedy)) / max(num, 1), "num_problems": float(num),
-           "mean_response_tokens": sum(e.num_generated for e in greedy) / max(num, 1)}
+    sampled: list[Episode] = []
     if pass_k:
         cuda = [model.device.index or 0] if model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
@@ -65,6 +67,21 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pool: E
                 pool.take(num * pass_k), starts, sampler, renderer,
                 SamplingParams(pass_k, temperature, 1.0, max_new_tokens, stop),
                 desc=f"eval pass@{pass_k}", **limits)
+    return greedy, sampled
+
+
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pool: EnvPool, *,
+             num_problems: int, pass_k: int = 0, **kwargs: Any) -> dict[str, float]:
+    """Greedy accuracy over problems 0..num_problems-1; with pass_k > 0 also pass@k (any of k
+    samples correct) and the mean per-sample accuracy. `kwargs`: the sampling and episode
+    settings of `evaluation_episodes` (temperature, max_new_tokens, seed, vision, ...).
+    Problems whose episode failed to start (a corrupt image) count as wrong."""
+    greedy, sampled = evaluation_episodes(model, tokenizer, pool, num_problems=num_problems,
+                                          pass_k=pass_k, **kwargs)
+    num = len(greedy)
+    out = {"accuracy": sum(map(is_correct, greedy)) / max(num, 1), "num_problems": float(num),
+           "mean_response_tokens": sum(e.num_generated for e in greedy) / max(num, 1)}
+    if pass_k:
         hits = [[is_correct(e) for e in sampled[i * pass_k:(i + 1) * pass_k]] for i in range(num)]
         out[f"pass@{pass_k}"] = sum(any(h) for h in hits) / max(num, 1)
         out["sample_accuracy"] = sum(sum(h) for h in hits) / max(num * pass_k, 1)
