@@ -269,6 +269,9 @@ class ObjectiveConfig:
     sod_delta: float = 0.2  # w_k <= 1 + delta
     sod_eps: float = 1e-6
     outcome_coef: float = 0.0  # add coef * GRPO episode advantage to policy-gradient objectives
+    # PPO-style clipped ratio for policy-gradient objectives: [1 - eps_low, 1 + eps_high], e.g.
+    # [0.8, 1.28] (SOD's 0.2 / 0.28); None = the plain surrogate -rho * A
+    ratio_clip: tuple[float, float] | None = None
     # V-Zero: weigh each episode by its teacher's positive-vs-negative view preference
     episode_gating: Literal["none", "vzero"] = "none"
     vzero_gamma: float = 1.0
@@ -318,6 +321,15 @@ class ObjectiveConfig:
         _check(0 <= self.switch_frac <= 1, f"{w}.switch_frac", "must be in [0, 1]")
         _check(0 <= self.jsd_beta <= 1, f"{w}.jsd_beta", "must be in [0, 1]")
         _check(self.topk >= 0, f"{w}.topk", "must be >= 0")
+        if self.ratio_clip is not None:
+            low, high = self.ratio_clip
+            _check(low >= 0 and high >= 0, f"{w}.ratio_clip",
+                   f"{list(self.ratio_clip)} has a negative bound; give [1 - eps_low, "
+                   "1 + eps_high] with both bounds >= 0, e.g. [0.8, 1.28]")
+            _check(low < high, f"{w}.ratio_clip", f"low {low} must be below high {high}, e.g. "
+                   "[0.8, 1.28]")
+            _check(low <= 1 <= high, f"{w}.ratio_clip", f"[{low}, {high}] must contain 1 (the "
+                   "ratio of the first update), e.g. [0.8, 1.28]")
 
 
 @dataclass
@@ -419,6 +431,10 @@ class TrainConfig:
             raise ConfigError(f"objective.outcome_coef: the episode advantage is added to "
                               f"policy-gradient objectives; {obj.name!r} is a divergence "
                               "(use opd or reopold, or set outcome_coef=0)")
+        if self.objective.ratio_clip is not None and obj.kind != "pg":
+            raise ConfigError(f"objective.ratio_clip: clips the importance ratio of "
+                              f"policy-gradient objectives; {obj.name!r} is a divergence "
+                              "(use opd, reopold or grpo, or drop ratio_clip)")
         if obj.name == "opsd" and (self.teacher.kind != "self"
                                    or self.teacher.view != "privileged"):
             raise ConfigError("objective.name: opsd distils from the frozen initial student "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -28,6 +29,7 @@ from mmopd.objectives import (
     TokenBatch,
     full_vocab_divergence,
     policy_loss_sum,
+    ratio_clipped,
     topk_divergence,
 )
 from mmopd.objectives.zoo import pair_stats, teacher_topk_fkl
@@ -117,11 +119,20 @@ def pair_pass(heads: Heads, h_old_NH: torch.Tensor, h_teacher_NH: torch.Tensor,
     return {name: torch.cat(v) for name, v in parts.items()}
 
 
+class UpdateStats(NamedTuple):
+    """What one minibatch's gradient accumulation measured."""
+
+    loss: float  # the minibatch loss (token mean)
+    ratio_sum: float  # sum of rho over kept tokens (policy gradient; the kept count otherwise)
+    tokens: int  # non-padding tokens through the student
+    clipped: int  # kept tokens that the ratio clip took out of the gradient
+
+
 def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                          episodes: list[Episode], slices: list[torch.Tensor], tb: TokenBatch,
                          plan: Plan, teach: TokenScores, objective: Objective, cfg: TrainConfig,
-                         heads: Heads, pad_id: int) -> tuple[float, float, int]:
-    """Accumulate gradients of one minibatch; returns (loss, sum of rho over kept, tokens)."""
+                         heads: Heads, pad_id: int) -> UpdateStats:
+    """Accumulate gradients of one minibatch."""
     device, world = accelerator.device, accelerator.num_processes
     unwrapped = accelerator.unwrap_model(student)
     tok_all = torch.cat(slices)
@@ -130,7 +141,7 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
     n_keep = accelerator.reduce(plan.counted_N[tok_all].sum().to(device), "sum")
     denom = max(float(n_keep), 1.0)
     mb = cfg.trainer.micro_batch_size
-    loss_total, ratio_sum, seq_tokens = 0.0, 0.0, 0
+    loss_total, ratio_sum, seq_tokens, clipped = 0.0, 0.0, 0, 0
     parts = range(0, len(episodes), mb)
     for j, s in enumerate(parts):
         eps, tok = episodes[s: s + mb], torch.cat(slices[s: s + mb])
@@ -148,10 +159,13 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                 logp = target_logprobs(heads.sampled, h, batch.input_ids[rows, cols],
                                        cfg.trainer.chunk_size)
                 logp_old = tb.logp_old_N[tok].to(device)
-                loss_sum = policy_loss_sum(logp, logp_old, plan.advantage_N[tok].to(device),
-                                           keep.to(device))
+                adv, clip = plan.advantage_N[tok].to(device), cfg.objective.ratio_clip
+                loss_sum = policy_loss_sum(logp, logp_old, adv, keep.to(device), clip)
                 with torch.no_grad():
                     ratio_sum += float((torch.exp(logp - logp_old) * keep.to(device)).sum())
+                    if clip is not None:
+                        clipped += int((ratio_clipped(logp, logp_old, adv, clip)
+                                        & keep.to(device)).sum())
                 if plan.aux_N is not None:
                     loss_sum = loss_sum + aux_sum(objective, cfg, heads, h, teach, tok,
                                                    plan.aux_N[tok])
@@ -163,4 +177,4 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
             loss = loss_sum / denom * world  # DDP averages over ranks; undo it for a token mean
             accelerator.backward(loss)
         loss_total += loss_sum.item() / denom
-    return loss_total, ratio_sum, seq_tokens
+    return UpdateStats(loss_total, ratio_sum, seq_tokens, clipped)

@@ -481,7 +481,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for mb in order.chunk(mbs):
             t0 = time.perf_counter()
             plan = make_plan(objective, tb, step, total, cfg.objective)
-            loss_val, ratio_sum, seq_tokens = accumulate_gradients(
+            update = accumulate_gradients(
                 student, accelerator, [episodes[i] for i in mb.tolist()],
                 [slices[i] for i in mb.tolist()], tb, plan, teach, objective, cfg, heads,
                 tokenizer.pad_token_id)
@@ -493,11 +493,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 ema_update(ema, model, cfg.teacher.ema_decay)
             step += 1
             t_train = time.perf_counter() - t0
-            kept = plan.keep_N[torch.cat([slices[i] for i in mb.tolist()])]
-            row = {"step": step, "loss": loss_val, **batch_stats, **plan.metrics,
-                   "ratio_mean": ratio_sum / max(int(kept.sum()), 1),
+            n_kept = max(int(plan.keep_N[torch.cat([slices[i] for i in mb.tolist()])].sum()), 1)
+            row = {"step": step, "loss": update.loss, **batch_stats, **plan.metrics,
+                   "ratio_mean": update.ratio_sum / n_kept,
+                   **({"ratio_clipped_frac": update.clipped / n_kept}
+                      if cfg.objective.ratio_clip else {}),
                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                   "train_tokens_per_s": seq_tokens / max(t_train, 1e-9),
+                   "train_tokens_per_s": update.tokens / max(t_train, 1e-9),
                    "time_train_s": t_train}
             metrics_log.write(row)
             bar.update(1)

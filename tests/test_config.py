@@ -48,6 +48,12 @@ def test_overrides_and_yaml_number_quirk():
     (["trainer.bf16=maybe"], r"trainer.bf16: expected true/false"),
     (["objective.topk_source=both"], r"objective.topk_source: 'both' is not one of"),
     (["nonsense"], r"expected dotted.key=value"),
+    (["objective.ratio_clip=[1.28, 0.8]"], r"objective.ratio_clip: low 1.28 must be below high"),
+    (["objective.ratio_clip=[0.8, 0.8]"], r"objective.ratio_clip: low 0.8 must be below high"),
+    (["objective.ratio_clip=[-0.2, 1.28]"], r"objective.ratio_clip: .* negative bound"),
+    (["objective.ratio_clip=[1.1, 1.3]"], r"objective.ratio_clip: \[1.1, 1.3\] must contain 1"),
+    (["objective.ratio_clip=[0.8]"], r"objective.ratio_clip"),
+    (["objective.name=rkl", "objective.ratio_clip=[0.8, 1.28]"], r"ratio_clip: .*divergence"),
 ])
 def test_bad_values_name_the_field(overrides, match):
     with pytest.raises(ConfigError, match=match):

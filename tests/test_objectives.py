@@ -15,6 +15,7 @@ from mmopd.objectives import (
     full_vocab_divergence,
     grpo_advantages,
     policy_loss_sum,
+    ratio_clipped,
     reopold_floor,
     topk_divergence,
     with_tail,
@@ -188,3 +189,39 @@ def test_grpo_advantages_brute_force():
     plan = OBJECTIVES["grpo"].plan(tb, 0, 10, ObjectiveConfig(name="grpo"))
     adv_e = grpo_advantages(tb.reward_E, tb.group_E)
     assert torch.allclose(plan.advantage_N, adv_e[tb.episode_N])
+
+
+@pytest.mark.parametrize("clip", [(0.8, 1.28), (0.5, 1.5)])
+def test_ratio_clip_matches_ppo_brute_force(clip):
+    torch.manual_seed(1)
+    old = torch.randn(40) - 2
+    new = (old + 0.6 * torch.randn(40)).requires_grad_(True)
+    adv = torch.randn(40)
+    keep = torch.rand(40) > 0.2
+    loss = policy_loss_sum(new, old, adv, keep, clip)
+    loss.backward()
+    ref_loss, ref_grad = 0.0, []
+    for lo, ln, a, k in zip(old.tolist(), new.tolist(), adv.tolist(), keep.tolist()):
+        rho = math.exp(ln - lo)
+        clipped = min(max(rho, clip[0]), clip[1])
+        term = min(rho * a, clipped * a)
+        # d(-term)/d logp: -rho * a where the unclipped term is the minimum, else 0
+        unclipped_wins = rho * a <= clipped * a
+        ref_loss -= term * k
+        ref_grad.append(-rho * a * k if unclipped_wins else 0.0)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-5)
+    assert torch.allclose(new.grad, torch.tensor(ref_grad), atol=1e-6)
+    no_grad = new.grad == 0
+    assert torch.equal(ratio_clipped(new.detach(), old, adv, clip) | ~keep, no_grad | ~keep)
+    assert ratio_clipped(new.detach(), old, adv, clip).any()  # the case is not vacuous
+
+
+def test_ratio_clip_is_plain_surrogate_on_the_first_update():
+    old = torch.randn(10)
+    adv = torch.randn(10)
+    keep = torch.ones(10, dtype=torch.bool)
+    a = old.clone().requires_grad_(True)
+    b = old.clone().requires_grad_(True)
+    policy_loss_sum(a, old, adv, keep, (0.8, 1.28)).backward()
+    policy_loss_sum(b, old, adv, keep).backward()
+    assert torch.allclose(a.grad, b.grad)
