@@ -3,7 +3,10 @@
 The student may call the tools the env offers (calculator by default, or python) over several
 turns; the agent loop runs the calls and shows the results. The first reply without a tool call is
 the final answer, graded against the exact result. `expert_reply` demonstrates the intended use:
-one tool call, then "Answer: <result>".
+one tool call, then "Answer: <result>". `call_format="react"` makes that call the short
+`Action: calculator[123*45]` (the env tells the agent loop so through info["tool_parser"]);
+`careless` > 0 makes a seeded fraction of demonstrations answer from the head instead (the exact
+result, with no tool call): the habit a weakly supervised student picks up.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ LEVELS = {  # level -> (description, generator of (question expression, value))
     3: "three-digit times three-digit plus three-digit",
 }
 TOOLS = ("calculator", "python")
+CALL_FORMATS = ("hermes", "react")
 _TEST_SEED = 20_261_122  # fixed: the held-out set is identical on every machine
 DEFAULT_SYSTEM = ("Use a tool for arithmetic. When you know the result, reply with "
                   "'Answer: <number>'.")
@@ -64,7 +68,8 @@ class ToolMathEnv(gymnasium.Env):
 
     def __init__(self, level: int = 1, split: str = "train", test_size: int = 200,
                  tools: list[str] | tuple[str, ...] = ("calculator",),
-                 system_prompt: str | None = DEFAULT_SYSTEM) -> None:
+                 system_prompt: str | None = DEFAULT_SYSTEM, call_format: str = "hermes",
+                 careless: float = 0.0) -> None:
         generate_expression(random.Random(0), level)  # validates the level
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -73,6 +78,13 @@ class ToolMathEnv(gymnasium.Env):
         bad = [t for t in tools if t not in TOOLS]
         if not tools or bad:
             raise ValueError(f"tools must be a non-empty subset of {TOOLS}, got {list(tools)}")
+        if call_format not in CALL_FORMATS:
+            raise ValueError(f"call_format must be one of {CALL_FORMATS}, got {call_format!r}")
+        if isinstance(careless, bool) or not isinstance(careless, (int, float)) \
+                or not 0 <= careless <= 1:
+            raise ValueError(f"careless must be a probability in [0, 1], got {careless!r}")
+        self.call_format, self.careless = call_format, float(careless)
+        self._from_head = False  # this episode's demonstration skips the tool (careless)
         self.level, self.split, self.test_size = level, split, test_size
         self.tools, self.system_prompt = list(tools), system_prompt
         self.observation_space = self.action_space = text_space()
@@ -105,6 +117,8 @@ class ToolMathEnv(gymnasium.Env):
             expr, value = self.problem(seed if seed is not None
                                        else int(self.np_random.integers(2**62)))
         self._current = (expr, value)
+        if self.careless:
+            self._from_head = random.Random(f"careless-{expr}-{seed}").random() < self.careless
         question = f"What is {expr}?"
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         info = {
@@ -115,6 +129,7 @@ class ToolMathEnv(gymnasium.Env):
             "tools": list(self.tools),
             "answer": str(value),
             "problem_id": f"toolmath-L{self.level}-{expr}",
+            "tool_parser": self.call_format,
         }
         return question, info
 
@@ -128,13 +143,16 @@ class ToolMathEnv(gymnasium.Env):
         return "", float(correct), True, False, {"correct": correct, "pred": pred}
 
     def expert_reply(self, messages: list[dict[str, Any]]) -> str:
-        """Call the first tool on the expression; once its result is shown, answer with it."""
+        """Call the first tool on the expression; once its result is shown, answer with it.
+        A careless demonstration answers at once, without the tool."""
         if self._current is None:
             raise RuntimeError("expert_reply() needs a running episode")
+        expr, value = self._current
+        if self._from_head:
+            return f"Answer: {value}"
         last = messages[-1] if messages else {}
         if last.get("role") == "tool" and not str(last.get("content", "")).startswith("Error"):
             return f"Answer: {str(last['content']).strip()}"
-        expr = self._current[0]
         if self.tools[0] == "python":
-            return format_call("python", {"code": f"print({expr})"})
-        return format_call("calculator", {"expression": expr})
+            return format_call("python", {"code": f"print({expr})"}, self.call_format)
+        return format_call("calculator", {"expression": expr}, self.call_format)

@@ -167,7 +167,9 @@ class RolloutConfig:
     minibatches: int = 2  # optimiser steps per rollout batch (so rho != 1 after the first)
     max_turns: int = 8  # bound on assistant turns, tool calls included (single-turn: one)
     max_episode_tokens: int = 0  # bound on a whole episode's length in tokens (0 = none)
-    tool_parser: Literal["hermes"] = "hermes"  # how tool calls are found in replies
+    # how tool calls are found in replies: "hermes" (<tool_call>{json}</tool_call>) or "react"
+    # (Action: name[input])
+    tool_parser: Literal["hermes", "react"] = "hermes"
     # TCOD temporal curriculum: at optimiser step k only the first 1 + k // tcod_c turns are
     # rolled out (and so trained), up to max_turns.
     curriculum: Literal["none", "tcod"] = "none"

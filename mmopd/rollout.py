@@ -1,7 +1,8 @@
 """The agent loop: drives a batch of environments with a Sampler, turn by turn, into Episodes.
 
 Each turn the student generates until it ends its turn. If the env offers tools (reset() returns
-info["tools"]) and the reply calls them, the calls are parsed, executed and their results appended
+info["tools"]) and the reply calls them, the calls are parsed (in the env's own format when it
+names one in info["tool_parser"], else rollout.tool_parser's), executed and their results appended
 as tool messages; otherwise the reply goes to env.step() and the observation comes back as a new
 message. Either way the new context is appended as a token delta rendered by the chat template, and
 the student's tokens stay exactly as sampled — nothing is re-tokenised. Single-turn envs (math)
@@ -38,7 +39,7 @@ from mmopd.episode import (
 )
 from mmopd.render import ChatRenderer, Message, RenderError
 from mmopd.sampler import Sampler, SamplingParams
-from mmopd.toolcalls import HermesParser, ParsedReply, ToolCallParser
+from mmopd.toolcalls import HermesParser, ParsedReply, ToolCallParser, make_parser
 from mmopd.tools import Tool, ToolContext, ToolResult, call_tool, resolve_tools, tool_schema
 from mmopd.vision import image_items
 
@@ -61,6 +62,7 @@ class _Slot:
     messages: list[Message] = field(default_factory=list)
     images: list[Any] = field(default_factory=list)  # every image shown so far, for tools
     failed: bool = False  # reset or prompt rendering failed: nothing to generate
+    parser: ToolCallParser | None = None  # the env's own call format (info["tool_parser"])
 
 
 _TOOL_CACHE: dict[str, dict[str, Tool]] = {}
@@ -155,7 +157,13 @@ class AgentLoop:
                      prompt_images=prompt.vision.num_images if prompt.vision else 0,
                      teacher_prompt_vision=teacher.vision if teacher else None, views=extra)
         images = [it.get("image", it.get("image_url")) for it in image_items(messages)]
-        return _Slot(ep, env, tools, messages, images)
+        parser = None
+        if info.get("tool_parser") is not None:
+            try:
+                parser = make_parser(info["tool_parser"])
+            except ValueError as e:
+                raise EnvContractError(f"{self.env_id}: info['tool_parser']: {e}") from e
+        return _Slot(ep, env, tools, messages, images, parser=parser)
 
     # ------------------------------------------------------------------ run
 
@@ -204,7 +212,7 @@ class AgentLoop:
         if cut or stop_reason == STOP_DRIFT:  # a drifted reply is not worth acting on
             return False
         if slot.tools is not None:
-            parsed = self.parser.parse(self._raw_text(ids))
+            parsed = (slot.parser or self.parser).parse(self._raw_text(ids))
             if parsed.wants_tools:
                 return self._observe(slot, ids, self._run_tools(slot, parsed))
         try:

@@ -6,6 +6,10 @@ The default is the Hermes convention that Qwen2.5 / Qwen3 chat templates use::
     {"name": "calculator", "arguments": {"expression": "37*48"}}
     </tool_call>
 
+"react" reads the short ReAct form, one call per line, for tools with one text argument::
+
+    Action: calculator[37*48]
+
 A parser never raises on model output: malformed, truncated or non-object calls come back as
 error strings, which the agent loop returns to the model as tool messages.
 """
@@ -78,7 +82,26 @@ class HermesParser:
         return out
 
 
-PARSERS: dict[str, type[ToolCallParser]] = {"hermes": HermesParser}
+class ReActParser:
+    """ReAct-style `Action: name[input]` lines: a short call format for tools that take one
+    text argument (the input fills the tool's only required string argument)."""
+
+    _action = re.compile(r"Action:[ \t]*(.*)")
+    _call = re.compile(r"([A-Za-z_][\w.-]*)\[(.*)\]\s*")
+
+    def parse(self, text: str) -> ParsedReply:
+        out = ParsedReply()
+        for m in self._action.finditer(text):
+            call = self._call.fullmatch(m.group(1))
+            if call is None:
+                out.errors.append("write a tool call as Action: name[input], e.g. "
+                                  "Action: calculator[37*48]")
+                continue
+            out.calls.append(ToolCall(call.group(1), call.group(2).strip()))
+        return out
+
+
+PARSERS: dict[str, type[ToolCallParser]] = {"hermes": HermesParser, "react": ReActParser}
 
 
 def make_parser(name: str) -> ToolCallParser:
@@ -87,6 +110,13 @@ def make_parser(name: str) -> ToolCallParser:
     return PARSERS[name]()
 
 
-def format_call(name: str, arguments: dict[str, Any]) -> str:
-    """A call in the Hermes format (what expert demonstrations write)."""
+def format_call(name: str, arguments: dict[str, Any], style: str = "hermes") -> str:
+    """A call as expert demonstrations write it: in the Hermes format, or ("react") as
+    `Action: name[input]` with the one argument's value as the input."""
+    if style == "react":
+        if len(arguments) != 1:
+            raise ValueError(f"a react call takes exactly one argument, got {sorted(arguments)}")
+        return f"Action: {name}[{next(iter(arguments.values()))}]"
+    if style != "hermes":
+        raise ValueError(f"unknown call style {style!r}; choose one of {sorted(PARSERS)}")
     return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"

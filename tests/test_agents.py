@@ -14,7 +14,7 @@ from mmopd.envs import make_env, text_space
 from mmopd.episode import STOP_BUDGET, STOP_EOS, STOP_ERROR, STOP_LENGTH, STOP_MAX_TURNS
 from mmopd.render import ChatRenderer
 from mmopd.rollout import AgentLoop, collect_demonstrations
-from mmopd.toolcalls import HermesParser, format_call
+from mmopd.toolcalls import HermesParser, ReActParser, format_call
 from mmopd.tools import (
     ToolDefinitionError,
     ToolNotFoundError,
@@ -119,6 +119,30 @@ def test_hermes_parser_reads_calls_and_reports_malformed_ones():
 def test_parser_never_raises_on_garbage(text):
     for t in (text, "<tool_call>" + text, "<tool_call>" + text + "</tool_call>"):
         HermesParser().parse(t)
+    for t in (text, "Action: " + text, "Action: calc[" + text):
+        ReActParser().parse(t)
+
+
+def test_react_parser_and_format_round_trip():
+    p = ReActParser()
+    call = format_call("calculator", {"expression": "37*48"}, "react")
+    assert call == "Action: calculator[37*48]"
+    got = p.parse(f"I will compute.\n{call}\nAction: search[a [b] c]")
+    assert [(c.name, c.arguments) for c in got.calls] == [("calculator", "37*48"),
+                                                          ("search", "a [b] c")]
+    assert not got.errors
+    assert not p.parse("Answer: 1776").wants_tools
+    bad = p.parse("Action: calculator 37*48")
+    assert bad.calls == [] and "Action: name[input]" in bad.errors[0]
+    with pytest.raises(ValueError, match="exactly one argument"):
+        format_call("echo", {"text": "a", "times": 2}, "react")
+
+
+def test_a_bare_text_argument_fills_the_only_required_string_argument():
+    calc = make_tool("calculator")
+    assert call_tool(calc, "6*7").text == "42"
+    res = call_tool(echo, "hi")  # echo's one required argument is the string "text"
+    assert not res.error and res.text == "hi"
 
 
 # ----------------------------------------------------------------------------- tools
@@ -278,6 +302,30 @@ def test_toolmath_env_checks_and_demonstrations_solve_it(tokenizer):
     assert env.step("Answer: 1")[1] == 0.0
     with pytest.raises(ValueError, match="tools"):
         make_env("mmopd/ToolMath-v0", tools=["shell"])
+    with pytest.raises(ValueError, match="call_format"):
+        make_env("mmopd/ToolMath-v0", call_format="json")
+    with pytest.raises(ValueError, match="careless"):
+        make_env("mmopd/ToolMath-v0", careless=-0.1)
+
+
+def test_toolmath_react_calls_and_careless_demonstrations(tokenizer):
+    """The short call format runs through the agent loop (the env names its parser), and a
+    careless demonstrator answers a seeded share of problems from its head, without the tool."""
+    r = ChatRenderer(tokenizer)
+    n = 40
+    envs = [make_env("mmopd/ToolMath-v0", level=2, call_format="react", careless=0.5)
+            for _ in range(n)]
+    eps = collect_demonstrations(envs, [{"seed": s} for s in range(n)], r)
+    called = [e for e in eps if e.metadata.get("tool_calls")]
+    assert all(e.metadata["correct"] and e.metadata["tool_calls"] == 1 for e in called)
+    assert all("Action: calculator[" in e.metadata["completions"][0] for e in called)
+    assert all(max(e.step_index) == 1 for e in called)  # two assistant turns
+    from_head = [e for e in eps if not e.metadata.get("tool_calls")]
+    assert all(max(e.step_index) == 0 and e.metadata["completions"][0].startswith("Answer: ")
+               for e in from_head)
+    assert 10 < len(from_head) < 30
+    again = collect_demonstrations(envs, [{"seed": s} for s in range(n)], r)
+    assert [e.input_ids for e in again] == [e.input_ids for e in eps]
 
 
 # ----------------------------------------------------------------------------- SOD, TCOD, training

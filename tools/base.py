@@ -101,8 +101,23 @@ def _check(value: Any, schema: dict[str, Any], where: str) -> str | None:
     return None
 
 
+def bind_text_argument(t: Tool, args: Any) -> Any:
+    """A bare string (a ReAct-style `Action: name[text]` call) as the tool's arguments: it fills
+    the tool's one required string argument. Anything else is returned as it is."""
+    if not isinstance(args, str):
+        return args
+    required = t.parameters.get("required", [])
+    props = t.parameters.get("properties", {})
+    if len(required) == 1 and props.get(required[0], {}).get("type") == "string":
+        return {required[0]: args}
+    return args
+
+
 def validate_args(t: Tool, args: Any) -> str | None:
     """An error message for arguments that do not fit the tool's schema, or None."""
+    if isinstance(args, str):
+        return (f"{t.name} takes named arguments ({', '.join(t.parameters.get('required', []))}"
+                "); a bare text argument fills a tool's only required string argument")
     if not isinstance(args, dict):
         return f"arguments of {t.name} must be a JSON object, got {type(args).__name__}"
     props = t.parameters.get("properties", {})
@@ -135,6 +150,7 @@ def _as_result(out: Any) -> ToolResult:
 def call_tool(t: Tool, args: Any, max_chars: int = MAX_TOOL_OUTPUT_CHARS,
               context: ToolContext | None = None) -> ToolResult:
     """Validate, run, and bound one tool call. Never raises: failures are error results."""
+    args = bind_text_argument(t, args)
     if (err := validate_args(t, args)) is not None:
         return ToolResult(f"Error: {err}", error=True)
     try:
