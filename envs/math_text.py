@@ -9,6 +9,8 @@ import math
 import operator
 import os
 import random
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ __all__ = [
     "DatasetError",
     "MathTextEnv",
     "Problem",
+    "careless_solution",
     "check_answer",
     "generate_problem",
     "load_problems",
@@ -58,8 +61,17 @@ def _columns(n: int) -> list[int]:
     return [int(d) for d in reversed(str(n))]  # least significant digit first
 
 
-def _add_solution(a: int, b: int) -> str:
-    xs, ys, steps, carry = _columns(a), _columns(b), [], 0
+# A `slip()` call per carry or borrow: True forgets it (a careless solver's worked solution, for
+# deliberately weak students); the default never slips.
+Slip = Callable[[], bool]
+
+
+def _never() -> bool:
+    return False
+
+
+def _add_solution(a: int, b: int, slip: Slip = _never) -> tuple[str, int]:
+    xs, ys, steps, carry, digits = _columns(a), _columns(b), [], 0, []
     width = max(len(xs), len(ys))
     for i in range(width):
         terms = xs[i : i + 1] + ys[i : i + 1] + ([carry] if carry else [])
@@ -67,35 +79,48 @@ def _add_solution(a: int, b: int) -> str:
         expr = "+".join(map(str, terms)) + f"={total}"
         if i == width - 1:
             steps.append(expr + ".")
+            digits.append(total)
         else:
-            carry = total // 10
+            carry = 0 if total < 10 or slip() else total // 10
+            digits.append(total % 10)
             steps.append(expr + f", write {total % 10}" + (f" carry {carry}." if carry else "."))
-    return " ".join(steps)
+    return " ".join(steps), _join(digits)
 
 
-def _sub_solution(a: int, b: int) -> str:  # requires a >= b, so the top column never borrows
-    xs, ys, steps, borrow = _columns(a), _columns(b), [], 0
+def _sub_solution(a: int, b: int, slip: Slip = _never) -> tuple[str, int]:
+    # requires a >= b, so the top column never borrows
+    xs, ys, steps, borrow, digits = _columns(a), _columns(b), [], 0, []
     for i, x in enumerate(xs):
         y = ys[i] if i < len(ys) else 0
         top = x + 10 if x - borrow - y < 0 else x
         expr = str(top) + (f"-{borrow}" if borrow else "") + (f"-{y}" if i < len(ys) else "")
         expr += f"={top - borrow - y}"
-        borrow = int(top > x)
+        digits.append(top - borrow - y)
+        borrow = int(top > x and not slip())
         steps.append(expr + (", borrow 1." if borrow else "."))
-    return " ".join(steps)
+    return " ".join(steps), _join(digits)
 
 
-def _mul_solution(a: int, d: int) -> str:
-    xs, steps, carry = _columns(a), [], 0
+def _mul_solution(a: int, d: int, slip: Slip = _never) -> tuple[str, int]:
+    xs, steps, carry, digits = _columns(a), [], 0, []
     for i, x in enumerate(xs):
         total = x * d + carry
         expr = f"{x}*{d}" + (f"+{carry}" if carry else "") + f"={total}"
         if i == len(xs) - 1:
             steps.append(expr + ".")
+            digits.append(total)
         else:
-            carry = total // 10
+            carry = 0 if total < 10 or slip() else total // 10
+            digits.append(total % 10)
             steps.append(expr + f", write {total % 10}" + (f" carry {carry}." if carry else "."))
-    return " ".join(steps)
+    return " ".join(steps), _join(digits)
+
+
+def _join(digits: list[int]) -> int:
+    """The number whose columns (least significant first) are `digits`; the last column is
+    written whole (it may have two digits)."""
+    *low, top = digits
+    return int(str(top) + "".join(str(d) for d in reversed(low))) if low else top
 
 
 def generate_problem(rng: random.Random, level: int, problem_id: str | None = None) -> Problem:
@@ -113,11 +138,26 @@ def generate_problem(rng: random.Random, level: int, problem_id: str | None = No
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
         if op == "-" and a < b:
             a, b = b, a
-    result, solve = {"+": (a + b, _add_solution), "-": (a - b, _sub_solution),
-                     "*": (a * b, _mul_solution)}[op]  # fmt: skip
     question = f"{a}{op}{b}="
-    solution = f"{solve(a, b)} \\boxed{{{result}}}"
+    steps, result = _SOLVERS[op](a, b)
+    solution = f"{steps} \\boxed{{{result}}}"
     return Problem(question, str(result), solution, problem_id or f"synthetic-L{level}-{a}{op}{b}")
+
+
+_SOLVERS = {"+": _add_solution, "-": _sub_solution, "*": _mul_solution}
+_QUESTION = re.compile(r"(\d+)([+*-])(\d+)=")
+
+
+def careless_solution(question: str, careless: float, rng: random.Random) -> str:
+    """The worked solution of a synthetic question as a careless solver writes it: each carry
+    (or borrow) is forgotten with probability `careless`, and the boxed answer is what the
+    slipped columns give (wrong whenever a slip happened)."""
+    m = _QUESTION.fullmatch(question)
+    if m is None:
+        raise ValueError(f"not a synthetic arithmetic question: {question!r}")
+    a, op, b = int(m[1]), m[2], int(m[3])
+    steps, result = _SOLVERS[op](a, b, lambda: rng.random() < careless)
+    return f"{steps} \\boxed{{{result}}}"
 
 
 def _check_level(level: Any) -> None:
@@ -242,6 +282,9 @@ class MathTextEnv(gymnasium.Env):
 
     source="synthetic" generates arithmetic (split "train": endless, never a test question;
     split "test": a fixed held-out set of test_size problems); a file path loads problems.
+    `careless` > 0 makes info["solution"] (the demonstration `mmopd sft` trains on) a careless
+    solver's: each carry or borrow is forgotten with that probability. Grading and the
+    teacher's reference-solution view stay exact.
     """
 
     metadata: dict[str, Any] = {"render_modes": []}
@@ -256,6 +299,7 @@ class MathTextEnv(gymnasium.Env):
         question_key: str = "question",
         answer_key: str = "answer",
         solution_key: str = "solution",
+        careless: float = 0.0,
     ) -> None:
         if not isinstance(source, (str, os.PathLike)) or not str(source):
             raise ValueError(f"source must be 'synthetic' or a file path, got {source!r}")
@@ -269,7 +313,13 @@ class MathTextEnv(gymnasium.Env):
         for name, key in (("question_key", question_key), ("answer_key", answer_key),
                           ("solution_key", solution_key)):  # fmt: skip
             _check_key(name, key)
+        if isinstance(careless, bool) or not isinstance(careless, (int, float)) \
+                or not 0 <= careless <= 1:
+            raise ValueError(f"careless must be a probability in [0, 1], got {careless!r}")
+        if careless and str(source) != "synthetic":
+            raise ValueError("careless needs source='synthetic' (it rewrites generated solutions)")
         self.source, self.split, self.level = str(source), split, level
+        self.careless = float(careless)
         self.system_prompt, self.test_size = system_prompt, test_size
 
         self._problems: tuple[Problem, ...] | None
@@ -329,6 +379,9 @@ class MathTextEnv(gymnasium.Env):
             "solution": problem.solution,
             "problem_id": problem.id,
         }
+        if self.careless:
+            rng = random.Random(f"careless-{problem.id}-{seed}")
+            info["solution"] = careless_solution(problem.question, self.careless, rng)
         if problem.solution:
             teacher_text = TEACHER_TEMPLATE.format(
                 question=problem.question, solution=problem.solution

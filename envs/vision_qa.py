@@ -52,6 +52,7 @@ from .vision_synth import (
     SynthConfig,
     _test_keys,
     _test_scenes,
+    answer_of,
     generate_scene,
     render_scene,
 )
@@ -301,7 +302,7 @@ class VisionQAEnv(gymnasium.Env):
                  box_size: int = 28, crop_size: int | None = 56,
                  system_prompt: str | None = DEFAULT_SYSTEM, zoom: bool = False,
                  teacher_view: str = "crop", test_size: int = 200,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, careless: float = 0.0) -> None:
         if not isinstance(source, (str, os.PathLike)) or not str(source):
             raise ValueError(f"source must be 'synthetic' or a JSONL file path, got {source!r}")
         if split not in ("train", "test"):
@@ -326,6 +327,13 @@ class VisionQAEnv(gymnasium.Env):
             raise ValueError(f"num_distractors={num_distractors} do not fit: an image_size="
                              f"{image_size} canvas holds at most {k * k - 1} distractors of "
                              f"box_size={box_size}; lower num_distractors or raise image_size")
+        if isinstance(careless, bool) or not isinstance(careless, (int, float)) \
+                or not 0 <= careless <= 1:
+            raise ValueError(f"careless must be a probability in [0, 1], got {careless!r}")
+        if careless and (str(source) != "synthetic" or num_distractors < 1):
+            raise ValueError("careless needs synthetic scenes with distractors (a careless "
+                             "demonstration describes a distractor instead of the framed object)")
+        self.careless = float(careless)
         self.source, self.split, self.zoom, self.teacher_view = str(source), split, zoom, \
             teacher_view
         self.crop_size, self.test_size, self.max_pixels = crop_size, test_size, max_pixels
@@ -351,6 +359,7 @@ class VisionQAEnv(gymnasium.Env):
         self.action_space = text_space()
         self._current: VisionProblem | None = None
         self._bbox: tuple[int, int, int, int] | None = None  # of the current images
+        self._seed: int | None = None  # of the current episode (careless demonstrations)
 
     def _load(self, path: Path) -> tuple[VisionProblem, ...]:
         problems, self.row_errors = load_rows(path)
@@ -423,7 +432,7 @@ class VisionQAEnv(gymnasium.Env):
         else:  # the seed itself names the problem, so the same seed always gives the same one
             p = self.problem(seed if seed is not None else int(self.np_random.integers(2**62)))
         images, bbox = self._images(p)
-        self._current, self._bbox = p, bbox
+        self._current, self._bbox, self._seed = p, bbox, seed
         text = p.question
         if self.zoom:  # the model needs the sizes to give pixel coordinates
             sizes = [f"{im.width}x{im.height} px" for im in images]
@@ -434,7 +443,7 @@ class VisionQAEnv(gymnasium.Env):
         info: dict[str, Any] = {
             "messages": system + [{"role": "user", "content": _content(text, images)}],
             "answer": p.answer,
-            "solution": f"Answer: {p.answer}",
+            "solution": f"Answer: {self._demonstrated_answer(p, seed)}",
             "problem_id": p.id,
             "bbox": list(bbox) if bbox is not None else None,
         }
@@ -459,6 +468,14 @@ class VisionQAEnv(gymnasium.Env):
         if self.zoom:
             info["tools"] = [{"name": "zoom", "size": self.crop_size}]
         return p.question, info
+
+    def _demonstrated_answer(self, p: VisionProblem, seed: int | None) -> str:
+        """The answer a demonstration gives: the right one, or with probability `careless`
+        (seeded per problem) the answer of the first distractor."""
+        if self.careless and p.scene is not None and p.scene.distractors:
+            if random.Random(f"careless-{p.id}-{seed}").random() < self.careless:
+                return answer_of(p.scene.distractors[0][2], self.config)
+        return p.answer
 
     @staticmethod
     def _view(view: str, text: str, images: list[Image.Image], region: Image.Image,
@@ -494,7 +511,7 @@ class VisionQAEnv(gymnasium.Env):
             raise RuntimeError("expert_reply() needs a running episode (call reset() first)")
         if self.zoom and self._bbox is not None and not any(map(_zoomed, messages)):
             return format_call("zoom", {"bbox": list(self._bbox)})
-        return f"Answer: {self._current.answer}"
+        return f"Answer: {self._demonstrated_answer(self._current, self._seed)}"
 
 
 def _zoomed(message: dict[str, Any]) -> bool:

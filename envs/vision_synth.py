@@ -129,6 +129,16 @@ def generate_scene(rng: random.Random, cfg: SynthConfig) -> Scene:
                  rng.getrandbits(32))
 
 
+def answer_of(spec: tuple[int, ...], cfg: SynthConfig) -> str:
+    """The answer an object's spec shows (a distractor's, say): its colour name, dot count or
+    digit."""
+    if cfg.task == "color":
+        return _COLOR_NAMES[spec[0]]
+    if cfg.task == "count":
+        return str(len(spec[1:]) // 2)
+    return str(spec[0])
+
+
 @functools.cache
 def _digit_mask(digit: int, height: int) -> Image.Image:
     """The digit in PIL's built-in bitmap font (fixed glyphs: identical on every machine),

@@ -21,6 +21,7 @@ from mmopd.envs import EnvNotFoundError, import_env_modules, list_envs, make_env
 from mmopd.envs.math_text import (
     DatasetError,
     MathTextEnv,
+    careless_solution,
     check_answer,
     generate_problem,
     load_problems,
@@ -368,3 +369,52 @@ _LATEX_BITS = ["\\boxed{", "{", "}", "\\frac", "^", "$", "=", "85", "x", " ", "\
 def test_check_answer_never_raises(completion: str, gold: str) -> None:
     correct, pred = check_answer(completion, gold)
     assert isinstance(correct, bool) and (pred is None or isinstance(pred, str))
+
+
+# ----------------------------------------------------------------------------- careless demos
+
+
+def _carries(a: int, b: int) -> bool:
+    return a % 10 + b % 10 >= 10
+
+
+def test_careless_solutions_forget_carries_and_box_what_they_computed() -> None:
+    rng = random.Random(0)
+    assert careless_solution("47+38=", 1.0, rng) == "7+8=15, write 5. 4+3=7. \\boxed{75}"
+    assert careless_solution("82-17=", 1.0, rng) == "12-7=5. 8-1=7. \\boxed{75}"
+    assert careless_solution("27*3=", 1.0, rng) == "7*3=21, write 1. 2*3=6. \\boxed{61}"
+    for level in (2, 3, 4, 5):  # careless=0 is the exact worked solution
+        for _ in range(300):
+            p = generate_problem(rng, level)
+            assert careless_solution(p.question, 0.0, rng) == p.solution
+    with pytest.raises(ValueError, match="not a synthetic"):
+        careless_solution("what?", 0.5, rng)
+
+
+def test_careless_env_changes_only_the_demonstration() -> None:
+    exact, careless = MathTextEnv(level=2), MathTextEnv(level=2, careless=0.7)
+    slipped = carry = 0
+    for seed in range(400):
+        q, info = exact.reset(seed=seed)
+        q2, info2 = careless.reset(seed=seed)
+        assert q == q2 and info["answer"] == info2["answer"]
+        assert info["teacher_messages"] == info2["teacher_messages"]  # the reference is exact
+        assert info2 == careless.reset(seed=seed)[1]  # seeded
+        a, b = map(int, q[:-1].split("+"))
+        if _carries(a, b):
+            carry += 1
+            slipped += info2["solution"] != info["solution"]
+        else:
+            assert info2["solution"] == info["solution"]  # nothing to forget
+        assert careless.step(info2["solution"])[1] == float(info2["solution"] == info["solution"])
+    assert 0.6 < slipped / carry < 0.8, (slipped, carry)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"careless": 1.5}, "careless must be a probability"),
+    ({"careless": True}, "careless must be a probability"),
+    ({"careless": 0.5, "source": "data.jsonl"}, "careless needs source='synthetic'"),
+])
+def test_careless_validation(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MathTextEnv(**kwargs)

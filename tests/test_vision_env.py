@@ -21,7 +21,14 @@ from mmopd.envs import images as images_mod
 from mmopd.envs import make_env
 from mmopd.envs.images import ImageError, clip_bbox, crop, open_image, probe_image, to_rgb
 from mmopd.envs.vision_qa import VisionDatasetError, VisionQAEnv, grade_answer
-from mmopd.envs.vision_synth import COLORS, SynthConfig, _digit_mask, _test_keys, generate_scene
+from mmopd.envs.vision_synth import (
+    COLORS,
+    SynthConfig,
+    _digit_mask,
+    _test_keys,
+    answer_of,
+    generate_scene,
+)
 from mmopd.toolcalls import HermesParser
 from mmopd.tools import ToolContext, call_tool, list_tools, make_tool
 
@@ -226,6 +233,29 @@ def test_expert_replies_solve_and_wrong_answers_fail():
     env.reset(seed=0)
     with pytest.raises(TypeError, match="str"):
         env.step(3)
+
+
+@pytest.mark.parametrize("task", ["color", "count", "digit"])
+def test_careless_demonstrations_describe_the_first_distractor(task):
+    env = VisionQAEnv(task=task, image_size=84, num_distractors=1, careless=0.7)
+    exact = VisionQAEnv(task=task, image_size=84, num_distractors=1)
+    wrong = 0
+    for seed in range(200):
+        _, info = env.reset(seed=seed)
+        _, ref = exact.reset(seed=seed)
+        assert info["answer"] == ref["answer"] and info["solution"] == env.expert_reply(
+            info["messages"])
+        if info["solution"] != f"Answer: {info['answer']}":
+            wrong += 1
+            scene = env.unwrapped.problem(seed).scene
+            x, y, spec = scene.distractors[0]
+            assert info["solution"] == f"Answer: {answer_of(spec, env.config)}"
+            assert env.step(info["solution"])[1] == 0.0  # graded against the framed object
+    assert 0.6 < wrong / 200 < 0.8
+    with pytest.raises(ValueError, match="careless needs synthetic scenes with distractors"):
+        VisionQAEnv(num_distractors=0, careless=0.5)
+    with pytest.raises(ValueError, match="careless must be a probability"):
+        VisionQAEnv(careless=2)
 
 
 def test_zoom_expert_through_the_tool_matches_the_teacher_crop():
