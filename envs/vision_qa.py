@@ -360,6 +360,7 @@ class VisionQAEnv(gymnasium.Env):
         self._current: VisionProblem | None = None
         self._bbox: tuple[int, int, int, int] | None = None  # of the current images
         self._seed: int | None = None  # of the current episode (careless demonstrations)
+        self._evidence: Image.Image | None = None  # the current teacher view's crop
 
     def _load(self, path: Path) -> tuple[VisionProblem, ...]:
         problems, self.row_errors = load_rows(path)
@@ -432,7 +433,7 @@ class VisionQAEnv(gymnasium.Env):
         else:  # the seed itself names the problem, so the same seed always gives the same one
             p = self.problem(seed if seed is not None else int(self.np_random.integers(2**62)))
         images, bbox = self._images(p)
-        self._current, self._bbox, self._seed = p, bbox, seed
+        self._current, self._bbox, self._seed, self._evidence = p, bbox, seed, None
         text = p.question
         if self.zoom:  # the model needs the sizes to give pixel coordinates
             sizes = [f"{im.width}x{im.height} px" for im in images]
@@ -458,6 +459,7 @@ class VisionQAEnv(gymnasium.Env):
         else:
             info["teacher_view"] = self.teacher_view
             evidence = crop(images[0], bbox, size=self.crop_size)
+            self._evidence = evidence
             box = _negative_box(bbox, images[0].size, rng)
             neg = (crop(images[0], box, size=self.crop_size) if box is not None
                    else _degraded(images[0], evidence.size))
@@ -470,8 +472,8 @@ class VisionQAEnv(gymnasium.Env):
         return p.question, info
 
     def _demonstrated_answer(self, p: VisionProblem, seed: int | None) -> str:
-        """The answer a demonstration gives: the right one, or with probability `careless`
-        (seeded per problem) the answer of the first distractor."""
+        """The answer a demonstration of the full image gives: the right one, or with
+        probability `careless` (seeded per problem) the answer of the first distractor."""
         if self.careless and p.scene is not None and p.scene.distractors:
             if random.Random(f"careless-{p.id}-{seed}").random() < self.careless:
                 return answer_of(p.scene.distractors[0][2], self.config)
@@ -511,6 +513,10 @@ class VisionQAEnv(gymnasium.Env):
             raise RuntimeError("expert_reply() needs a running episode (call reset() first)")
         if self.zoom and self._bbox is not None and not any(map(_zoomed, messages)):
             return format_call("zoom", {"bbox": list(self._bbox)})
+        shown = [item.get("image") for m in messages if isinstance(m.get("content"), list)
+                 for item in m["content"] if isinstance(item, dict)]
+        if self._evidence is not None and any(im is self._evidence for im in shown):
+            return f"Answer: {self._current.answer}"  # the crop shows no distractor to name
         return f"Answer: {self._demonstrated_answer(self._current, self._seed)}"
 
 

@@ -18,6 +18,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from mmopd.cache import CacheError
     from mmopd.checkpoint import CheckpointError
     from mmopd.config import ConfigError
+    from mmopd.demo import DemoPremiseError
     from mmopd.envs.math_text import DatasetError
     from mmopd.envs.registration import EnvNotFoundError
     from mmopd.models import ModelLoadError
@@ -26,7 +27,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from mmopd.sft import SFTDataError
 
     return (ConfigError, ModelLoadError, CheckpointError, RenderError, EnvContractError,
-            SFTDataError, DatasetError, EnvNotFoundError, CacheError)
+            SFTDataError, DatasetError, EnvNotFoundError, CacheError, DemoPremiseError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                    "vision: tiny Qwen2.5-VL models answering about images")
     d.add_argument("--rollout", choices=["hf", "vllm"], default="hf",
                    help="the distillation stage's rollout engine (vllm: needs vLLM installed)")
+    d.add_argument("--seed", type=int, default=0,
+                   help="moves every seed of the world (both models and the distillation run)")
 
     sub.add_parser("envs", help="list registered environments").add_argument(
         "--import", dest="imports", action="append", default=[],
@@ -164,7 +167,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "demo":
         from mmopd.demo import run_demo
 
-        run_demo(args.out, fast=args.fast, world=args.world, rollout=args.rollout)
+        run_demo(args.out, fast=args.fast, world=args.world, rollout=args.rollout,
+                 seed=args.seed)
         return 0
     raise AssertionError(args.cmd)
 

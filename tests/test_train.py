@@ -247,8 +247,37 @@ def test_demo_fast_runs_end_to_end(tmp_path, world, method):
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"| student after ({method}) |" in p.stdout
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert {"before", "after", "teacher", "wall_seconds"} <= set(res)
+    assert {"before", "after", "teacher", "gap_closed", "verdict", "wall_seconds"} <= set(res)
     assert (tmp_path / "demo" / "reopold" / "curves.png").is_file()
+    # a smoke run's models are too briefly supervised to judge: it says so instead of a verdict
+    assert "the premise is not enforced" in p.stdout
+    assert "verdict: none (--fast smoke run" in p.stdout and "/ teacher accuracy" not in p.stdout
+
+
+def test_demo_verdict_and_premise():
+    from mmopd.demo import DemoPremiseError, check_premise, gap_closed, verdict
+
+    assert gap_closed(0.5, 0.95, 1.0) == pytest.approx(0.9)
+    assert verdict(0.54, 0.98, 1.0).startswith("verdict: distillation closed 96% of the gap")
+    assert verdict(0.54, 0.8, 1.0).startswith("verdict: SHORT: distillation closed only 57%")
+    assert verdict(0.84, 0.675, 0.685).startswith("verdict: FAILED: the student got worse")
+    check_premise(0.54, 1.0, "math")
+    for before, teacher in ((0.84, 0.685), (0.6, 0.7)):  # behind, and ahead by less than 0.15
+        with pytest.raises(DemoPremiseError, match="premise does not hold.*nothing was distilled"):
+            check_premise(before, teacher, "math")
+
+
+def test_demo_premise_failure_exits_non_zero_with_the_reason(monkeypatch, capsys):
+    import mmopd.demo
+    from mmopd.cli import main
+
+    def fails(*args, **kwargs):
+        mmopd.demo.check_premise(0.84, 0.685, "math")
+
+    monkeypatch.setattr(mmopd.demo, "run_demo", fails)
+    assert main(["demo", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "mmopd demo: error: the math world's premise does not hold" in err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")

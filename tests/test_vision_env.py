@@ -252,6 +252,9 @@ def test_careless_demonstrations_describe_the_first_distractor(task):
             assert info["solution"] == f"Answer: {answer_of(spec, env.config)}"
             assert env.step(info["solution"])[1] == 0.0  # graded against the framed object
     assert 0.6 < wrong / 200 < 0.8
+    for seed in range(20):  # on the teacher's crop view there is no distractor to name
+        _, info = env.reset(seed=seed)
+        assert env.expert_reply(info["teacher_messages"]) == f"Answer: {info['answer']}"
     with pytest.raises(ValueError, match="careless needs synthetic scenes with distractors"):
         VisionQAEnv(num_distractors=0, careless=0.5)
     with pytest.raises(ValueError, match="careless must be a probability"):
