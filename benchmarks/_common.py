@@ -37,6 +37,13 @@ def command() -> str:
     return "python " + shlex.join(sys.argv)
 
 
+def written_utc() -> str:
+    """Now, as results record it ("2026-12-02 01:40"): a clone keeps no file times."""
+    import datetime as dt
+
+    return f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M}"
+
+
 def jsonl_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 

@@ -24,12 +24,14 @@ BENCHMARKS = (
     ("loss_memory", "Loss memory at a real vocabulary (V = 152k, T = 2048)",
      "peak extra memory and time of full-vocabulary, top-k and sampled-token losses: "
      "naive vs mmopd's chunked path"),
-    ("sample_efficiency", "Sample efficiency: REOPOLD vs OPD vs GRPO (tiny math world)",
-     "held-out accuracy against sampled episodes, 3 seeds"),
-    ("sample_efficiency_vision",
-     "Sample efficiency: REOPOLD vs OPD vs GRPO (tiny vision world, VLM student)",
-     "held-out accuracy against sampled episodes, 3 seeds"),
-    ("agent_sod", "SOD on / off (tiny agent world)", "held-out accuracy at equal samples"),
+    ("worlds_math", "Tiny math world over seeds: REOPOLD vs OPD vs GRPO",
+     "gap to the teacher closed, and held-out accuracy against sampled episodes, 3 seeds"),
+    ("worlds_agent", "Tiny agent world over seeds: SOD on / off, REOPOLD vs OPD vs GRPO",
+     "gap to the teacher closed, and held-out accuracy against sampled episodes, 3 seeds"),
+    ("worlds_vision", "Tiny vision world over seeds (VLM student): REOPOLD vs OPD vs GRPO",
+     "gap to the teacher closed, and held-out accuracy against sampled episodes, 3 seeds"),
+    ("stability", "Where REOPOLD's relaxation matters: learning rate x minibatches (math)",
+     "final accuracy and collapse over lr and optimiser steps per rollout batch, 2 seeds"),
     ("smollm2_teacher", "A real pretrained teacher: SmolLM2-135M-Instruct",
      "a layer-pruned student distilled with REOPOLD on arithmetic"),
     ("rollout_throughput", "Rollout throughput: HF generate vs vLLM",
@@ -37,7 +39,7 @@ BENCHMARKS = (
     ("train_step", "Training-step throughput", "rollout / scoring / update split of one step"),
 )
 # results written by a script of another name
-SCRIPTS = {"sample_efficiency_vision": "sample_efficiency.py --world vision"}
+SCRIPTS = {f"worlds_{w}": f"worlds.py --worlds {w}" for w in ("math", "agent", "vision")}
 
 
 def section(results: Path, figures: Path, name: str, title: str, what: str) -> list[str]:
@@ -46,14 +48,17 @@ def section(results: Path, figures: Path, name: str, title: str, what: str) -> l
     if not md.is_file():
         return lines + [f"Not run yet: `python benchmarks/{SCRIPTS.get(name, name + '.py')}`.",
                         ""]
-    command = None
+    command = written = None
     if js.is_file():
-        command = json.loads(js.read_text()).get("command")
-    when = dt.datetime.fromtimestamp(md.stat().st_mtime, dt.timezone.utc)
+        meta = json.loads(js.read_text())
+        command, written = meta.get("command"), meta.get("written_utc")
+    # the time the script recorded (a clone does not keep file times), else the file's time
+    mtime = dt.datetime.fromtimestamp(md.stat().st_mtime, dt.timezone.utc)
+    when = written or f"{mtime:%Y-%m-%d %H:%M}"
     lines.append(f"Command: `{command}`" if command else
                  "Command: not recorded by this result (older script version); rerun "
                  f"`python benchmarks/{SCRIPTS.get(name, name + '.py')}` to record it")
-    lines += [f"Written: {when:%Y-%m-%d %H:%M} UTC", ""]
+    lines += [f"Written: {when} UTC", ""]
     body = md.read_text().strip().splitlines()
     if body and body[0].startswith("# "):  # the section heading replaces the table's title
         body = body[1:]

@@ -25,7 +25,7 @@ def test_results_md_is_the_scripts_output(tmp_path):
     assert "| 0.5 |" in text and "# Title" not in text
     assert "not recorded" in text  # train_step has no JSON with its command
     assert "Not run yet: `python benchmarks/vs_trl.py`" in text
-    assert "Not run yet: `python benchmarks/sample_efficiency.py --world vision`" in text
+    assert "Not run yet: `python benchmarks/worlds.py --worlds vision`" in text
 
 
 def _load(name: str):
@@ -49,8 +49,8 @@ def _run(arm: str, seed: int, accs: list[float]) -> dict:
         {"step": 10 * i, "episodes": 100 * i, "accuracy": a} for i, a in enumerate(accs)]}
 
 
-def test_sample_efficiency_ratio_to_grpo_final_accuracy():
-    se = _load("sample_efficiency")
+def test_worlds_ratio_to_grpo_final_accuracy():
+    se = _load("worlds")
     runs = {"grpo": [_run("grpo", 0, [0.2, 0.4, 0.6, 0.8]), _run("grpo", 1, [0.2, 0.4, 0.6, 0.8])],
             "opd": [_run("opd", 0, [0.2, 0.5, 0.9, 0.9]), _run("opd", 1, [0.2, 0.7, 0.9, 0.9])],
             "slow": [_run("slow", 0, [0.2, 0.3, 0.4, 0.5])]}
@@ -63,8 +63,8 @@ def test_sample_efficiency_ratio_to_grpo_final_accuracy():
     assert abs(out["curves"]["opd"]["std"][1] - 0.1414213562) < 1e-6
 
 
-def test_sample_efficiency_no_ratio_when_grpo_ends_below_the_start():
-    se = _load("sample_efficiency")
+def test_worlds_no_ratio_when_grpo_ends_below_the_start():
+    se = _load("worlds")
     out = se.summarize({"grpo": [_run("grpo", 0, [0.7, 0.5, 0.6])],
                         "opd": [_run("opd", 0, [0.7, 0.6, 0.8])]})
     assert out["target"]["episodes"] == 0
