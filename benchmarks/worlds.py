@@ -3,14 +3,16 @@ what cost in sampled episodes against an outcome-reward baseline?
 
 For every world and seed it runs the world's demo (`mmopd demo --world W --seed S`: teacher and
 careless student supervised with that seed, its premise checked, the default recipe distilled)
-into `runs/worlds/W-seedS/`, then distils the same student from the same teacher with every other
-arm at the same budget (same rollout batches, steps and learning rate; only the objective or SOD
-differs). A seed whose premise fails (teacher not ahead by 0.15) is reported and gets no arms.
-It reports, per arm, the gap closed (after - before) / (teacher - before) with that seed's own
-teacher and start, final greedy accuracy, and the episodes at which the arm's mean curve first
-reaches GRPO's final mean accuracy (linear interpolation between evaluations). Runs already
-finished with the same config are read, not trained again, so the sweep can span sessions.
-Writes `worlds_W.json`, `worlds_W.md` and `worlds_W.png` per world.
+into `runs/worlds/W-seedS/` (seed 0: the world's own demo directory, e.g. `runs/demo` after
+`make demo`, when it holds a finished demo of the same recipe), then distils the same student
+from the same teacher with every other arm at the same budget (same rollout batches, steps and
+learning rate; only the objective or SOD differs). A seed whose premise fails (teacher not ahead
+by 0.15) is reported and gets no arms. It reports, per arm, the gap closed (after - before) /
+(teacher - before) with that seed's own teacher and start, final greedy accuracy, and the
+episodes at which the arm's mean curve first reaches GRPO's final mean accuracy (linear
+interpolation between evaluations). Runs already finished with the same config are read, not
+trained again, so the sweep can span sessions. Writes `worlds_W.json`, `worlds_W.md` and
+`worlds_W.png` per world.
 
     python benchmarks/worlds.py [--worlds math,agent,vision] [--seeds 0,1,2] [--arms A,B]
         [--runs runs/worlds] [--out benchmarks/results]
@@ -62,6 +64,9 @@ ARMS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 BASELINE = "grpo"
+# Where the world's configs (configs/tiny, agent, vision) put its demo: a demo run there with
+# seed 0 (`make demo`, `mmopd demo --world agent --out runs/agent-demo`, ...) is seed 0's.
+DEMO_DIRS = {"math": "runs/demo", "agent": "runs/agent-demo", "vision": "runs/vision-demo"}
 
 
 def first_reach(xs: list[float], ys: list[float], target: float) -> dict[str, Any]:
@@ -139,6 +144,9 @@ def run_world(world: str, seeds: list[int], arms: list[str], runs: Path) -> dict
     default = next(iter(ARMS[world]))
     for seed in seeds:
         demo = runs / f"{world}-seed{seed}"
+        if seed == 0 and not _same_supervision(demo, world, seed) and _same_supervision(
+                Path(DEMO_DIRS[world]), world, seed):
+            demo = Path(DEMO_DIRS[world])  # the world's own demo already ran
         if not _same_supervision(demo, world, seed):
             print(f"== {world} seed {seed}: demo -> {demo}", flush=True)
             try:

@@ -94,14 +94,16 @@ WORLDS = {
                  "objective.beta=0.4", "trainer.steps=60", "eval.every=20")),
     # "What color is the square inside the black frame?" on an 84 px image with one distractor
     # square: tiny Qwen2.5-VL models; the careless captioner names the other square 70 % of the
-    # time. Half of its examples show the frame's crop (the env's teacher view), so the crop
-    # self-teacher of configs/vision/vision_opd.yaml can read crops
+    # time. Half of its examples show the frame's crop (the env's teacher view, where the
+    # captioner is exact: no distractor shows), so the crop self-teacher of
+    # configs/vision/vision_opd.yaml can read crops. The tiny VLM teacher's supervision is not
+    # yet robust here: 0.66 (lr 1e-3), 0.815 (3e-3), 0.52 (3e-3, 4 epochs) on one machine
     "vision": World(
         env={"id": "mmopd/VisionQA-v0", "kwargs": {"task": "color", "image_size": 84,
                                                    "num_distractors": 1, "system_prompt": None}},
         student_env={"careless": 0.7},
         habit="names the square outside the frame 70 % of the time",
-        teacher_examples=6000, student_examples=6000, sft_lr=1e-3,
+        teacher_examples=6000, student_examples=6000, sft_lr=3e-3,
         teacher_epochs=2, student_epochs=2, sft_schedule={"warmup_steps": 20, "schedule": "cosine"},
         teacher_model=VL_TEACHER, student_model=VL_STUDENT, vision=True, student_view_frac=0.5,
         distill=("rollout.prompts_per_batch=32", "rollout.max_new_tokens=24", "optim.lr=2e-4",
