@@ -69,3 +69,19 @@ def test_worlds_no_ratio_when_grpo_ends_below_the_start():
                         "opd": [_run("opd", 0, [0.7, 0.6, 0.8])]})
     assert out["target"]["episodes"] == 0
     assert out["reach"]["opd"]["ratio"] is None
+
+
+def test_sweep_scripts_parse_their_arguments():
+    for name in ("worlds", "stability"):
+        p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--help"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "--seeds" in p.stdout
+
+
+def test_worlds_markdown_reports_a_failed_premise_without_arms():
+    worlds = _load("worlds")
+    text = worlds.markdown({"world": "math", "command": "python benchmarks/worlds.py",
+                            "machine": "m", "wall_seconds": 60.0, "runs": [],
+                            "premises": [{"seed": 0, "holds": False, "error": "x"}]})
+    assert "| 0 | nan | nan | FAILS: no arms run |" in text
