@@ -160,7 +160,9 @@ def run_world(world: str, seeds: list[int], arms: list[str], runs: Path) -> dict
                          "demo_seconds": res["wall_seconds"]})
         base = demo_configs(demo, world=world, seed=seed)[2]
         for arm in arms:
-            run_dir = demo / ("reopold" if arm == default else arm)
+            # the default arm is the demo's own run; the others live under arms/ (an arm may
+            # be called like the demo's run directory: the agent world's "reopold")
+            run_dir = demo / "reopold" if arm == default else demo / "arms" / arm
             cfg = load_config(TrainConfig, None, [
                 f"{k}={json.dumps(v)}" for k, v in to_dict(base).items()] + [
                 *ARMS[world][arm], f"trainer.output_dir={run_dir}",
