@@ -65,3 +65,38 @@ def finished_run(cfg: Any, candidates: list[Path]) -> Path | None:
                 and key(load_config(TrainConfig, d / "config.yaml")) == key(cfg)):
             return d
     return None
+
+
+def train_or_reuse(base: Any, overrides: list[str], run_dir: Path, label: str) -> tuple[Any, bool]:
+    """The config `base` (a `TrainConfig`) with `overrides`, trained into `run_dir` unless a
+    finished run of exactly it is there; returns (config, reused). A new run's wall time goes
+    to run_dir/benchmark_seconds.json."""
+    import time
+
+    from mmopd.config import TrainConfig, load_config, to_dict
+    from mmopd.train import train
+
+    cfg = load_config(TrainConfig, None, [
+        f"{k}={json.dumps(v)}" for k, v in to_dict(base).items()] + [
+        *overrides, f"trainer.output_dir={run_dir}"])
+    if finished_run(cfg, [run_dir]) is not None:
+        return cfg, True
+    print(f"== {label} -> {run_dir}", flush=True)
+    t0 = time.perf_counter()
+    train(cfg)
+    (run_dir / "benchmark_seconds.json").write_text(
+        json.dumps({"seconds": time.perf_counter() - t0}))
+    return cfg, False
+
+
+def run_seconds(run_dir: Path) -> float | None:
+    """A run's training time (evaluations included): what `train_or_reuse` recorded, or for a
+    run something else trained (a demo), from its first and last files (config.yaml is
+    written at the start, eval.jsonl at the end)."""
+    timing = run_dir / "benchmark_seconds.json"
+    if timing.is_file():
+        return json.loads(timing.read_text())["seconds"]
+    start, end = run_dir / "config.yaml", run_dir / "eval.jsonl"
+    if start.is_file() and end.is_file():
+        return end.stat().st_mtime - start.stat().st_mtime
+    return None

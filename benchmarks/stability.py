@@ -24,12 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import command, describe, finished_run, jsonl_rows, written_utc
-from worlds import _same_supervision
+from _common import command, describe, jsonl_rows, run_seconds, train_or_reuse, written_utc
+from worlds import demo_is_current
 
-from mmopd.config import TrainConfig, load_config, to_dict
 from mmopd.demo import demo_configs, gap_closed, run_demo
-from mmopd.train import train
 
 WORLD = "math"
 
@@ -38,24 +36,17 @@ def one_run(demo: Path, seed: int, objective: str, lr: float, minibatches: int
             ) -> dict[str, Any]:
     base = demo_configs(demo, world=WORLD, seed=seed)[2]
     run_dir = demo / "stability" / f"{objective}-lr{lr:g}-mb{minibatches}"
-    cfg = load_config(TrainConfig, None, [
-        f"{k}={json.dumps(v)}" for k, v in to_dict(base).items()] + [
-        f"objective.name={objective}", f"optim.lr={lr}", f"rollout.minibatches={minibatches}",
-        "eval.pass_k=0", f"trainer.output_dir={run_dir}"])
-    timing = run_dir / "benchmark_seconds.json"
-    reused = finished_run(cfg, [run_dir]) is not None
-    if not reused:
-        print(f"== seed {seed}: {objective} lr {lr:g} minibatches {minibatches}", flush=True)
-        t0 = time.perf_counter()
-        train(cfg)
-        timing.write_text(json.dumps({"seconds": time.perf_counter() - t0}))
+    _, reused = train_or_reuse(
+        base, [f"objective.name={objective}", f"optim.lr={lr}",
+               f"rollout.minibatches={minibatches}", "eval.pass_k=0"],
+        run_dir, f"seed {seed}: {objective} lr {lr:g} minibatches {minibatches}")
     evals = jsonl_rows(run_dir / "eval.jsonl")
     steps = jsonl_rows(run_dir / "metrics.jsonl")
     return {"objective": objective, "lr": lr, "minibatches": minibatches, "seed": seed,
             "reused": reused, "accuracy": [e["accuracy"] for e in evals],
             "max_ratio_dev": max(abs(m["ratio_mean"] - 1) for m in steps),
             "max_grad_norm": max(m["grad_norm"] for m in steps),
-            "seconds": json.loads(timing.read_text())["seconds"] if timing.is_file() else None}
+            "seconds": run_seconds(run_dir)}
 
 
 def main() -> None:
@@ -77,7 +68,7 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     for seed in seeds:
         demo = Path(args.runs) / f"{WORLD}-seed{seed}"
-        if not _same_supervision(demo, WORLD, seed):
+        if not demo_is_current(demo, WORLD, seed):
             run_demo(demo, world=WORLD, seed=seed)  # raises if the premise fails
         res = json.loads((demo / "results.json").read_text())
         before, teacher = res["before"]["accuracy"], res["teacher"]["accuracy"]

@@ -30,14 +30,14 @@ from typing import Any
 from _common import (  # the script's folder is on sys.path
     command,
     describe,
-    finished_run,
     jsonl_rows,
+    run_seconds,
+    train_or_reuse,
     written_utc,
 )
 
 from mmopd.config import SFTConfig, TrainConfig, load_config, to_dict
 from mmopd.demo import GAP_BAR, WORLDS, DemoPremiseError, demo_configs, gap_closed, run_demo
-from mmopd.train import train
 
 # Overrides that make each arm from the world's demo config; the first arm is the default recipe
 # (the demo's own distillation run). Every arm keeps the world's budget and optimiser settings.
@@ -127,7 +127,7 @@ def summarize(arm_runs: dict[str, list[dict]]) -> dict[str, Any]:
     return out
 
 
-def _same_supervision(demo: Path, world: str, seed: int) -> bool:
+def demo_is_current(demo: Path, world: str, seed: int) -> bool:
     """The demo directory was built by the world's current recipe (its SFT configs match)."""
     teacher, student, _ = demo_configs(demo, world=world, seed=seed)
     for cfg, name in ((teacher, "teacher"), (student, "student-init")):
@@ -144,10 +144,10 @@ def run_world(world: str, seeds: list[int], arms: list[str], runs: Path) -> dict
     default = next(iter(ARMS[world]))
     for seed in seeds:
         demo = runs / f"{world}-seed{seed}"
-        if seed == 0 and not _same_supervision(demo, world, seed) and _same_supervision(
+        if seed == 0 and not demo_is_current(demo, world, seed) and demo_is_current(
                 Path(DEMO_DIRS[world]), world, seed):
             demo = Path(DEMO_DIRS[world])  # the world's own demo already ran
-        if not _same_supervision(demo, world, seed):
+        if not demo_is_current(demo, world, seed):
             print(f"== {world} seed {seed}: demo -> {demo}", flush=True)
             try:
                 run_demo(demo, world=world, seed=seed)
@@ -163,18 +163,10 @@ def run_world(world: str, seeds: list[int], arms: list[str], runs: Path) -> dict
             # the default arm is the demo's own run; the others live under arms/ (an arm may
             # be called like the demo's run directory: the agent world's "reopold")
             run_dir = demo / "reopold" if arm == default else demo / "arms" / arm
-            cfg = load_config(TrainConfig, None, [
-                f"{k}={json.dumps(v)}" for k, v in to_dict(base).items()] + [
-                *ARMS[world][arm], f"trainer.output_dir={run_dir}",
-                # arms beyond the default are scored greedily only (pass@k costs time)
-                *(["eval.pass_k=0"] if arm != default else [])])
-            timing = run_dir / "benchmark_seconds.json"
-            reused = finished_run(cfg, [run_dir]) is not None
-            if not reused:
-                print(f"== {world} seed {seed}: {arm} -> {run_dir}", flush=True)
-                t0 = time.perf_counter()
-                train(cfg)
-                timing.write_text(json.dumps({"seconds": time.perf_counter() - t0}))
+            # arms beyond the default are scored greedily only (pass@k costs time)
+            cfg, reused = train_or_reuse(
+                base, [*ARMS[world][arm], *(["eval.pass_k=0"] if arm != default else [])],
+                run_dir, f"{world} seed {seed}: {arm}")
             per_batch = cfg.rollout.prompts_per_batch * cfg.rollout.samples_per_prompt
             evals = jsonl_rows(run_dir / "eval.jsonl")
             curve = [{"step": 0, "episodes": 0, "accuracy": before}] + [
@@ -182,7 +174,7 @@ def run_world(world: str, seeds: list[int], arms: list[str], runs: Path) -> dict
                  "accuracy": e["accuracy"]} for e in evals]
             arm_runs[arm].append({
                 "arm": arm, "seed": seed, "run_dir": str(run_dir), "reused": reused,
-                "seconds": _seconds(run_dir),
+                "seconds": run_seconds(run_dir),
                 "before": before, "teacher": teacher,
                 "gap_closed": gap_closed(before, curve[-1]["accuracy"], teacher),
                 "curve": curve})
@@ -196,18 +188,6 @@ def run_world(world: str, seeds: list[int], arms: list[str], runs: Path) -> dict
                              for g in [[r["gap_closed"] for r in rs]]}
     out["runs"] = [r for rs in arm_runs.values() for r in rs]
     return out
-
-
-def _seconds(run_dir: Path) -> float | None:
-    """A run's training time (evaluations included): what this script recorded, or for a run
-    the demo trained, from its first and last files (config.yaml is written at the start)."""
-    timing = run_dir / "benchmark_seconds.json"
-    if timing.is_file():
-        return json.loads(timing.read_text())["seconds"]
-    start, end = run_dir / "config.yaml", run_dir / "eval.jsonl"
-    if start.is_file() and end.is_file():
-        return end.stat().st_mtime - start.stat().st_mtime
-    return None
 
 
 def _std(xs: list[float]) -> float:
