@@ -170,9 +170,9 @@ def test_solution_format_example() -> None:
     # The exact wording is what small character-level models learn to imitate.
     from mmopd.envs.math_text import _add_solution, _mul_solution, _sub_solution
 
-    assert _add_solution(47, 38) == "7+8=15, write 5 carry 1. 4+3+1=8."
-    assert _sub_solution(83, 47) == "13-7=6, borrow 1. 8-1-4=3."
-    assert _mul_solution(47, 6) == "7*6=42, write 2 carry 4. 4*6+4=28."
+    assert _add_solution(47, 38) == ("7+8=15, write 5 carry 1. 4+3+1=8.", 85)
+    assert _sub_solution(83, 47) == ("13-7=6, borrow 1. 8-1-4=3.", 36)
+    assert _mul_solution(47, 6) == ("7*6=42, write 2 carry 4. 4*6+4=28.", 282)
 
 
 @pytest.mark.parametrize(("level", "draws"), [(1, 3000), (5, 12000)])
