@@ -64,13 +64,10 @@ def _columns(n: int) -> list[int]:
 # A `slip()` call per carry or borrow: True forgets it (a careless solver's worked solution, for
 # deliberately weak students); the default never slips.
 Slip = Callable[[], bool]
+_NEVER: Slip = lambda: False  # noqa: E731
 
 
-def _never() -> bool:
-    return False
-
-
-def _add_solution(a: int, b: int, slip: Slip = _never) -> tuple[str, int]:
+def _add_solution(a: int, b: int, slip: Slip = _NEVER) -> tuple[str, int]:
     xs, ys, steps, carry, digits = _columns(a), _columns(b), [], 0, []
     width = max(len(xs), len(ys))
     for i in range(width):
@@ -87,7 +84,7 @@ def _add_solution(a: int, b: int, slip: Slip = _never) -> tuple[str, int]:
     return " ".join(steps), _join(digits)
 
 
-def _sub_solution(a: int, b: int, slip: Slip = _never) -> tuple[str, int]:
+def _sub_solution(a: int, b: int, slip: Slip = _NEVER) -> tuple[str, int]:
     # requires a >= b, so the top column never borrows
     xs, ys, steps, borrow, digits = _columns(a), _columns(b), [], 0, []
     for i, x in enumerate(xs):
@@ -101,7 +98,7 @@ def _sub_solution(a: int, b: int, slip: Slip = _never) -> tuple[str, int]:
     return " ".join(steps), _join(digits)
 
 
-def _mul_solution(a: int, d: int, slip: Slip = _never) -> tuple[str, int]:
+def _mul_solution(a: int, d: int, slip: Slip = _NEVER) -> tuple[str, int]:
     xs, steps, carry, digits = _columns(a), [], 0, []
     for i, x in enumerate(xs):
         total = x * d + carry
