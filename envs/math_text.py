@@ -17,7 +17,7 @@ from typing import Any
 import gymnasium
 
 from .answers import check_answer
-from .registration import reset_index
+from .registration import careless_rate, reset_index
 from .spaces import text_space
 
 __all__ = [
@@ -310,13 +310,11 @@ class MathTextEnv(gymnasium.Env):
         for name, key in (("question_key", question_key), ("answer_key", answer_key),
                           ("solution_key", solution_key)):  # fmt: skip
             _check_key(name, key)
-        if isinstance(careless, bool) or not isinstance(careless, (int, float)) \
-                or not 0 <= careless <= 1:
-            raise ValueError(f"careless must be a probability in [0, 1], got {careless!r}")
+        careless = careless_rate(careless)
         if careless and str(source) != "synthetic":
             raise ValueError("careless needs source='synthetic' (it rewrites generated solutions)")
         self.source, self.split, self.level = str(source), split, level
-        self.careless = float(careless)
+        self.careless = careless
         self.system_prompt, self.test_size = system_prompt, test_size
 
         self._problems: tuple[Problem, ...] | None

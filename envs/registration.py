@@ -139,3 +139,10 @@ def reset_index(options: dict[str, Any] | None) -> Any | None:
     if "index" in options and options["index"] is None:
         raise ValueError("options['index'] must be an episode index, got None")
     return options.get("index")
+
+
+def careless_rate(value: Any) -> float:
+    """A validated `careless` probability (how often an env's demonstrations skip its skill)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"careless must be a probability in [0, 1], got {value!r}")
+    return float(value)

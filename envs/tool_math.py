@@ -21,7 +21,7 @@ import gymnasium
 from mmopd.toolcalls import format_call
 
 from .answers import check_answer
-from .registration import reset_index
+from .registration import careless_rate, reset_index
 from .spaces import text_space
 
 LEVELS = {  # level -> (description, generator of (question expression, value))
@@ -80,10 +80,8 @@ class ToolMathEnv(gymnasium.Env):
             raise ValueError(f"tools must be a non-empty subset of {TOOLS}, got {list(tools)}")
         if call_format not in CALL_FORMATS:
             raise ValueError(f"call_format must be one of {CALL_FORMATS}, got {call_format!r}")
-        if isinstance(careless, bool) or not isinstance(careless, (int, float)) \
-                or not 0 <= careless <= 1:
-            raise ValueError(f"careless must be a probability in [0, 1], got {careless!r}")
-        self.call_format, self.careless = call_format, float(careless)
+        careless = careless_rate(careless)
+        self.call_format, self.careless = call_format, careless
         self._from_head = False  # this episode's demonstration skips the tool (careless)
         self.level, self.split, self.test_size = level, split, test_size
         self.tools, self.system_prompt = list(tools), system_prompt

@@ -42,7 +42,7 @@ from .images import (
     open_image,
     probe_image,
 )
-from .registration import reset_index
+from .registration import careless_rate, reset_index
 from .spaces import text_space
 from .vision_synth import (
     _GAP,
@@ -327,13 +327,11 @@ class VisionQAEnv(gymnasium.Env):
             raise ValueError(f"num_distractors={num_distractors} do not fit: an image_size="
                              f"{image_size} canvas holds at most {k * k - 1} distractors of "
                              f"box_size={box_size}; lower num_distractors or raise image_size")
-        if isinstance(careless, bool) or not isinstance(careless, (int, float)) \
-                or not 0 <= careless <= 1:
-            raise ValueError(f"careless must be a probability in [0, 1], got {careless!r}")
+        careless = careless_rate(careless)
         if careless and (str(source) != "synthetic" or num_distractors < 1):
             raise ValueError("careless needs synthetic scenes with distractors (a careless "
                              "demonstration describes a distractor instead of the framed object)")
-        self.careless = float(careless)
+        self.careless = careless
         self.source, self.split, self.zoom, self.teacher_view = str(source), split, zoom, \
             teacher_view
         self.crop_size, self.test_size, self.max_pixels = crop_size, test_size, max_pixels
