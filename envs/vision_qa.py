@@ -46,6 +46,7 @@ from .registration import careless_rate, reset_index
 from .spaces import text_space
 from .vision_synth import (
     _GAP,
+    LAYOUTS,
     QUESTIONS,
     TASKS,
     Scene,
@@ -282,7 +283,8 @@ class VisionQAEnv(gymnasium.Env):
 
     source: "synthetic" or a JSONL path (`load_rows`); a file serves all its rows to both splits.
     split: synthetic "train" is endless (seed i names problem i, never a held-out one), "test"
-        a fixed set of `test_size`. task, image_size, num_distractors, box_size: the scenes.
+        a fixed set of `test_size`. task, image_size, num_distractors, box_size: the scenes;
+        layout "random" (anywhere) or "grid" (each object fills one box_size cell).
     crop_size: longer side of the teacher's crop, the negative crop and the zoom tool's output,
         so a student that zooms sees exactly the teacher's view. 56 = 2x the synthetic frame;
         for photos pass more (e.g. 448) or None (the crop's own resolution).
@@ -302,7 +304,8 @@ class VisionQAEnv(gymnasium.Env):
                  box_size: int = 28, crop_size: int | None = 56,
                  system_prompt: str | None = DEFAULT_SYSTEM, zoom: bool = False,
                  teacher_view: str = "crop", test_size: int = 200,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, careless: float = 0.0) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, careless: float = 0.0,
+                 layout: str = "random") -> None:
         if not isinstance(source, (str, os.PathLike)) or not str(source):
             raise ValueError(f"source must be 'synthetic' or a JSONL file path, got {source!r}")
         if split not in ("train", "test"):
@@ -322,11 +325,15 @@ class VisionQAEnv(gymnasium.Env):
             raise ValueError(f"zoom must be true or false, got {zoom!r}")
         if teacher_view not in TEACHER_VIEWS:
             raise ValueError(f"teacher_view must be one of {TEACHER_VIEWS}, got {teacher_view!r}")
-        k = (image_size + _GAP) // (box_size + _GAP)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        k = (image_size // box_size if layout == "grid"
+             else (image_size + _GAP) // (box_size + _GAP))
         if k * k < num_distractors + 1:
             raise ValueError(f"num_distractors={num_distractors} do not fit: an image_size="
                              f"{image_size} canvas holds at most {k * k - 1} distractors of "
-                             f"box_size={box_size}; lower num_distractors or raise image_size")
+                             f"box_size={box_size} ({layout} layout); lower num_distractors or "
+                             "raise image_size")
         careless = careless_rate(careless)
         if careless and (str(source) != "synthetic" or num_distractors < 1):
             raise ValueError("careless needs synthetic scenes with distractors (a careless "
@@ -338,7 +345,7 @@ class VisionQAEnv(gymnasium.Env):
         if zoom and system_prompt == DEFAULT_SYSTEM:
             system_prompt = ZOOM_SYSTEM
         self.system_prompt = system_prompt
-        self.config = SynthConfig(task, image_size, box_size, num_distractors)
+        self.config = SynthConfig(task, image_size, box_size, num_distractors, layout)
         self.row_errors: list[str] = []  # every skipped row of a file, "file:LINE: problem"
 
         self._rows: tuple[VisionProblem, ...] | None = None

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import random
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 TASKS = ("color", "count", "digit")
+LAYOUTS = ("random", "grid")
 COLORS = {  # pure and far apart, so no colour can be mistaken for another (or the background)
     "red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255),
     "yellow": (255, 255, 0), "purple": (128, 0, 128), "orange": (255, 128, 0),
@@ -43,11 +46,17 @@ class Scene:
     answer: str
     background: int  # grey level of the background
     noise_seed: int
+    grid: bool = False  # drawn on the grid layout (few frame positions)
 
     @property
-    def key(self) -> tuple[int, int, str]:
-        """What makes two problems "the same": frame position and answer (train/test split)."""
-        return self.frame[0], self.frame[1], self.answer
+    def key(self) -> tuple[Any, ...]:
+        """What makes two problems "the same" (train/test split): frame position and answer;
+        on the grid, whose nine cells leave few of those, also where the distractors are and
+        what they show."""
+        if not self.grid:
+            return self.frame[0], self.frame[1], self.answer
+        return (self.frame[0], self.frame[1], self.answer,
+                *((x, y, spec[0]) for x, y, spec in self.distractors))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,19 +67,30 @@ class SynthConfig:
     image_size: int = 112
     box_size: int = 28
     num_distractors: int = 3
+    # "random": anywhere, 2 px apart; "grid": each object fills one box_size cell of a grid, so
+    # with box_size 28 every object is exactly one merged token of a Qwen2-VL-style processor
+    # (14 px patches merged 2 x 2)
+    layout: str = "random"
 
     @property
     def line(self) -> int:  # frame outline width
         return max(1, round(self.box_size / 14))
 
     @property
-    def capacity(self) -> int:  # distinct problem keys: frame positions x answers
+    def capacity(self) -> int:  # distinct problem keys (at least): frame positions x answers
         answers = {"color": len(COLORS), "count": 4, "digit": 10}[self.task]
+        if self.layout == "grid":
+            cells = (self.image_size // self.box_size) ** 2
+            return cells * answers * math.comb(cells - 1, self.num_distractors)
         return (self.image_size - self.box_size + 1) ** 2 * answers
 
 
 def _place(rng: random.Random, cfg: SynthConfig, n: int) -> list[tuple[int, int]]:
-    """n non-overlapping box positions; random, or a random grid when random tries fail."""
+    """n non-overlapping box positions: random cells of the grid layout; else random, or a
+    random grid when random tries fail."""
+    if cfg.layout == "grid":
+        k = cfg.image_size // cfg.box_size  # the env checks k * k >= n
+        return [(c % k * cfg.box_size, c // k * cfg.box_size) for c in rng.sample(range(k * k), n)]
     span, step = cfg.image_size - cfg.box_size, cfg.box_size + _GAP
     for _ in range(20):
         placed: list[tuple[int, int]] = []
@@ -126,7 +146,7 @@ def generate_scene(rng: random.Random, cfg: SynthConfig) -> Scene:
     # vision tower trained from scratch learned to ignore the image: colour accuracy stayed at
     # chance after 300 steps, against 0.65 after 150 steps on mid-grey.)
     return Scene((*positions[0], target), distractors, label, rng.randint(110, 140),
-                 rng.getrandbits(32))
+                 rng.getrandbits(32), cfg.layout == "grid")
 
 
 def answer_of(spec: tuple[int, ...], cfg: SynthConfig) -> str:

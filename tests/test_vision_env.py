@@ -145,6 +145,36 @@ def test_train_never_shows_a_held_out_problem():
     assert test_keys == held
 
 
+
+def test_grid_layout_puts_each_object_in_its_own_cell_and_keeps_the_split():
+    kw = {"image_size": 84, "num_distractors": 1, "layout": "grid"}
+    cfg = SynthConfig("color", 84, 28, 1, "grid")
+    cells = set()
+    for seed in range(60):
+        scene = generate_scene(random.Random(seed), cfg)
+        spots = [scene.frame[:2], *(d[:2] for d in scene.distractors)]
+        assert all(x % 28 == 0 == y % 28 and x <= 56 and y <= 56 for x, y in spots)
+        assert len(set(spots)) == 2
+        cells.add(scene.frame[:2])
+    assert len(cells) == 9  # every cell of the 3 x 3 grid holds the frame sometimes
+    # nine cells x six colours would leave 27 held-out problems; where the distractor is and
+    # what it shows count too, so the full 200 are held out and train still never shows one
+    held = _test_keys(cfg, 200)
+    assert len(held) == 200
+    env, test = VisionQAEnv(**kw), VisionQAEnv(split="test", **kw)
+    assert test.num_problems == 200
+    raw = {generate_scene(random.Random(seed), cfg).key for seed in range(300)}
+    assert raw & held  # the check below is not vacuous
+    shown = {env.problem(seed).scene.key for seed in range(300)}
+    assert not shown & held
+    info = env.reset(seed=0)[1]
+    assert info["bbox"][0] % 28 == 0 == info["bbox"][1] % 28
+    with pytest.raises(ValueError, match="layout"):
+        VisionQAEnv(layout="diagonal")
+    with pytest.raises(ValueError, match="grid layout"):  # 3 x 3 cells hold 8 distractors
+        VisionQAEnv(image_size=84, num_distractors=9, layout="grid")
+    VisionQAEnv(image_size=84, num_distractors=8, layout="grid").reset(seed=0)
+
 @pytest.mark.parametrize("task", ["color", "count", "digit"])
 def test_answer_is_visible_in_the_frame_only(task):
     env = VisionQAEnv(task=task)
