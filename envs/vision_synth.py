@@ -55,8 +55,7 @@ class Scene:
         what they show."""
         if not self.grid:
             return self.frame[0], self.frame[1], self.answer
-        return (self.frame[0], self.frame[1], self.answer,
-                *((x, y, spec[0]) for x, y, spec in self.distractors))
+        return (self.frame[0], self.frame[1], self.answer, *self.distractors)
 
 
 @dataclasses.dataclass(frozen=True)
