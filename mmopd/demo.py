@@ -98,15 +98,16 @@ WORLDS = {
     # captioner is exact: no distractor shows), so the crop self-teacher of
     # configs/vision/vision_opd.yaml can read crops. The squares sit on the 3 x 3 grid of 28 px
     # cells, one merged visual token each: placed anywhere, the tiny VLM teacher reached only
-    # 0.52-0.815; on the grid, 1.000. The student's language model has 3 layers: with 2, even
-    # careful demonstrations alone took it to 0.87 only, below the gap the world asks it to close
+    # 0.52-0.815; on the grid, 1.000 at lr 1e-3 (3e-3 left one seed's teacher at 0.460). The
+    # student's language model has 3 layers: with 2, even careful demonstrations alone took it
+    # to 0.87 only, below the gap the world asks it to close
     "vision": World(
         env={"id": "mmopd/VisionQA-v0", "kwargs": {"task": "color", "image_size": 84,
                                                    "num_distractors": 1, "layout": "grid",
                                                    "system_prompt": None}},
         student_env={"careless": 0.7},
         habit="names the square outside the frame 70 % of the time",
-        teacher_examples=6000, student_examples=6000, sft_lr=3e-3,
+        teacher_examples=6000, student_examples=6000, sft_lr=1e-3,
         teacher_epochs=2, student_epochs=2, sft_schedule={"warmup_steps": 20, "schedule": "cosine"},
         teacher_model=VL_TEACHER, student_model=VL_STUDENT, vision=True, student_view_frac=0.5,
         distill=("rollout.prompts_per_batch=32", "rollout.max_new_tokens=24", "optim.lr=2e-4",
