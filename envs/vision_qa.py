@@ -45,7 +45,6 @@ from .images import (
 from .registration import careless_rate, reset_index
 from .spaces import text_space
 from .vision_synth import (
-    _GAP,
     LAYOUTS,
     QUESTIONS,
     TASKS,
@@ -327,8 +326,8 @@ class VisionQAEnv(gymnasium.Env):
             raise ValueError(f"teacher_view must be one of {TEACHER_VIEWS}, got {teacher_view!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        k = (image_size // box_size if layout == "grid"
-             else (image_size + _GAP) // (box_size + _GAP))
+        config = SynthConfig(task, image_size, box_size, num_distractors, layout)
+        k = config.side
         if k * k < num_distractors + 1:
             raise ValueError(f"num_distractors={num_distractors} do not fit: an image_size="
                              f"{image_size} canvas holds at most {k * k - 1} distractors of "
@@ -345,7 +344,7 @@ class VisionQAEnv(gymnasium.Env):
         if zoom and system_prompt == DEFAULT_SYSTEM:
             system_prompt = ZOOM_SYSTEM
         self.system_prompt = system_prompt
-        self.config = SynthConfig(task, image_size, box_size, num_distractors, layout)
+        self.config = config
         self.row_errors: list[str] = []  # every skipped row of a file, "file:LINE: problem"
 
         self._rows: tuple[VisionProblem, ...] | None = None

@@ -72,6 +72,12 @@ class SynthConfig:
     layout: str = "random"
 
     @property
+    def side(self) -> int:  # grid cells per side: the layout's, or random placement's fallback
+        if self.layout == "grid":
+            return self.image_size // self.box_size
+        return (self.image_size + _GAP) // (self.box_size + _GAP)
+
+    @property
     def line(self) -> int:  # frame outline width
         return max(1, round(self.box_size / 14))
 
@@ -79,7 +85,7 @@ class SynthConfig:
     def capacity(self) -> int:  # distinct problem keys (at least): frame positions x answers
         answers = {"color": len(COLORS), "count": 4, "digit": 10}[self.task]
         if self.layout == "grid":
-            cells = (self.image_size // self.box_size) ** 2
+            cells = self.side ** 2
             return cells * answers * math.comb(cells - 1, self.num_distractors)
         return (self.image_size - self.box_size + 1) ** 2 * answers
 
@@ -88,7 +94,7 @@ def _place(rng: random.Random, cfg: SynthConfig, n: int) -> list[tuple[int, int]
     """n non-overlapping box positions: random cells of the grid layout; else random, or a
     random grid when random tries fail."""
     if cfg.layout == "grid":
-        k = cfg.image_size // cfg.box_size  # the env checks k * k >= n
+        k = cfg.side  # the env checks k * k >= n
         return [(c % k * cfg.box_size, c // k * cfg.box_size) for c in rng.sample(range(k * k), n)]
     span, step = cfg.image_size - cfg.box_size, cfg.box_size + _GAP
     for _ in range(20):
@@ -103,7 +109,7 @@ def _place(rng: random.Random, cfg: SynthConfig, n: int) -> list[tuple[int, int]
                 break
         if len(placed) == n:
             return placed
-    k = (cfg.image_size + _GAP) // step  # the env checks k * k >= n
+    k = cfg.side  # the env checks k * k >= n
     return [(c % k * step, c // k * step) for c in rng.sample(range(k * k), n)]
 
 
