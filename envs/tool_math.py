@@ -5,8 +5,9 @@ turns; the agent loop runs the calls and shows the results. The first reply with
 the final answer, graded against the exact result. `expert_reply` demonstrates the intended use:
 one tool call, then "Answer: <result>". `call_format="react"` makes that call the short
 `Action: calculator[123*45]` (the env tells the agent loop so through info["tool_parser"]);
-`careless` > 0 makes a seeded fraction of demonstrations answer from the head instead (the exact
-result, with no tool call): the habit a weakly supervised student picks up.
+`careless` > 0 makes a seeded fraction of demonstrations answer from the head instead
+(`Guess: <result>`, exact but with no tool call): the habit a weakly supervised student picks up.
+The guess has its own word so that the careful path's "Answer:" always copies a tool result.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class ToolMathEnv(gymnasium.Env):
             raise RuntimeError("expert_reply() needs a running episode")
         expr, value = self._current
         if self._from_head:
-            return f"Answer: {value}"
+            return f"Guess: {value}"
         last = messages[-1] if messages else {}
         if last.get("role") == "tool" and not str(last.get("content", "")).startswith("Error"):
             return f"Answer: {str(last['content']).strip()}"

@@ -77,13 +77,16 @@ WORLDS = {
         teacher_examples=6000, student_examples=12000, sft_lr=3e-3,
         distill=("rollout.prompts_per_batch=64", "rollout.max_new_tokens=48", "trainer.steps=100",
                  "eval.every=20")),
-    # three-digit x two-digit products: "Action: calculator[123*45]", the result, then
+    # two-digit x two-digit products: "Action: calculator[12*45]", the result, then
     # "Answer: N" (two assistant turns); the careless demonstrator answers from its head 60 % of
-    # the time (lr 1e-3: at 3e-3 the teacher never learned to copy the expression). SOD's
-    # recipe: step-weighted distillation reward plus the GRPO episode advantage, PPO-clipped
-    # ratios; REOPOLD's agentic beta 0.4
+    # the time (lr 1e-3: at 3e-3 the teacher never learned to copy the expression). With
+    # three-digit x two-digit products (4 or 5 digits) the distilled student called the tool
+    # but miscopied its result (7910 -> 77910) on up to a third of the problems: even careful
+    # demonstrations alone took this student to 0.885 only. SOD's recipe: step-weighted
+    # distillation reward plus the GRPO episode advantage, PPO-clipped ratios; REOPOLD's
+    # agentic beta 0.4
     "agent": World(
-        env={"id": "mmopd/ToolMath-v0", "kwargs": {"level": 2, "system_prompt": None,
+        env={"id": "mmopd/ToolMath-v0", "kwargs": {"level": 1, "system_prompt": None,
                                                    "call_format": "react"}},
         student_env={"careless": 0.6},
         habit="answers from its head, without the calculator, 60 % of the time",

@@ -321,7 +321,7 @@ def test_toolmath_react_calls_and_careless_demonstrations(tokenizer):
     assert all("Action: calculator[" in e.metadata["completions"][0] for e in called)
     assert all(max(e.step_index) == 1 for e in called)  # two assistant turns
     from_head = [e for e in eps if not e.metadata.get("tool_calls")]
-    assert all(max(e.step_index) == 0 and e.metadata["completions"][0].startswith("Answer: ")
+    assert all(max(e.step_index) == 0 and e.metadata["completions"][0].startswith("Guess: ")
                for e in from_head)
     assert 10 < len(from_head) < 30
     again = collect_demonstrations(envs, [{"seed": s} for s in range(n)], r)
