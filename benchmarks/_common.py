@@ -74,7 +74,7 @@ def train_or_reuse(base: Any, overrides: list[str], run_dir: Path, label: str) -
     import time
 
     from mmopd.config import TrainConfig, load_config, to_dict
-    from mmopd.train import train
+    from mmopd.training.loop import train
 
     cfg = load_config(TrainConfig, None, [
         f"{k}={json.dumps(v)}" for k, v in to_dict(base).items()] + [

@@ -61,9 +61,9 @@ class Gate:
 def run_mmopd(objective: str, spec: dict[str, Any], gate: Gate) -> dict[str, Any]:
     import torch
 
-    import mmopd.train as mtrain
+    import mmopd.training.loop as mtrain
     from mmopd.config import TrainConfig, load_config
-    from mmopd.metrics import JsonlLog
+    from mmopd.training.metrics import JsonlLog
 
     total = spec["warmup"] + spec["steps"]
     batch = spec["prompts"] * spec["samples"]

@@ -45,9 +45,9 @@ def _run_one(loss: str, path: str, vocab: int, tokens: int, hidden: int, topk: i
     """One (loss, path) measurement in this process (called in a fresh subprocess)."""
     from mmopd.config import TrainConfig, load_config
     from mmopd.logprobs import target_logprobs
-    from mmopd.losses import divergence_sum
     from mmopd.objectives import full_vocab_divergence, topk_divergence
-    from mmopd.teacher import TokenScores
+    from mmopd.teachers.scorer import TokenScores
+    from mmopd.training.losses import divergence_sum
 
     torch.manual_seed(0)
     torch.set_num_threads(torch.get_num_threads())

@@ -28,7 +28,7 @@ from _common import command, describe  # noqa: E402  (the script's folder is on 
 
 from mmopd.config import ModelConfig, TinyModelConfig  # noqa: E402
 from mmopd.models import load_model, load_tokenizer  # noqa: E402
-from mmopd.sampler import HFSampler, SamplingParams  # noqa: E402
+from mmopd.rollout.sampler import HFSampler, SamplingParams  # noqa: E402
 from mmopd.tokenizer import build_char_tokenizer  # noqa: E402
 
 # (hidden, layers, heads, kv heads); head size 64 or 32, which vLLM's CPU attention supports
@@ -58,7 +58,7 @@ def _timed(sampler, prompts, params, seed) -> tuple[float, int, list]:
 def bench(size: str, args, tmp: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from mmopd.vllm_sampler import VLLMSampler
+    from mmopd.rollout.vllm import VLLMSampler
 
     hidden, layers, heads, kv = SIZES[size]
     path = _save(tmp / size, tmp / "tok", hidden, layers, heads, kv)

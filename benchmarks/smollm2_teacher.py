@@ -177,14 +177,14 @@ def write_task(out: Path) -> None:
 
 
 def measure(path: Path, cfg: TrainConfig, samples: bool = True) -> dict:
-    """The trainer's held-out evaluation (`mmopd.evaluate.evaluation_episodes`, with the run's
-    settings), scored with more detail: greedy accuracy and, with `samples`, pass@k and the
+    """The trainer's held-out evaluation (`mmopd.rollout.evaluate.evaluation_episodes`, with the
+    run's settings), scored with more detail: greedy accuracy and, with `samples`, pass@k and the
     accuracy of k temperature-1 samples per problem; for both also a strict accuracy (the graded
     answer must be a plain integer: the env's grader accepts an echoed "3 + 5" for 8), plus mean
     reply tokens, parameters and a few greedy replies."""
     from mmopd.envs import make_env
-    from mmopd.evaluate import EnvPool, evaluation_episodes, is_correct
     from mmopd.models import load_model, load_tokenizer
+    from mmopd.rollout.evaluate import EnvPool, evaluation_episodes, is_correct
 
     mcfg = dataclasses.replace(cfg.model, path=str(path))
     tok = load_tokenizer(mcfg)
@@ -308,7 +308,7 @@ def main() -> None:
     print(f"teacher {teacher['accuracy']:.3f}, student {before['accuracy']:.3f}")
 
     print(f"== REOPOLD, {args.steps} optimiser steps")
-    from mmopd.train import train
+    from mmopd.training.loop import train
 
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()

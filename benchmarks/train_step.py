@@ -22,7 +22,7 @@ from _common import command, describe  # the script's folder is on sys.path
 from mmopd.config import ModelConfig, TinyModelConfig, TrainConfig, load_config
 from mmopd.models import load_model, load_tokenizer
 from mmopd.tokenizer import build_char_tokenizer
-from mmopd.train import train
+from mmopd.training.loop import train
 
 
 def _save(root: Path, tok_dir: Path, hidden: int, layers: int, seed: int) -> Path:

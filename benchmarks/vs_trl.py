@@ -131,12 +131,12 @@ def step_prompts(total_steps: int, n_prompts: int, seed: int = 0) -> list[list[d
     """The problem seeds mmopd's trainer draws for each rollout batch (`trainer.seed`, rank 0),
     and their chat messages: the prompts both systems get, step by step."""
     from mmopd.envs import make_env
-    from mmopd.train import _PROBLEMS, _derived_seed  # the trainer's own seeding
+    from mmopd.rollout.seeds import PROBLEMS, derived_seed  # the trainer's own seeding
 
     env = make_env("mmopd/MathText-v0", **ENV_KWARGS)
     steps = []
     for it in range(total_steps):
-        seeds = [_derived_seed(seed, it, _PROBLEMS, i) for i in range(n_prompts)]
+        seeds = [derived_seed(seed, it, PROBLEMS, i) for i in range(n_prompts)]
         steps.append([{"seed": s, "messages": env.reset(seed=s)[1]["messages"]} for s in seeds])
     return steps
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import gymnasium
 
-from mmopd.toolcalls import format_call
+from mmopd.rollout.toolcalls import format_call
 
 from .answers import check_answer
 from .registration import careless_rate, reset_index

@@ -16,13 +16,9 @@ content items::
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import operator
 import os
 import random
-import re
 import warnings
 import zlib
 from pathlib import Path
@@ -31,19 +27,24 @@ from typing import Any
 import gymnasium
 from PIL import Image
 
-from mmopd.toolcalls import format_call
+from mmopd.rollout.toolcalls import format_call
 
 from .images import (
     DEFAULT_MAX_PIXELS,
-    MAX_ASPECT_RATIO,
     ImageError,
     clip_bbox,
     crop,
     open_image,
-    probe_image,
 )
 from .registration import careless_rate, reset_index
 from .spaces import text_space
+from .vision_data import (  # VisionQA's data and grading, importable from here too
+    IMAGE_MARKER,
+    VisionDatasetError,
+    VisionProblem,
+    grade_answer,
+    load_rows,
+)
 from .vision_synth import (
     LAYOUTS,
     QUESTIONS,
@@ -63,165 +64,7 @@ DEFAULT_SYSTEM = ("Answer the question about the image. End your reply with "
 ZOOM_SYSTEM = ("Answer the question about the image. You can call the zoom tool with a box "
                "[x0, y0, x1, y1] in the image's pixel coordinates to see that region enlarged. "
                "End your reply with 'Answer: <answer>'.")
-IMAGE_MARKER = "<image>"
-_JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
 _SHOWN_ERRORS = 5  # row errors quoted in the load warning; all are in env.row_errors
-
-
-class VisionDatasetError(ValueError):
-    """A JSONL file with no usable row; the message lists the first problems by file:line."""
-
-
-# ----------------------------------------------------------------------------- files
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionProblem:
-    """One question; `bbox` marks the evidence in the first image (in its file's pixels)."""
-
-    question: str
-    answer: str
-    id: str
-    where: str  # "file.jsonl:LINE" or "synthetic ...": names the problem in error messages
-    images: tuple[Path, ...] = ()  # file rows; synthetic problems render `scene` instead
-    sizes: tuple[tuple[int, int], ...] = ()  # header sizes of `images`
-    bbox: tuple[int, int, int, int] | None = None
-    scene: Scene | None = None
-
-
-def _row_problem(row: Any, folder: Path, where: str) -> VisionProblem:
-    """A validated problem from one JSON row; ValueError (message without `where`) if bad."""
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    question = row.get("question")
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("field 'question' must be a non-empty string")
-    answer = row.get("answer")
-    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or (
-            isinstance(answer, float) and not math.isfinite(answer)):
-        raise ValueError(f"field 'answer' must be a string or a number, got {answer!r}")
-    if isinstance(answer, float) and answer.is_integer():
-        answer = int(answer)  # 3.0 -> "3", the natural gold
-    if not str(answer).strip():
-        raise ValueError("field 'answer' is an empty string")
-    if ("image" in row) == ("images" in row):
-        raise ValueError("give exactly one of 'image' (a path) or 'images' (a list of paths)")
-    paths = [row["image"]] if "image" in row else row["images"]
-    if not isinstance(paths, list) or not paths or not all(
-            isinstance(p, str) and p for p in paths):
-        raise ValueError("'image' must be a path string and 'images' a non-empty list of them")
-    markers = question.count(IMAGE_MARKER)
-    if markers and markers != len(paths):
-        raise ValueError(f"the question has {markers} {IMAGE_MARKER} marker(s) but the row has "
-                         f"{len(paths)} image(s); use one marker per image or none")
-    files = tuple(p if p.is_absolute() else folder / p for p in map(Path, paths))
-    sizes = tuple(probe_image(f)[0] for f in files)  # header only: existence, size, ratio
-    bbox = None
-    if row.get("bbox") is not None:
-        try:
-            bbox = clip_bbox(row["bbox"], sizes[0])
-        except ValueError as e:
-            raise ValueError(f"field 'bbox': {e} (the first image, {files[0].name})") from None
-        bw, bh = bbox[2] - bbox[0], bbox[3] - bbox[1]
-        if max(bw, bh) / min(bw, bh) > MAX_ASPECT_RATIO:  # its crop would be refused
-            raise ValueError(f"field 'bbox': {list(bbox)} is {bw}x{bh} px, an aspect ratio over "
-                             f"{MAX_ASPECT_RATIO}:1 that VLM processors refuse")
-    row_id = row.get("id")
-    if row_id is not None and (isinstance(row_id, bool) or not isinstance(row_id, (str, int))):
-        raise ValueError(f"field 'id' must be a string or an int, got {row_id!r}")
-    return VisionProblem(question, str(answer).strip(),
-                         str(row_id) if row_id is not None else where, where, files, sizes, bbox)
-
-
-def load_rows(path: str | os.PathLike[str]) -> tuple[list[VisionProblem], list[str]]:
-    """(valid problems, one "file:LINE: problem" message per skipped row) from a JSONL file.
-
-    A row is {"image": path} or {"images": [paths]}, "question", "answer", optional "bbox"
-    [x0, y0, x1, y1] (pixels of the first image; clipped if partly outside) and "id". Relative
-    paths are relative to the file's folder. `<image>` markers in the question place the images
-    (one per image). Images are checked from their headers only (decoded at reset).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise VisionDatasetError(f"{path}: no such file")
-    if path.suffix.lower() not in _JSONL_SUFFIXES:
-        raise VisionDatasetError(f"{path}: expected a JSON-lines file "
-                                 f"({', '.join(_JSONL_SUFFIXES)}), got {path.suffix!r}")
-    problems, errors = [], []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise VisionDatasetError(f"{path}: not UTF-8 text ({e})") from e
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue  # blank lines are not rows
-        where = f"{path.name}:{lineno}"
-        try:
-            problems.append(_row_problem(json.loads(line), path.parent, where))
-        except json.JSONDecodeError as e:
-            errors.append(f"{where}: invalid JSON ({e.msg})")
-        except ValueError as e:  # includes ImageError
-            errors.append(f"{where}: {e}")
-    return problems, errors
-
-
-# ----------------------------------------------------------------------------- grading
-
-_ANSWER = re.compile(r"answer[\s*_]*[:：]\s*([^\n]*)", re.IGNORECASE)
-_NUMBER_WORDS = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve".split())}
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
-
-
-def _normalise(text: str) -> str:
-    text = re.sub(r"\s+", " ", text.strip().lower())
-    text = re.sub(r"^[\s*_`'\"$(\[]+|[\s*_`'\"$.,;:!)\]]+$", "", text)
-    return re.sub(r"^(the|a|an) ", "", text)
-
-
-def _as_number(text: str) -> float | None:
-    """3, 3.0, "three", "3 dots" -> 3.0; anything else (e.g. "3 or 4") -> None."""
-    head, *rest = text.split(" ") if text else [""]
-    if not all(w.isalpha() for w in rest):
-        return None
-    if _NUMBER.fullmatch(head):
-        return float(head)
-    return float(_NUMBER_WORDS[head]) if head in _NUMBER_WORDS else None
-
-
-def grade_answer(reply: str, gold: str) -> tuple[bool, str | None]:
-    """(is the reply's last "Answer: X" equal to gold, X normalised or None if there is none).
-
-    Case, articles, markdown and trailing punctuation are ignored; numbers compare numerically
-    (number words count); a one-letter gold (multiple choice) accepts "B", "(B)", "B) ...".
-    Other golds with digits (fractions, expressions) are graded with math-verify.
-    """
-    found = _ANSWER.findall(reply)
-    if found:
-        raw = found[-1]
-    else:
-        from .answers import last_boxed  # lazily: answers imports math-verify (~1 s)
-
-        raw = last_boxed(reply)
-        if raw is None:
-            return False, None
-    pred, want = _normalise(raw), _normalise(gold)
-    if not pred:
-        return False, None
-    if pred == want:
-        return True, pred
-    gold_num = _as_number(want)
-    if gold_num is not None:
-        pred_num = _as_number(pred)
-        return pred_num is not None and math.isclose(pred_num, gold_num, abs_tol=1e-9), pred
-    if len(want) == 1 and want.isalpha():
-        return bool(re.match(rf"{re.escape(want)}\b", pred)), pred
-    if any(c.isdigit() for c in want):
-        from .answers import check_answer
-
-        return check_answer(f"\\boxed{{{raw.strip()}}}", gold)[0], pred
-    return False, pred
-
 
 # ----------------------------------------------------------------------------- env
 

@@ -15,16 +15,16 @@ def _config_error(msg: str) -> Exception:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from mmopd.cache import CacheError
-    from mmopd.checkpoint import CheckpointError
     from mmopd.config import ConfigError
     from mmopd.demo import DemoPremiseError
     from mmopd.envs.math_text import DatasetError
     from mmopd.envs.registration import EnvNotFoundError
     from mmopd.models import ModelLoadError
-    from mmopd.render import RenderError
-    from mmopd.rollout import EnvContractError
-    from mmopd.sft import SFTDataError
+    from mmopd.rollout.agent_loop import EnvContractError
+    from mmopd.rollout.render import RenderError
+    from mmopd.teachers.cache import CacheError
+    from mmopd.training.checkpoint import CheckpointError
+    from mmopd.training.sft import SFTDataError
 
     return (ConfigError, ModelLoadError, CheckpointError, RenderError, EnvContractError,
             SFTDataError, DatasetError, EnvNotFoundError, CacheError, DemoPremiseError)
@@ -123,20 +123,20 @@ def _run(args: argparse.Namespace) -> int:
         if args.print_config:
             print(dump_yaml(cfg))
             return 0
-        from mmopd.train import train
+        from mmopd.training.loop import train
 
         res = train(cfg)
         print(json.dumps({"run_dir": res["run_dir"], "eval": res["eval"]}))
         return 0
     if args.cmd == "sft":
         from mmopd.config import SFTConfig, load_config
-        from mmopd.sft import sft
+        from mmopd.training.sft import sft
 
         print(json.dumps(sft(load_config(SFTConfig, args.config, args.overrides))))
         return 0
     if args.cmd == "cache-teacher":
-        from mmopd.cache import build_teacher_cache
         from mmopd.config import TrainConfig, load_config
+        from mmopd.teachers.cache import build_teacher_cache
 
         if args.batches < 1:
             raise _config_error(f"--batches must be positive, got {args.batches}")
@@ -147,8 +147,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "eval":
         from mmopd.config import ConfigError, ModelConfig
         from mmopd.envs import make_env
-        from mmopd.evaluate import EnvPool, evaluate
         from mmopd.models import load_model, load_tokenizer, load_vision
+        from mmopd.rollout.evaluate import EnvPool, evaluate
 
         try:
             kwargs = json.loads(args.env_kwargs)

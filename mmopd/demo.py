@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from mmopd.config import ModelConfig, SFTConfig, TrainConfig, load_config
-from mmopd.sft import sft
 from mmopd.tokenizer import build_char_tokenizer
-from mmopd.train import train
+from mmopd.training.loop import train
+from mmopd.training.sft import sft
 
 TEACHER = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
            "intermediate_size": 384, "seed": 1}
@@ -217,8 +217,8 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, world: str = "ma
     sft(student_sft)
 
     from mmopd.envs import make_env
-    from mmopd.evaluate import EnvPool, evaluate
     from mmopd.models import load_model, load_tokenizer, load_vision
+    from mmopd.rollout.evaluate import EnvPool, evaluate
 
     env = distill.env  # the held-out split the training run evaluates on
     pool = EnvPool(lambda: make_env(env.id, **{**env.kwargs, **env.eval_kwargs}))

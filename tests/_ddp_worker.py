@@ -22,10 +22,10 @@ from accelerate.utils import DistributedType
 
 from mmopd.config import ModelConfig
 from mmopd.logprobs import lm_head_fn
-from mmopd.losses import Heads, accumulate_gradients
 from mmopd.models import load_model, load_tokenizer
 from mmopd.objectives import OBJECTIVES
-from mmopd.optim import make_accelerator
+from mmopd.training.losses import Heads, accumulate_gradients
+from mmopd.training.optim import make_accelerator
 
 
 def fsdp2_on_cpu(accelerator: Accelerator) -> Accelerator:

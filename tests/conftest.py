@@ -67,7 +67,7 @@ def tiny_overrides(student_dir, teacher_dir, tmp_path) -> list[str]:
 def sft_teacher_dir(tmp_path_factory, tok_dir) -> Path:
     """A teacher with a peaked distribution: a few seconds of SFT on level-1 worked solutions."""
     from mmopd.config import SFTConfig, load_config
-    from mmopd.sft import sft
+    from mmopd.training.sft import sft
 
     out = tmp_path_factory.mktemp("sft-teacher")
     sft(load_config(SFTConfig, None, [

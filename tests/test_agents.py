@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from mmopd.envs import make_env, text_space
 from mmopd.episode import STOP_BUDGET, STOP_EOS, STOP_ERROR, STOP_LENGTH, STOP_MAX_TURNS
-from mmopd.render import ChatRenderer
-from mmopd.rollout import AgentLoop, collect_demonstrations
-from mmopd.toolcalls import HermesParser, ReActParser, format_call
+from mmopd.rollout.agent_loop import AgentLoop, collect_demonstrations
+from mmopd.rollout.render import ChatRenderer
+from mmopd.rollout.toolcalls import HermesParser, ReActParser, format_call
 from mmopd.tools import (
     ToolDefinitionError,
     ToolNotFoundError,
@@ -375,7 +375,7 @@ def test_make_plan_composes_sod_and_outcome_advantage():
 
 def test_tcod_turn_limit():
     from mmopd.config import RolloutConfig
-    from mmopd.train import _turn_limit
+    from mmopd.training.loop import _turn_limit
 
     r = RolloutConfig(max_turns=4, curriculum="tcod", tcod_c=3)
     assert [_turn_limit(r, k) for k in (0, 2, 3, 6, 9, 30)] == [1, 1, 2, 3, 4, 4]
@@ -400,7 +400,7 @@ def test_multi_turn_training_with_sod(chat_env_overrides, extra):
     from pathlib import Path
 
     from mmopd.config import TrainConfig, load_config
-    from mmopd.train import train
+    from mmopd.training.loop import train
 
     res = train(load_config(TrainConfig, None, chat_env_overrides + extra))
     log = Path(res["run_dir"]) / "metrics.jsonl"

@@ -54,13 +54,13 @@ def _case(name: str, overrides: list[str], student, teacher, tok) -> dict:
     to 12 (rank 1's), scored and planned as the trainer does."""
     from mmopd.envs import make_env
     from mmopd.logprobs import lm_head_fn
-    from mmopd.losses import Heads, needs_teacher_hidden
-    from mmopd.objectives import make_plan, needed_scores
-    from mmopd.render import ChatRenderer
-    from mmopd.rollout import collect_episodes
-    from mmopd.sampler import HFSampler, SamplingParams
-    from mmopd.teacher import HFScorer
-    from mmopd.train import score_batch
+    from mmopd.objectives import make_plan, needed_scores, needs_teacher_hidden
+    from mmopd.rollout.agent_loop import collect_episodes
+    from mmopd.rollout.render import ChatRenderer
+    from mmopd.rollout.sampler import HFSampler, SamplingParams
+    from mmopd.teachers.scorer import HFScorer
+    from mmopd.training.losses import Heads
+    from mmopd.training.scoring import score_batch
 
     cfg = load_config(TrainConfig, None, overrides + [f"objective.name={name}",
                                                       "trainer.micro_batch_size=3"])
@@ -75,7 +75,8 @@ def _case(name: str, overrides: list[str], student, teacher, tok) -> dict:
     heads = Heads(lm_head_fn(student), lm_head_fn(student), lm_head_fn(teacher))
     tb, teach, slices, _ = score_batch(
         eps, HFScorer(student, tok.pad_token_id), HFScorer(teacher, tok.pad_token_id), 0,
-        needs_teacher_hidden(obj, cfg), heads=heads, needs=needed_scores(obj, cfg.objective))
+        needs_teacher_hidden(obj, cfg.objective), heads=heads,
+        needs=needed_scores(obj, cfg.objective))
     plan = make_plan(obj, tb, 9, 10, cfg.objective)  # REOPOLD: refinement keeps a subset
     return {"episodes": eps, "slices": slices, "tb": tb, "plan": plan, "teach": teach,
             "cfg": cfg, "split": [[0, 1, 2, 3], [4, 5, 6, 7]]}
@@ -84,8 +85,8 @@ def _case(name: str, overrides: list[str], student, teacher, tok) -> dict:
 def _grads(student, tok, case: dict, name: str, which: list[int]) -> dict[str, torch.Tensor]:
     """One process, no DDP: the gradient of the token mean over episodes `which`."""
     from mmopd.logprobs import lm_head_fn
-    from mmopd.losses import Heads, accumulate_gradients
-    from mmopd.optim import make_accelerator
+    from mmopd.training.losses import Heads, accumulate_gradients
+    from mmopd.training.optim import make_accelerator
 
     student.zero_grad(set_to_none=True)
     heads = Heads(lm_head_fn(student), lm_head_fn(student), lm_head_fn(case["teacher"]))
@@ -186,7 +187,7 @@ def test_launch_mistakes_are_refused(monkeypatch):
     from accelerate.utils import DistributedType
 
     from mmopd.config import ConfigError
-    from mmopd.optim import check_launch, make_accelerator
+    from mmopd.training.optim import check_launch, make_accelerator
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="ACCELERATE_USE_CPU=true"):

@@ -413,9 +413,9 @@ def test_gym_config_loads_and_makes_its_envs(path: Path) -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_gym_teacher_sft_config_matches_its_train_config(path: Path) -> None:
-    from mmopd.render import ChatRenderer
-    from mmopd.sft import build_examples
+    from mmopd.rollout.render import ChatRenderer
     from mmopd.tokenizer import build_char_tokenizer
+    from mmopd.training.sft import build_examples
 
     train = load_config(TrainConfig, path)
     sft = load_config(SFTConfig, path.with_name(f"{path.stem}_teacher_sft.yaml"))

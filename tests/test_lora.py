@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from mmopd.config import ConfigError, LoraSettings, ModelConfig, TrainConfig, load_config
 from mmopd.models import ModelLoadError, is_lora, load_model, load_tokenizer
-from mmopd.train import train
+from mmopd.training.loop import train
 
 ADAPTED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA = "model.lora={r: 4, alpha: 8}"
@@ -59,7 +59,7 @@ def test_reopold_with_lora_changes_only_adapted_layers(tiny_overrides, student_d
     a plain model by path, and its logits are the LoRA student's."""
     from transformers import AutoModelForCausalLM
 
-    from mmopd.checkpoint import load_student
+    from mmopd.training.checkpoint import load_student
 
     run = _train(tiny_overrides, "trainer.steps=4")
     rows = _rows(run)
@@ -126,9 +126,9 @@ def test_sampler_uses_the_models_own_distribution_under_peft(student_dir):
     do so on the base model, or a checkpoint's repetition penalty would leak into on-policy
     samples (and their recorded log-probs would not be the student's)."""
     from mmopd.episode import Episode
-    from mmopd.render import ChatRenderer
-    from mmopd.sampler import HFSampler, SamplingParams
-    from mmopd.teacher import HFScorer
+    from mmopd.rollout.render import ChatRenderer
+    from mmopd.rollout.sampler import HFSampler, SamplingParams
+    from mmopd.teachers.scorer import HFScorer
 
     cfg = ModelConfig(path=str(student_dir), lora=LoraSettings(r=4))
     tok = load_tokenizer(cfg)

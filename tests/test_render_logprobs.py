@@ -7,9 +7,9 @@ import torch
 
 from mmopd.episode import Episode, pad_right
 from mmopd.logprobs import chunked_map, final_hidden, lm_head_fn, token_logprobs
-from mmopd.render import ChatRenderer
-from mmopd.sampler import HFSampler, SamplingParams
-from mmopd.teacher import HFScorer
+from mmopd.rollout.render import ChatRenderer
+from mmopd.rollout.sampler import HFSampler, SamplingParams
+from mmopd.teachers.scorer import HFScorer
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_trainable_models_keep_float32_master_weights():
 
 def test_constant_schedule_honours_warmup():
     from mmopd.config import OptimConfig
-    from mmopd.optim import make_optimizer, make_scheduler
+    from mmopd.training.optim import make_optimizer, make_scheduler
 
     opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimConfig(lr=1.0))
     sched = make_scheduler(opt, OptimConfig(lr=1.0, warmup_steps=4), 10)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mmopd.envs import text_space
-from mmopd.render import ChatRenderer
-from mmopd.rollout import EnvContractError, collect_episodes
-from mmopd.sampler import HFSampler, SamplingParams
+from mmopd.rollout.agent_loop import EnvContractError, collect_episodes
+from mmopd.rollout.render import ChatRenderer
+from mmopd.rollout.sampler import HFSampler, SamplingParams
 
 
 class TwoTurnEnv(gym.Env):

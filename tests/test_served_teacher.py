@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from mmopd.episode import Episode
-from mmopd.served import ServedTeacher, ServedTeacherError, _entropy_lower_bound
+from mmopd.teachers.served import ServedTeacher, ServedTeacherError, _entropy_lower_bound
 from mmopd.vision import VisionInputs
 
 # -- episodes ------------------------------------------------------------------------------------
@@ -373,7 +373,7 @@ def vllm_server(tmp_path_factory):
 def test_served_scores_match_in_process_hf(vllm_server, episodes):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mmopd.teacher import HFScorer
+    from mmopd.teachers.scorer import HFScorer
 
     server, model_dir = vllm_server
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -432,7 +432,7 @@ def test_training_with_a_served_teacher_matches_the_in_process_teacher(
     import json
 
     from mmopd.config import TrainConfig, load_config
-    from mmopd.train import train
+    from mmopd.training.loop import train
 
     server, model_dir = vllm_server
     common = [f"model.path={student_dir}", "env.kwargs={level: 1}",

@@ -15,7 +15,7 @@ import torch
 
 from mmopd.config import TrainConfig, load_config
 from mmopd.objectives import OBJECTIVES
-from mmopd.train import train
+from mmopd.training.loop import train
 
 
 def _cfg(overrides: list[str], extra: list[str] = ()) -> TrainConfig:
@@ -80,15 +80,15 @@ def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir
     as the whole minibatch at once (the normaliser is the minibatch's kept-token count)."""
     from mmopd.envs import make_env
     from mmopd.logprobs import lm_head_fn
-    from mmopd.losses import Heads, accumulate_gradients, needs_teacher_hidden
     from mmopd.models import load_model, load_tokenizer
-    from mmopd.objectives import needed_scores
-    from mmopd.optim import make_accelerator
-    from mmopd.render import ChatRenderer
-    from mmopd.rollout import collect_episodes
-    from mmopd.sampler import HFSampler, SamplingParams
-    from mmopd.teacher import HFScorer
-    from mmopd.train import score_batch
+    from mmopd.objectives import needed_scores, needs_teacher_hidden
+    from mmopd.rollout.agent_loop import collect_episodes
+    from mmopd.rollout.render import ChatRenderer
+    from mmopd.rollout.sampler import HFSampler, SamplingParams
+    from mmopd.teachers.scorer import HFScorer
+    from mmopd.training.losses import Heads, accumulate_gradients
+    from mmopd.training.optim import make_accelerator
+    from mmopd.training.scoring import score_batch
 
     cfg = _cfg(tiny_overrides, [f"objective.name={name}", *extra])
     obj = OBJECTIVES[name]
@@ -100,7 +100,7 @@ def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir
                            [{"seed": i} for i in range(4)], HFSampler(student, tok), r,
                            SamplingParams(n=2, max_new_tokens=8))
     old = HFScorer(student, tok.pad_token_id, view="student")
-    need_hidden = needs_teacher_hidden(obj, cfg)
+    need_hidden = needs_teacher_hidden(obj, cfg.objective)
     t_scorer = HFScorer(teacher, tok.pad_token_id, view="student")
     heads = Heads(lm_head_fn(student), lm_head_fn(student), lm_head_fn(teacher))
     needs = needed_scores(obj, cfg.objective)
@@ -205,9 +205,9 @@ def _teacher_state_kl(student_dir: Path, teacher_dir: Path) -> float:
     from mmopd.logprobs import final_hidden, predicting_positions
     from mmopd.models import load_model, load_tokenizer
     from mmopd.objectives import full_vocab_divergence
-    from mmopd.render import ChatRenderer
-    from mmopd.rollout import collect_episodes
-    from mmopd.sampler import HFSampler, SamplingParams
+    from mmopd.rollout.agent_loop import collect_episodes
+    from mmopd.rollout.render import ChatRenderer
+    from mmopd.rollout.sampler import HFSampler, SamplingParams
 
     tok = load_tokenizer(ModelConfig(path=str(teacher_dir)))
     teacher = load_model(ModelConfig(path=str(teacher_dir)), tok)
@@ -282,7 +282,7 @@ def test_demo_premise_failure_exits_non_zero_with_the_reason(monkeypatch, capsys
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_vllm_backend_without_vllm_fails_before_loading(tiny_overrides):
-    from mmopd.vllm_sampler import VLLMUnavailable
+    from mmopd.rollout.vllm import VLLMUnavailable
 
     cfg = load_config(TrainConfig, None, [*tiny_overrides, "rollout.backend=vllm",
                                           "model.path=/nonexistent"])

@@ -16,11 +16,11 @@ from mmopd.config import ModelConfig, TinyModelConfig
 from mmopd.episode import STOP_EOS, STOP_ERROR, Episode, pad_right
 from mmopd.logprobs import final_hidden, lm_head_fn
 from mmopd.models import ModelLoadError, check_same_vision, load_model, load_tokenizer, load_vision
-from mmopd.render import ChatRenderer, RenderError
-from mmopd.rollout import AgentLoop, collect_episodes
-from mmopd.sampler import HFSampler, SamplingParams
-from mmopd.teacher import HFScorer
-from mmopd.toolcalls import format_call
+from mmopd.rollout.agent_loop import AgentLoop, collect_episodes
+from mmopd.rollout.render import ChatRenderer, RenderError
+from mmopd.rollout.sampler import HFSampler, SamplingParams
+from mmopd.rollout.toolcalls import format_call
+from mmopd.teachers.scorer import HFScorer
 from mmopd.tools import ToolContext, ToolResult
 from mmopd.vision import VisionError, VisionInputs, forward_kwargs, qwen_vl_utils
 
@@ -320,7 +320,7 @@ class _FixedSampler:
         self.ids = tok.encode("ok") + [tok.eos_token_id]
 
     def generate(self, prompts, params, desc="", vision=None):
-        from mmopd.sampler import Sample
+        from mmopd.rollout.sampler import Sample
 
         return [[Sample(list(self.ids), [-0.1] * len(self.ids), STOP_EOS)] * params.n
                 for _ in prompts]
@@ -345,7 +345,7 @@ def test_vlm_teacher_must_match_the_student(vtok, vtok_dir):
 
 
 def test_ema_update_by_hand():
-    from mmopd.train import ema_update
+    from mmopd.teachers.ema import ema_update
 
     ema, student = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     with torch.no_grad():
@@ -400,7 +400,7 @@ def _vl_overrides(student, tmp_path, env_kwargs: str) -> list[str]:
 ])
 def test_vlm_trains_a_few_steps(vl_dirs, tmp_path, student, teacher, extra):
     from mmopd.config import TrainConfig, load_config
-    from mmopd.train import train
+    from mmopd.training.loop import train
 
     overrides = _vl_overrides(vl_dirs[student], tmp_path,
                               "task: color, image_size: 56, num_distractors: 1, box_size: 20, "
@@ -430,8 +430,8 @@ def test_zoom_agent_trains_with_tool_images(vl_dirs, tmp_path):
     """Multi-turn: the student calls zoom, the crop comes back as an image in the next turn."""
     from mmopd.config import TrainConfig, load_config
     from mmopd.envs import make_env
-    from mmopd.rollout import collect_demonstrations
-    from mmopd.train import train
+    from mmopd.rollout.agent_loop import collect_demonstrations
+    from mmopd.training.loop import train
 
     kwargs = dict(task="color", image_size=56, num_distractors=1, box_size=20, zoom=True)
     cfg = ModelConfig(path=str(vl_dirs["student"]))
@@ -455,7 +455,7 @@ def test_failed_rows_are_recorded_and_the_run_goes_on(vl_dirs, tmp_path):
     loaded; an image whose header reads but whose pixels are cut off fails when its episode
     starts: that episode is recorded as failed and the batch trains without it."""
     from mmopd.config import TrainConfig, load_config
-    from mmopd.train import train
+    from mmopd.training.loop import train
 
     _image(60, 40).save(tmp_path / "good.png")
     _image(60, 40, 1).save(tmp_path / "full.png")
@@ -493,7 +493,7 @@ def test_vzero_weights_by_hand():
 
 def test_vzero_gating_trains_with_the_negative_view(vl_dirs, tmp_path):
     from mmopd.config import TrainConfig, load_config
-    from mmopd.train import train
+    from mmopd.training.loop import train
 
     overrides = _vl_overrides(vl_dirs["student"], tmp_path,
                               "task: color, image_size: 56, num_distractors: 1, box_size: 20, "

@@ -29,7 +29,7 @@ from mmopd.envs.vision_synth import (
     answer_of,
     generate_scene,
 )
-from mmopd.toolcalls import HermesParser
+from mmopd.rollout.toolcalls import HermesParser
 from mmopd.tools import ToolContext, call_tool, list_tools, make_tool
 
 VQA = "mmopd/VisionQA-v0"

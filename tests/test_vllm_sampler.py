@@ -21,9 +21,9 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from mmopd.config import TrainConfig, load_config  # noqa: E402
-from mmopd.sampler import HFSampler, SamplingParams  # noqa: E402
-from mmopd.train import train  # noqa: E402
-from mmopd.vllm_sampler import VLLMSampler, VLLMUnavailable  # noqa: E402
+from mmopd.rollout.sampler import HFSampler, SamplingParams  # noqa: E402
+from mmopd.rollout.vllm import VLLMSampler, VLLMUnavailable  # noqa: E402
+from mmopd.training.loop import train  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 # The module's engine lives in this process; the trainer tests at the end build their own, and an

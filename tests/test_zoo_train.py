@@ -13,7 +13,7 @@ import torch
 from mmopd.config import ConfigError, TrainConfig, load_config
 from mmopd.models import ModelLoadError
 from mmopd.objectives import OBJECTIVES, TokenBatch, make_plan
-from mmopd.train import train
+from mmopd.training.loop import train
 
 
 def _rows(run: Path) -> list[dict]:
@@ -116,7 +116,7 @@ def test_teacher_with_another_chat_template_is_refused(tiny_overrides, teacher_d
 
 def test_prefix_opd_samples_and_trains_only_a_growing_prefix(tiny_overrides):
     from mmopd.config import RolloutConfig
-    from mmopd.train import prefix_len
+    from mmopd.training.loop import prefix_len
 
     r = RolloutConfig(max_new_tokens=32, prefix_tokens=4, prefix_growth=2.5)
     assert [prefix_len(r, s) for s in (0, 1, 2, 10, 100)] == [4, 6, 9, 29, 32]
@@ -150,7 +150,7 @@ def test_off_policy_warmup_runs_before_distillation(kind, tiny_overrides, sft_te
 
 
 def test_lightning_cache_trains_without_a_live_teacher(tiny_overrides, tmp_path):
-    from mmopd.cache import CacheError, TeacherCache, build_teacher_cache
+    from mmopd.teachers.cache import CacheError, TeacherCache, build_teacher_cache
 
     cfg = load_config(TrainConfig, None, tiny_overrides + ["teacher.topk=4"])
     path = build_teacher_cache(cfg, tmp_path / "cache", num_batches=2)
@@ -158,7 +158,7 @@ def test_lightning_cache_trains_without_a_live_teacher(tiny_overrides, tmp_path)
     assert len(cache.episodes) == 2 * 4 * 2 and cache.topk == 4
     # the cached scores are the teacher's: rescore one episode with the live teacher
     from mmopd.models import load_model, load_tokenizer
-    from mmopd.teacher import HFScorer
+    from mmopd.teachers.scorer import HFScorer
 
     tok = load_tokenizer(cfg.teacher.model)
     live = HFScorer(load_model(cfg.teacher.model, tok), tok.pad_token_id)
@@ -189,11 +189,11 @@ def test_drift_stop_sampler_is_transparent_until_a_reply_drifts(student_dir, tea
     from transformers import AutoModelForCausalLM
 
     from mmopd.config import ModelConfig
-    from mmopd.drift import DriftStopSampler
     from mmopd.episode import STOP_DRIFT
     from mmopd.logprobs import lm_head_fn
     from mmopd.models import load_tokenizer
-    from mmopd.sampler import HFSampler, SamplingParams
+    from mmopd.rollout.drift import DriftStopSampler
+    from mmopd.rollout.sampler import HFSampler, SamplingParams
 
     tok = load_tokenizer(ModelConfig(path=str(student_dir)))
     student = AutoModelForCausalLM.from_pretrained(student_dir).eval()

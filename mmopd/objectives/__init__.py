@@ -15,11 +15,10 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from mmopd.config import ObjectiveConfig
 from mmopd.objectives.divergences import (
     KINDS,
     divergence_from_logp,
@@ -37,6 +36,9 @@ from mmopd.objectives.zoo import (
     top_fraction,
     vopd_advantage,
 )
+
+if TYPE_CHECKING:  # the config imports the registry to validate names
+    from mmopd.config import ObjectiveConfig
 
 __all__ = [
     "OBJECTIVES", "Objective", "Plan", "TokenBatch", "register_objective", "policy_loss_sum",
@@ -88,7 +90,7 @@ class Plan:
         return self.keep_N if self.aux_N is None else self.keep_N | (self.aux_N > 0)
 
 
-PlanFn = Callable[[TokenBatch, int, int, ObjectiveConfig], Plan]
+PlanFn = Callable[[TokenBatch, int, int, "ObjectiveConfig"], Plan]
 
 
 @dataclass(frozen=True)
@@ -372,3 +374,10 @@ def needed_scores(obj: Objective, cfg: ObjectiveConfig) -> frozenset[str]:
     if cfg.drift_threshold > 0:
         needs.add("overlap")
     return frozenset(needs)
+
+
+def needs_teacher_hidden(obj: Objective, cfg: ObjectiveConfig) -> bool:
+    """Full-vocabulary objectives (and top-k over the student's ids, and AOPD's full divergence
+    term) rebuild teacher logits from its hidden states: they need a live teacher."""
+    return obj.aux == "divergence" or (obj.kind == "divergence" and (
+        cfg.topk == 0 or cfg.topk_source == "student"))

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from mmopd.episode import STOP_DRIFT, STOP_LENGTH, pad_right
 from mmopd.logprobs import Head, final_hidden, predicting_positions
 from mmopd.objectives.zoo import drift_weights, pair_stats
-from mmopd.sampler import Sample, Sampler, SamplingParams
+from mmopd.rollout.sampler import Sample, Sampler, SamplingParams
 from mmopd.vision import VisionInputs, forward_kwargs
 
 

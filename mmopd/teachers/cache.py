@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mmopd.episode import Episode
-from mmopd.teacher import TokenScores
+from mmopd.teachers.scorer import TokenScores
 
 CACHE_FILE = "teacher_cache.pt"
 _VERSION = 1
@@ -139,14 +139,14 @@ def build_teacher_cache(cfg: Any, out: str | Path, num_batches: int) -> Path:
     """Roll out `num_batches` batches with the config's initial student, score them with its
     teacher (top-k from teacher.topk), and save the cache to `out`."""
     from mmopd.envs import import_env_modules, make_env
-    from mmopd.evaluate import EnvPool
     from mmopd.models import check_same_vocab, load_model, load_tokenizer, load_vision
-    from mmopd.render import ChatRenderer
-    from mmopd.rollout import collect_episodes
-    from mmopd.sampler import HFSampler, SamplingParams
-    from mmopd.teacher import HFScorer
-    from mmopd.toolcalls import make_parser
-    from mmopd.train import _PROBLEMS, _SAMPLING, _derived_seed
+    from mmopd.rollout.agent_loop import collect_episodes
+    from mmopd.rollout.evaluate import EnvPool
+    from mmopd.rollout.render import ChatRenderer
+    from mmopd.rollout.sampler import HFSampler, SamplingParams
+    from mmopd.rollout.seeds import PROBLEMS, SAMPLING, derived_seed
+    from mmopd.rollout.toolcalls import make_parser
+    from mmopd.teachers.scorer import HFScorer
 
     if cfg.teacher.model is None:
         raise CacheError("cache-teacher: the config needs teacher.model (the teacher to cache)")
@@ -177,8 +177,8 @@ def build_teacher_cache(cfg: Any, out: str | Path, num_batches: int) -> Path:
     episodes: list[Episode] = []
     parts: list[TokenScores] = []
     for b in range(num_batches):
-        torch.manual_seed(_derived_seed(seed, b, _SAMPLING))
-        starts = [{"seed": _derived_seed(seed, b, _PROBLEMS, i)}
+        torch.manual_seed(derived_seed(seed, b, SAMPLING))
+        starts = [{"seed": derived_seed(seed, b, PROBLEMS, i)}
                   for i in range(rcfg.prompts_per_batch)]
         eps = [ep for ep in collect_episodes(
             pool.take(len(starts) * params.n), starts, sampler, renderer, params,

@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 from mmopd.config import SFTConfig, dump_yaml
 from mmopd.envs import import_env_modules, make_env
 from mmopd.episode import pad_right
-from mmopd.evaluate import EnvPool, evaluate
 from mmopd.logprobs import final_hidden, lm_head_fn, predicting_positions, target_logprobs
-from mmopd.metrics import JsonlLog
 from mmopd.models import load_model, load_tokenizer, load_vision
-from mmopd.optim import make_accelerator, make_optimizer, make_scheduler
-from mmopd.render import ChatRenderer
-from mmopd.rollout import collect_demonstrations
+from mmopd.rollout.agent_loop import collect_demonstrations
+from mmopd.rollout.evaluate import EnvPool, evaluate
+from mmopd.rollout.render import ChatRenderer
+from mmopd.training.metrics import JsonlLog
+from mmopd.training.optim import make_accelerator, make_optimizer, make_scheduler
 from mmopd.vision import VisionInputs, forward_kwargs
 
 # token ids, loss mask (1 on the assistant replies), images (VLMs)

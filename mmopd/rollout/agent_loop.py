@@ -37,9 +37,9 @@ from mmopd.episode import (
     Episode,
     PromptView,
 )
-from mmopd.render import ChatRenderer, Message, RenderError
-from mmopd.sampler import Sampler, SamplingParams
-from mmopd.toolcalls import HermesParser, ParsedReply, ToolCallParser, make_parser
+from mmopd.rollout.render import ChatRenderer, Message, RenderError
+from mmopd.rollout.sampler import Sampler, SamplingParams
+from mmopd.rollout.toolcalls import HermesParser, ParsedReply, ToolCallParser, make_parser
 from mmopd.tools import Tool, ToolContext, ToolResult, call_tool, resolve_tools, tool_schema
 from mmopd.vision import image_items
 

@@ -33,7 +33,7 @@ from mmopd.objectives import (
     topk_divergence,
 )
 from mmopd.objectives.zoo import pair_stats, teacher_topk_fkl
-from mmopd.teacher import TokenScores
+from mmopd.teachers.scorer import TokenScores
 from mmopd.vision import VisionInputs, forward_kwargs
 
 
@@ -45,13 +45,6 @@ class Heads:
     sampled: Head
     student: Head
     teacher: Head | None
-
-
-def needs_teacher_hidden(obj: Objective, cfg: TrainConfig) -> bool:
-    """Full-vocabulary objectives (and top-k over the student's ids, and AOPD's full divergence
-    term) rebuild teacher logits from its hidden states: they need a live teacher."""
-    return obj.aux == "divergence" or (obj.kind == "divergence" and (
-        cfg.objective.topk == 0 or cfg.objective.topk_source == "student"))
 
 
 def divergence_sum(kind: str, k: int, cfg: TrainConfig, s_head: Head, t_head: Head,

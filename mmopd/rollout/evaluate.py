@@ -10,9 +10,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmopd.episode import Episode
-from mmopd.render import ChatRenderer
-from mmopd.rollout import collect_episodes
-from mmopd.sampler import HFSampler, SamplingParams
+from mmopd.rollout.agent_loop import collect_episodes
+from mmopd.rollout.render import ChatRenderer
+from mmopd.rollout.sampler import HFSampler, SamplingParams
 from mmopd.vision import VisionProcessor
 
 

@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmopd.episode import STOP_EOS, STOP_LENGTH, STOP_STRING
-from mmopd.sampler import Sample, SamplingParams
+from mmopd.rollout.sampler import Sample, SamplingParams
 from mmopd.vision import VisionInputs
 
 MIN_VLLM = (0, 10)

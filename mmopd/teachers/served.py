@@ -42,7 +42,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mmopd.episode import Episode
-from mmopd.teacher import TokenScores
+from mmopd.teachers.scorer import TokenScores
 
 _RETRIED_4XX = (408, 429)  # request timeout / too many requests: the server is busy, not wrong
 _START_HINT = ("start the teacher with `vllm serve MODEL --host 0.0.0.0 --port PORT "

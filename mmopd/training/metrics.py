@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mmopd.episode import STOP_REASONS, Episode
+
 
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
@@ -87,3 +89,30 @@ def plot_curves(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], out:
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
+
+
+def step_flops(episodes: list[Episode], n_student: int, n_teacher: int,
+               scorers: int) -> dict[str, float]:
+    """Approximate FLOPs of one rollout batch (2 x params per token forward, 6 x with backward):
+    rollout = one forward over every token of every episode (prompt prefill and each generated
+    token); training = the student's forward + backward over the sequences, plus `scorers`
+    no-grad forwards (log pi_old, the teacher, ...) counted at the teacher's size for the
+    teacher."""
+    tokens = sum(len(ep.input_ids) for ep in episodes)
+    return {"flops_rollout": 2.0 * n_student * tokens,
+            "flops_train": (6.0 * n_student + 2.0 * n_student + 2.0 * n_teacher * scorers) * tokens}
+
+
+def episode_stats(episodes: list[Episode]) -> dict[str, float]:
+    """Per-batch agent metrics: turns, tool use and failures, and why episodes ended."""
+    n = max(len(episodes), 1)
+    calls = sum(ep.metadata.get("tool_calls", 0) for ep in episodes)
+    out = {
+        "turns": sum(len(ep.metadata.get("completions", ())) for ep in episodes) / n,
+        "tool_calls": calls / n,
+        "tool_errors": sum(ep.metadata.get("tool_errors", 0) for ep in episodes) / n,
+        "tool_parse_errors": sum(ep.metadata.get("parse_errors", 0) for ep in episodes) / n,
+    }
+    for r in STOP_REASONS:
+        out[f"stop_{r}_frac"] = sum(ep.stop_reason == r for ep in episodes) / n
+    return out

@@ -1,0 +1,144 @@
+"""The two run configs, `TrainConfig` (mmopd train) and `SFTConfig` (mmopd sft), and the
+checks that span sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base import ConfigError, _check, _suggest
+from .model import ModelConfig
+from .objective import ObjectiveConfig
+from .rollout import EnvConfig, RolloutConfig
+from .teacher import TeacherConfig
+from .trainer import EvalConfig, OptimConfig, TrainerConfig, WarmupConfig
+
+
+@dataclass
+class TrainConfig:
+    """A distillation run: `mmopd train CONFIG.yaml [dotted.key=value ...]`."""
+
+    model: ModelConfig
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.trainer.steps % self.rollout.minibatches == 0, "trainer.steps",
+               f"{self.trainer.steps} is not a multiple of rollout.minibatches="
+               f"{self.rollout.minibatches} (each rollout batch gives that many optimiser steps)")
+        from mmopd.objectives import OBJECTIVES  # late import: objectives import torch
+
+        _check(self.objective.name in OBJECTIVES, "objective.name",
+               f"unknown objective {self.objective.name!r}; choose one of {sorted(OBJECTIVES)}"
+               + _suggest(self.objective.name, OBJECTIVES))
+        obj = OBJECTIVES[self.objective.name]
+        needs_teacher = obj.needs_teacher
+        if self.objective.outcome_coef and obj.kind != "pg":
+            raise ConfigError(f"objective.outcome_coef: the episode advantage is added to "
+                              f"policy-gradient objectives; {obj.name!r} is a divergence "
+                              "(use opd or reopold, or set outcome_coef=0)")
+        if self.objective.ratio_clip is not None and obj.kind != "pg":
+            raise ConfigError(f"objective.ratio_clip: clips the importance ratio of "
+                              f"policy-gradient objectives; {obj.name!r} is a divergence "
+                              "(use opd, reopold or grpo, or drop ratio_clip)")
+        if obj.name == "opsd" and (self.teacher.kind != "self"
+                                   or self.teacher.view != "privileged"):
+            raise ConfigError("objective.name: opsd distils from the frozen initial student "
+                              "reading the reference solution; set teacher.kind=self and "
+                              "teacher.view=privileged")
+        if self.teacher.kind == "served" and needs_teacher:
+            _check(self.teacher.served.url is not None, "teacher.served.url",
+                   "teacher.kind=served needs the server's URL (http://HOST:PORT)")
+        if self.teacher.kind in ("cache", "served") and needs_teacher:
+            _check(self.teacher.kind != "cache" or self.teacher.cache is not None,
+                   "teacher.cache",
+                   "teacher.kind=cache needs the directory `mmopd cache-teacher` wrote")
+            held = ("a cache holds log-probs and top-k only" if self.teacher.kind == "cache"
+                    else "a served teacher returns log-probs and top-k only")
+            from mmopd.objectives import needed_scores, needs_teacher_hidden
+
+            live = needs_teacher_hidden(obj, self.objective) or bool(
+                {"kl", "overlap"} & needed_scores(obj, self.objective))
+            live = live or self.objective.episode_gating != "none"
+            _check(not live, "teacher.kind",
+                   f"objective {obj.name!r} with these options needs the teacher's full "
+                   f"distribution (an in-process teacher); {held}: use a sampled-token "
+                   "objective (opd, reopold, gopd, eopd) or topk_source=teacher")
+        if self.rollout.backend == "vllm" and self.objective.drift_stop:
+            raise ConfigError("objective.drift_stop: stopping drifted samples re-scores every "
+                              "chunk of a reply in process; it needs rollout.backend=hf")
+        if self.objective.drift_stop and (self.teacher.kind in ("cache", "served")
+                                          or self.teacher.view != "same"):
+            raise ConfigError("objective.drift_stop: stopping drifted samples runs the live "
+                              "teacher on the student's own prompt while sampling; it needs "
+                              "teacher.view=same and a teacher model")
+        if self.warmup.steps and (not needs_teacher or self.teacher.kind != "model"):
+            raise ConfigError("warmup.steps: the off-policy warm-up trains on a separate "
+                              "teacher's own samples; it needs teacher.kind=model and an "
+                              "objective with a teacher")
+        if self.objective.reward_scale is not None and obj.name not in ("gopd", "exopd"):
+            raise ConfigError(f"objective.reward_scale: the G-OPD reward scale applies to gopd "
+                              f"and exopd, not {obj.name!r}")
+        if self.objective.token_selection == "tip" and not needs_teacher:
+            raise ConfigError("objective.token_selection: TIP scores tokens by their divergence "
+                              f"from a teacher; {obj.name!r} has none (use 'entropy')")
+        if self.objective.drift_threshold > 0 and not needs_teacher:
+            raise ConfigError("objective.drift_threshold: drift is measured against a teacher; "
+                              f"{obj.name!r} has none")
+        if self.objective.episode_gating == "vzero" and not needs_teacher:
+            raise ConfigError(f"objective.episode_gating: V-Zero compares the teacher's views; "
+                              f"{obj.name!r} has no teacher")
+        if self.objective.step_weighting == "sod" and not needs_teacher:
+            raise ConfigError(f"objective.step_weighting: SOD weighs turns by their divergence "
+                              f"from a teacher; {obj.name!r} has none")
+        if needs_teacher and self.teacher.kind == "model" and self.teacher.model is None:
+            raise ConfigError(f"teacher.model: objective {self.objective.name!r} needs a teacher; "
+                              "set teacher.model.path (or teacher.kind=self)")
+        if self.teacher.kind in ("self", "ema") and self.teacher.view == "same":
+            raise ConfigError(f"teacher: kind={self.teacher.kind} with view=same scores the "
+                              "student against (a copy of) itself: no signal; set "
+                              "teacher.view=privileged")
+
+
+@dataclass
+class SFTDataConfig:
+    """Supervised examples: prompts and worked solutions drawn from an environment."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    num_examples: int = 2000
+    # Fraction of examples shown in the env's teacher view (info["teacher_messages"]: e.g. the
+    # image crop), so a self-teacher model can read that view (Vision-OPD).
+    teacher_view_frac: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.teacher_view_frac <= 1, "data.teacher_view_frac",
+               f"{self.teacher_view_frac} is outside [0, 1]")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on an env's worked solutions: `mmopd sft CONFIG.yaml`."""
+
+    model: ModelConfig
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20,
+                                                                   schedule="cosine"))
+    epochs: int = 3
+    batch_size: int = 32
+    output_dir: str = "runs/sft"
+    seed: int = 0
+    eval_problems: int = 100
+    max_new_tokens: int = 64
+    max_turns: int = 8  # multi-turn demonstrations and evaluation
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "epochs", "must be positive")
+        _check(self.max_turns > 0, "max_turns", "must be positive")
+        _check(self.data.num_examples > 0, "data.num_examples", "must be positive")
+        _check(self.model.lora is None, "model.lora",
+               "`mmopd sft` trains every weight; LoRA students are for `mmopd train`")

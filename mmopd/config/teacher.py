@@ -1,0 +1,67 @@
+"""The `teacher:` section: an in-process model, the student itself (self / EMA), a served
+model or an offline cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .base import _check
+from .model import ModelConfig
+
+
+@dataclass
+class ServedTeacherConfig:
+    """A teacher behind an OpenAI-compatible vLLM server (`vllm serve MODEL`), for teachers on
+    other GPUs or nodes. It returns prompt log-probs with top-k, not logits: objectives that need
+    the teacher's full distribution are refused at config time."""
+
+    url: str | None = None  # e.g. http://10.0.0.5:8000
+    model: str | None = None  # the served model's name (default: the only one served)
+    topk: int = 20  # log-probs per position asked for (the entropy estimate uses them)
+    batch_size: int = 8  # episodes per request
+    concurrency: int = 2  # requests in flight
+    timeout_s: float = 300.0  # per request
+    max_retries: int = 3  # per request, with exponential backoff (connection errors, 5xx)
+    api_key_env: str | None = None  # name of an environment variable holding the API key
+
+    def __post_init__(self) -> None:
+        w = "teacher.served"
+        _check(self.url is None or self.url.startswith(("http://", "https://")), f"{w}.url",
+               f"{self.url!r} is not an http(s) URL")
+        for name in ("topk", "batch_size", "concurrency"):
+            _check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
+        _check(self.timeout_s > 0, f"{w}.timeout_s", "must be positive")
+        _check(self.max_retries >= 0, f"{w}.max_retries", "must be >= 0")
+
+
+@dataclass
+class TeacherConfig:
+    """Who scores the student's tokens.
+
+    kind "model": a separate in-process model. kind "self": the student's initial weights, frozen,
+    usually with view "privileged" (self-distillation from a prompt that holds the solution).
+    kind "ema": an exponential moving average of the student (theta_T <- d * theta_T +
+    (1 - d) * theta_S after every optimiser step, d = ema_decay), as in Vision-OPD.
+    kind "cache": no live teacher; batches and the teacher's scores come from a cache built by
+    `mmopd cache-teacher` (Lightning OPD), directory `cache`.
+    kind "served": a teacher behind a vLLM server (`served`): sampled-token log-probs and top-k.
+    view "privileged": the teacher reads the env's teacher view (info["teacher_messages"]: a worked
+    solution, the question-relevant image crop, ...) instead of the student's prompt.
+    """
+
+    kind: Literal["model", "self", "ema", "cache", "served"] = "model"
+    model: ModelConfig | None = None
+    view: Literal["same", "privileged"] = "same"
+    topk: int = 0  # also return the teacher's top-k log-probs (0 = off)
+    ema_decay: float = 0.95
+    # refuse a teacher whose chat template renders a probe conversation differently
+    check_template: bool = True
+    cache: str | None = None  # kind "cache": a directory written by `mmopd cache-teacher`
+    served: ServedTeacherConfig = field(default_factory=ServedTeacherConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.topk >= 0, "teacher.topk", "must be >= 0")
+        _check(0 <= self.ema_decay < 1, "teacher.ema_decay", f"{self.ema_decay} is outside [0, 1)")
+        _check(self.model is None or self.model.lora is None, "teacher.model.lora",
+               "LoRA adapters train the student; a teacher is frozen (remove the setting)")

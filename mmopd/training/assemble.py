@@ -1,0 +1,301 @@
+"""Assembling a distillation run from its config: the environments, the student, the teacher
+(in process, self / EMA, served or cached) and its scorers, the reference model, the samplers,
+the optimiser, the run directory's logs, and the state a resumed run continues from. The loop in
+`mmopd.training.loop` only uses what `assemble` returns.
+
+The order is deliberate: environments first (a bad env id or data file fails before any model
+loads), then the models, then the optimiser, then resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from mmopd.config import TrainConfig, dump_yaml
+from mmopd.envs import import_env_modules, make_env
+from mmopd.logprobs import lm_head_fn
+from mmopd.models import (
+    check_same_rendering,
+    check_same_vision,
+    check_same_vocab,
+    is_lora,
+    load_model,
+    load_tokenizer,
+    load_vision,
+    plain_copy,
+    resolve_dtype,
+    save_merged,
+)
+from mmopd.objectives import OBJECTIVES, Objective, needed_scores, needs_teacher_hidden
+from mmopd.rollout.drift import DriftStopSampler
+from mmopd.rollout.evaluate import EnvPool
+from mmopd.rollout.render import ChatRenderer
+from mmopd.rollout.sampler import HFSampler, Sampler, SamplingParams
+from mmopd.teachers.cache import TeacherCache
+from mmopd.teachers.scorer import HFScorer, Teacher
+from mmopd.training.checkpoint import load_state, load_student, resolve_resume, set_rng_state
+from mmopd.training.losses import Heads
+from mmopd.training.metrics import JsonlLog
+from mmopd.training.optim import make_accelerator, make_optimizer, make_scheduler
+from mmopd.vision import VisionProcessor
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a distillation run uses, built once by `assemble`."""
+
+    cfg: TrainConfig
+    out: Path  # the run directory
+    accelerator: Accelerator
+    objective: Objective
+    needs: frozenset[str]  # the per-token scores the objective asks for
+    train_pool: EnvPool
+    eval_pool: EnvPool
+    tokenizer: Any
+    vision: VisionProcessor | None  # None for text-only students
+    renderer: ChatRenderer
+    student: torch.nn.Module  # as prepared by accelerate (DDP-wrapped under several processes)
+    model: torch.nn.Module  # the unwrapped student: sampling, scoring, saving
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    heads: Heads  # output layers the losses rebuild logits with
+    old_scorer: HFScorer  # log pi_old: the student's rollout-time weights
+    teacher_scorer: Teacher | None
+    t_model: torch.nn.Module | None  # the live teacher (None: none, served or a cache)
+    cache: TeacherCache | None  # Lightning OPD: fixed rollouts, scored once
+    ref_scorer: HFScorer | None  # G-OPD's reference: the initial student, frozen
+    negative_scorer: HFScorer | None  # V-Zero: the teacher reading the negative view
+    ema: torch.nn.Module | None  # teacher.kind=ema: the teacher the loop updates
+    sampler: Sampler  # the engine that receives the new weights after each update
+    rollout_sampler: Sampler  # what rolls out (the sampler, or it behind a drift stop)
+    params: SamplingParams
+    need_hidden: bool  # losses rebuild teacher logits from its hidden states
+    teacher_topk: int  # top-k the teacher returns with its log-probs
+    start_step: int
+    resumed: bool
+    metrics_log: JsonlLog
+    eval_log: JsonlLog
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+
+def assemble(cfg: TrainConfig) -> Run:
+    """Build the run's parts from the config (and from the newest checkpoint when resuming)."""
+    tcfg, rcfg = cfg.trainer, cfg.rollout
+    out = Path(tcfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(tcfg.bf16)
+    device = accelerator.device
+    set_seed(tcfg.seed)
+    objective = OBJECTIVES[cfg.objective.name]
+    if rcfg.backend == "vllm":  # a missing or too old vLLM fails before anything loads
+        from mmopd.rollout.vllm import check_vllm
+
+        check_vllm()
+
+    import_env_modules(cfg.env.imports)
+    train_pool = EnvPool(lambda: make_env(cfg.env.id, **cfg.env.kwargs))
+    eval_pool = EnvPool(lambda: make_env(cfg.env.id, **{**cfg.env.kwargs, **cfg.env.eval_kwargs}))
+    train_pool.take(1), eval_pool.take(1)
+
+    tokenizer = load_tokenizer(cfg.model)
+    vision = load_vision(cfg.model, tokenizer)
+    student = load_model(cfg.model, tokenizer, trainable=True, vision=vision)
+    renderer = ChatRenderer(tokenizer, vision)
+    teacher_scorer, t_model, cache, vocab = _teacher(cfg, objective, student, tokenizer, vision,
+                                                     train_pool, device)
+    needs = needed_scores(objective, cfg.objective)
+    ref_scorer = None
+    if "ref" in needs:
+        ref_model = plain_copy(student).to(resolve_dtype(cfg.model.dtype)).requires_grad_(False)
+        ref_scorer = HFScorer(ref_model.to(device), tokenizer.pad_token_id,
+                              micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
+
+    resume_dir = resolve_resume(tcfg.resume, out / "checkpoints")
+    if resume_dir is not None:
+        student = load_student(cfg.model, tokenizer, resume_dir, vision)
+    if tcfg.gradient_checkpointing:
+        # transformers >= 5.20 renamed it; 5.19 only has the old name
+        enable = getattr(student, "activation_checkpointing_enable", None)
+        (enable or student.gradient_checkpointing_enable)()
+        student.config.use_cache = False
+        if is_lora(student):  # frozen embeddings: reentrant checkpoints would pass no gradient
+            student.enable_input_require_grads()
+    # LoRA: the adapters alone (the frozen base has no gradients and needs no optimiser state)
+    optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, tcfg.steps)
+    student.train()  # from_pretrained returns eval mode, which also disables grad checkpointing
+    student, optimizer = accelerator.prepare(student, optimizer)
+    model = accelerator.unwrap_model(student)
+    start_step = 0
+    ema = t_model if cfg.teacher.kind == "ema" else None
+    if resume_dir is not None:
+        state = load_state(resume_dir)
+        if ema is not None:
+            ema.load_state_dict(state["ema_teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        print(f"resumed from {resume_dir} at step {start_step}")
+    # Under `accelerate launch` every rank rolls out its own problems; rank 0 writes the run
+    # directory (its metrics describe its share of the batch) and evaluates.
+    main = accelerator.is_main_process
+    if main:
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+    resumed_at = start_step if resume_dir else None
+
+    negative_scorer = (HFScorer(t_model, tokenizer.pad_token_id, view="negative",
+                                micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
+                       if cfg.objective.episode_gating == "vzero" and t_model is not None else None)
+    sampler: Sampler = HFSampler(model, tokenizer, batch_size=rcfg.batch_size,
+                                 stop_token_ids=renderer.stop_token_ids,
+                                 suppress_token_ids=vision.special_ids if vision else None)
+    old_scorer = HFScorer(model, tokenizer.pad_token_id,
+                          micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
+    heads = Heads(sampled=lm_head_fn(model), student=lm_head_fn(model, vocab),
+                  teacher=lm_head_fn(t_model, vocab) if t_model is not None else None)
+    if rcfg.backend == "vllm":
+        sampler = make_vllm_sampler(cfg, model, tokenizer, renderer, vision, out)
+    rollout_sampler = sampler
+    if cfg.objective.drift_stop and t_model is not None and heads.teacher is not None:
+        ocfg = cfg.objective  # Prune-OPD: stop sampling replies that drift from the teacher
+        rollout_sampler = DriftStopSampler(
+            sampler, model, t_model, heads.student, heads.teacher, tokenizer.pad_token_id,
+            threshold=ocfg.drift_threshold, patience=ocfg.drift_patience, k=ocfg.overlap_topk,
+            chunk=ocfg.drift_chunk)
+    params = SamplingParams(n=rcfg.samples_per_prompt, temperature=rcfg.temperature,
+                            top_p=rcfg.top_p, max_new_tokens=rcfg.max_new_tokens, stop=rcfg.stop)
+    need_hidden = needs_teacher_hidden(objective, cfg.objective)
+    teacher_topk = cfg.objective.topk if (objective.kind == "divergence" and not need_hidden) \
+        else cfg.teacher.topk
+    if "teacher_topk" in needs:
+        teacher_topk = max(teacher_topk, cfg.objective.eopd_topk)
+    return Run(
+        cfg=cfg, out=out, accelerator=accelerator, objective=objective, needs=needs,
+        train_pool=train_pool, eval_pool=eval_pool, tokenizer=tokenizer, vision=vision,
+        renderer=renderer, student=student, model=model, optimizer=optimizer,
+        scheduler=scheduler, heads=heads, old_scorer=old_scorer, teacher_scorer=teacher_scorer,
+        t_model=t_model, cache=cache, ref_scorer=ref_scorer, negative_scorer=negative_scorer,
+        ema=ema, sampler=sampler, rollout_sampler=rollout_sampler, params=params,
+        need_hidden=need_hidden, teacher_topk=teacher_topk, start_step=start_step,
+        resumed=resume_dir is not None,
+        metrics_log=JsonlLog(out / "metrics.jsonl", resumed_at, enabled=main),
+        eval_log=JsonlLog(out / "eval.jsonl", resumed_at, enabled=main))
+
+
+def _teacher(cfg: TrainConfig, objective: Objective, student: torch.nn.Module, tokenizer: Any,
+             vision: VisionProcessor | None, train_pool: EnvPool, device: torch.device,
+             ) -> tuple[Teacher | None, torch.nn.Module | None, TeacherCache | None, int | None]:
+    """The teacher's scorer, its live model (self / EMA / in process), the cache it reads from
+    (Lightning OPD), and the vocabulary rows student and teacher distributions compare on."""
+    if not objective.needs_teacher:
+        return None, None, None, None
+    tcfg = cfg.trainer
+    if cfg.teacher.kind == "cache":
+        cache = TeacherCache.load(cfg.teacher.cache)
+        cache.check_fits(tokenizer)
+        return cache, None, cache, None
+    if cfg.teacher.kind == "served":
+        if vision is not None:
+            raise NotImplementedError("teacher.kind=served scores text episodes; VLM teachers "
+                                      "run in process (teacher.kind=model)")
+        return make_served_teacher(cfg, tokenizer), None, None, None
+    if cfg.teacher.kind in ("self", "ema"):  # the initial student (EMA: then tracking it)
+        dtype = torch.float32 if cfg.teacher.kind == "ema" else resolve_dtype(cfg.model.dtype)
+        t_model = plain_copy(student).to(dtype)  # LoRA: merged, a plain model
+    else:
+        t_tok = load_tokenizer(cfg.teacher.model, "teacher.model")
+        t_vision = load_vision(cfg.teacher.model, t_tok, "teacher.model")
+        t_model = load_model(cfg.teacher.model, t_tok, "teacher.model", vision=t_vision)
+        check_same_vocab(tokenizer, t_tok, t_model, student)
+        check_same_vision(vision, t_vision)
+        if cfg.teacher.check_template:
+            check_same_rendering(tokenizer, t_tok, _probe_messages(train_pool.take(1)[0]))
+    t_model.requires_grad_(False).to(device)
+    # Output layers are often padded past the tokenizer, differently per model size
+    # (Qwen2.5: 151936 rows at 1.5B, 152064 at 7B); distributions are compared on the rows
+    # both have. Sampled-token log-probs use each model's full output layer.
+    vocab = min(student.get_output_embeddings().weight.shape[0],
+                t_model.get_output_embeddings().weight.shape[0])
+    scorer = HFScorer(t_model, tokenizer.pad_token_id,
+                      view="teacher" if cfg.teacher.view == "privileged" else "student",
+                      micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size,
+                      topk_vocab=vocab)
+    return scorer, t_model, None, vocab
+
+
+def make_vllm_sampler(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
+                      renderer: ChatRenderer, vision: Any, out: Path) -> Sampler:
+    """A colocated vLLM engine holding the student's current weights. It starts from the
+    checkpoint directory when there is one; a tiny (built in memory) or separately tokenised
+    student is saved under the run directory first."""
+    from mmopd.rollout.vllm import VLLMSampler
+
+    if vision is not None:
+        raise NotImplementedError("rollout.backend=vllm samples text students; VLM students roll "
+                                  "out with rollout.backend=hf")
+    path = cfg.model.path
+    if cfg.model.tiny is not None or cfg.model.tokenizer or path is None:
+        path = str(out / "vllm_init")
+        save_merged(model, path)
+        tokenizer.save_pretrained(path)
+    v = cfg.rollout.vllm
+    gen_eos = model.generation_config.eos_token_id
+    stop = set(renderer.stop_token_ids) | set(
+        gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
+    dtype = v.dtype if v.dtype != "auto" else (
+        "bfloat16" if cfg.trainer.bf16 else str(model.dtype).removeprefix("torch."))
+    sampler = VLLMSampler(path, tokenizer, stop_token_ids=stop, dtype=dtype,
+                          gpu_memory_utilization=v.gpu_memory_utilization,
+                          max_model_len=v.max_model_len, sleep=v.sleep, seed=cfg.trainer.seed,
+                          enforce_eager=v.enforce_eager, cpu_kv_cache_gb=v.cpu_kv_cache_gb)
+    sampler.load_weights(model)  # resumed or LoRA-merged weights, not the directory's
+    return sampler
+
+
+def make_served_teacher(cfg: TrainConfig, tokenizer: Any) -> Teacher:
+    """The teacher behind a vLLM server, checked (reachable, same tokenizer) before training."""
+    from mmopd.teachers.served import ServedTeacher
+
+    s = cfg.teacher.served
+    assert s.url is not None
+    key = os.environ.get(s.api_key_env) if s.api_key_env else None
+    if s.api_key_env and key is None:
+        raise ValueError(f"teacher.served.api_key_env: environment variable {s.api_key_env!r} "
+                         "is not set")
+    teacher = ServedTeacher(s.url, model=s.model,
+                            view="teacher" if cfg.teacher.view == "privileged" else "student",
+                            batch_size=s.batch_size, concurrency=s.concurrency,
+                            timeout_s=s.timeout_s, max_retries=s.max_retries,
+                            entropy_topk=s.topk, api_key=key)
+    obj = OBJECTIVES[cfg.objective.name]
+    asked = max(cfg.teacher.topk, cfg.objective.topk if obj.kind == "divergence" else 0,
+                cfg.objective.eopd_topk if "teacher_topk" in needed_scores(obj, cfg.objective)
+                else 0)
+    teacher.check(tokenizer, topk=asked)
+    return teacher
+
+
+def _probe_messages(env: Any) -> list[dict[str, Any]]:
+    """The prompt of the first of a few episodes that starts (a bad data row is skipped; the
+    rollout records such rows as failed episodes)."""
+    for seed in range(8):
+        try:
+            return env.reset(seed=seed)[1]["messages"]
+        except Exception:
+            continue
+    return [{"role": "user", "content": "What is 2+2?"}]

@@ -1,0 +1,242 @@
+"""`train(config)`: the on-policy distillation loop, top to bottom.
+
+`assemble` builds the run's parts; then each iteration: roll out a batch of student episodes ->
+score every student token with the student's own rollout-time weights (log pi_old, entropy) and
+with the teacher -> split the batch into minibatches, one optimiser step each (gradient
+accumulation over micro-batches, token-mean normalised by the kept-token count of the whole
+minibatch) -> the sampler sees the new weights -> metrics, periodic eval, checkpoint. Every stage
+is a named function below; the losses live in `mmopd.training.losses`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mmopd.config import RolloutConfig, TrainConfig
+from mmopd.episode import Episode
+from mmopd.objectives import TokenBatch, make_plan
+from mmopd.rollout.agent_loop import collect_episodes
+from mmopd.rollout.drift import DriftStopSampler
+from mmopd.rollout.evaluate import evaluate, is_correct
+from mmopd.rollout.sampler import HFSampler
+from mmopd.rollout.seeds import PROBLEMS, SAMPLING, SHUFFLE, derived_seed
+from mmopd.rollout.toolcalls import make_parser
+from mmopd.teachers.ema import ema_update
+from mmopd.teachers.scorer import TokenScores
+from mmopd.training.assemble import Run, assemble
+from mmopd.training.checkpoint import save_checkpoint
+from mmopd.training.losses import accumulate_gradients
+from mmopd.training.metrics import episode_stats, plot_curves, step_flops, summary_line
+from mmopd.training.scoring import logprob_gap, score_batch
+from mmopd.training.warmup import off_policy_warmup
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run on-policy distillation as configured; returns the final eval and the run directory."""
+    run = assemble(cfg)
+    tcfg, rcfg = cfg.trainer, cfg.rollout
+    if cfg.warmup.steps and run.start_step == 0:
+        warm_up(run)
+    last_eval = run_eval(run, 0) if cfg.eval.at_start and run.start_step == 0 else None
+    flops_total: dict[str, float] = {}
+    total, mbs = tcfg.steps, rcfg.minibatches
+    step = run.start_step
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=None)
+    for it in range(run.start_step // mbs, total // mbs):
+        # ---- rollout: the student's own episodes under its current weights
+        t0 = time.perf_counter()
+        episodes, failed, prefix = rollout(run, it, step)
+        t_rollout = time.perf_counter() - t0
+
+        # ---- scoring: log pi_old and entropy from the student, log pi_T from the teacher
+        t0 = time.perf_counter()
+        tb, teach, slices, diagnostics = score_batch(
+            episodes, run.old_scorer, run.teacher_scorer, run.teacher_topk, run.need_hidden,
+            run.negative_scorer, ref_scorer=run.ref_scorer, heads=run.heads, needs=run.needs,
+            diag_tokens=tcfg.diagnostics_tokens, overlap_k=cfg.objective.overlap_topk,
+            chunk_size=tcfg.chunk_size)
+        t_teacher = time.perf_counter() - t0
+        gap = check_sync(run, episodes, tb, it)
+        stats = batch_stats(run, episodes, tb, flops_total, failed=failed, prefix=prefix,
+                                            diagnostics=diagnostics, gap=gap, t_rollout=t_rollout,
+                            t_teacher=t_teacher)
+
+        # ---- minibatch updates: several optimiser steps per rollout batch (rho != 1 after one)
+        shuffle = torch.Generator().manual_seed(derived_seed(tcfg.seed, it, SHUFFLE, run.rank))
+        for mb in torch.randperm(len(episodes), generator=shuffle).chunk(mbs):
+            row = {"step": step + 1, **stats,
+                   **update(run, episodes, slices, tb, teach, mb.tolist(), step)}
+            step += 1
+            run.metrics_log.write(row)
+            bar.update(1)
+            if step % tcfg.log_every == 0 or step == total:
+                tqdm.write(summary_line(row, total))
+
+        # ---- weight sync: the next rollout samples from the updated student
+        run.sampler.load_weights(run.model)
+
+        # ---- periodic eval and checkpoint (at rollout-batch boundaries)
+        if _crossed(step, mbs, cfg.eval.every) or step == total:
+            last_eval = run_eval(run, step)
+        if (_crossed(step, mbs, tcfg.save_every) or step == total) and run.main:
+            checkpoint(run, step)
+        run.accelerator.wait_for_everyone()
+    bar.close()
+    if run.main:
+        plot_curves(run.metrics_log.rows(), run.eval_log.rows(), run.out / "curves.png")
+    return {"run_dir": str(run.out), "eval": last_eval, "step": step}
+
+
+def rollout(run: Run, it: int, step: int) -> tuple[list[Episode], int, int]:
+    """Rollout batch `it`: this rank's problems, `samples_per_prompt` episodes each (a teacher
+    cache replays its fixed episodes). Returns the episodes that started, how many failed to
+    start, and the reply length sampled (Prefix OPD)."""
+    cfg, rcfg = run.cfg, run.cfg.rollout
+    torch.manual_seed(derived_seed(cfg.trainer.seed, it, SAMPLING, run.rank))
+    n_prompts, n = rcfg.prompts_per_batch, run.params.n
+    prefix = prefix_len(rcfg, step)
+    if run.cache is not None:  # Lightning OPD: fixed rollouts, scored once
+        episodes = run.cache.batch(it, n_prompts * n, cfg.trainer.seed + 7919 * run.rank)
+    else:
+        starts = [{"seed": derived_seed(cfg.trainer.seed, it, PROBLEMS, run.rank * n_prompts + i)}
+                  for i in range(n_prompts)]
+        episodes = collect_episodes(
+            run.train_pool.take(len(starts) * n), starts, run.rollout_sampler, run.renderer,
+            dataclasses.replace(run.params, max_new_tokens=prefix),
+            teacher_view=cfg.teacher.view == "privileged" and run.objective.needs_teacher,
+            views=("negative",) if run.negative_scorer else (),
+            max_turns=_turn_limit(rcfg, step), max_episode_tokens=rcfg.max_episode_tokens,
+            parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id)
+    failed = [ep for ep in episodes if not ep.input_ids]  # reset or prompt rendering failed
+    if len(failed) == len(episodes):
+        raise RuntimeError(f"every episode of rollout batch {it} failed to start; first "
+                           f"error: {failed[0].metadata.get('error')}")
+    return [ep for ep in episodes if ep.input_ids], len(failed), prefix
+
+
+def check_sync(run: Run, episodes: list[Episode], tb: TokenBatch, it: int) -> dict[str, float]:
+    """The sampler's log-probs of its own tokens against the trainer's log pi_old: a vLLM engine
+    that drifted from the student's weights stops the run before it trains on its samples."""
+    if run.cache is not None:
+        return {}
+    gap, v = logprob_gap(episodes, tb.logp_old_N), run.cfg.rollout.vllm
+    if run.cfg.rollout.backend == "vllm" and gap["rollout/logprob_gap"] > v.max_logprob_gap:
+        raise RuntimeError(
+            f"rollout batch {it}: the vLLM engine's sampled-token log-probs differ from the "
+            f"trainer's by {gap['rollout/logprob_gap']:.4f} per token on average (max "
+            f"{gap['rollout/logprob_gap_max']:.4f}; rollout.vllm.max_logprob_gap "
+            f"{v.max_logprob_gap}): the engine is not sampling from the student's "
+            "weights (a failed weight sync, or a dtype / kernel mismatch)")
+    return gap
+
+
+def batch_stats(run: Run, episodes: list[Episode], tb: TokenBatch, flops_total: dict[str, float],
+                *, failed: int, prefix: int, diagnostics: dict[str, float],
+                gap: dict[str, float], t_rollout: float, t_teacher: float) -> dict[str, float]:
+    """The rollout batch's metrics, logged with each of its optimiser steps (times per step);
+    FLOPs cumulative, so runs compare at equal compute."""
+    mbs = run.cfg.rollout.minibatches
+    gen_tokens = sum(ep.num_generated for ep in episodes)
+    stats = {
+        "env_reward": float(tb.reward_E.mean()),
+        "train_accuracy": sum(map(is_correct, episodes)) / len(episodes),
+        "response_tokens": gen_tokens / len(episodes),
+        **episode_stats(episodes), "failed_episodes": failed, **diagnostics,
+        "rollout_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
+        "time_rollout_s": t_rollout / mbs, "time_teacher_s": t_teacher / mbs,
+        "prefix_len": prefix, **gap,
+    }
+    if isinstance(run.rollout_sampler, DriftStopSampler):  # cumulative early stops
+        stats["drift/stopped_samples"] = run.rollout_sampler.stopped
+        stats["drift/tokens_not_sampled"] = run.rollout_sampler.tokens_saved
+    n_student = sum(p.numel() for p in run.model.parameters())
+    n_teacher = sum(p.numel() for p in run.t_model.parameters()) if run.t_model else 0
+    for k, v in step_flops(episodes, n_student, n_teacher, int(run.t_model is not None)).items():
+        flops_total[k] = flops_total.get(k, 0.0) + v
+        stats[k] = flops_total[k]
+    return stats
+
+
+def update(run: Run, episodes: list[Episode], slices: list[torch.Tensor], tb: TokenBatch,
+           teach: TokenScores, mb: list[int], step: int) -> dict[str, float]:
+    """One optimiser step on the minibatch `mb` (episode indices); returns its metrics."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    plan = make_plan(run.objective, tb, step, cfg.trainer.steps, cfg.objective)
+    out = accumulate_gradients(
+        run.student, run.accelerator, [episodes[i] for i in mb], [slices[i] for i in mb], tb,
+        plan, teach, run.objective, cfg, run.heads, run.tokenizer.pad_token_id)
+    grad_norm = run.accelerator.clip_grad_norm_(run.student.parameters(), cfg.optim.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        ema_update(run.ema, run.model, cfg.teacher.ema_decay)
+    t_train = time.perf_counter() - t0
+    n_kept = max(int(plan.keep_N[torch.cat([slices[i] for i in mb])].sum()), 1)
+    return {"loss": out.loss, **plan.metrics, "ratio_mean": out.ratio_sum / n_kept,
+            **({"ratio_clipped_frac": out.clipped / n_kept} if cfg.objective.ratio_clip else {}),
+            "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0],
+            "train_tokens_per_s": out.tokens / max(t_train, 1e-9), "time_train_s": t_train}
+
+
+def run_eval(run: Run, step: int) -> dict[str, Any] | None:
+    """Held-out evaluation on rank 0, logged to eval.jsonl and the console."""
+    if not run.main:
+        return None
+    cfg, ecfg, rcfg = run.cfg, run.cfg.eval, run.cfg.rollout
+    res = evaluate(run.model, run.tokenizer, run.eval_pool, num_problems=ecfg.num_problems,
+                   pass_k=ecfg.pass_k, temperature=ecfg.temperature,
+                   max_new_tokens=ecfg.max_new_tokens or rcfg.max_new_tokens,
+                   batch_size=rcfg.batch_size, seed=cfg.trainer.seed, stop=rcfg.stop,
+                   max_turns=rcfg.max_turns, max_episode_tokens=rcfg.max_episode_tokens,
+                   env_id=cfg.env.id, vision=run.vision)
+    row = {"step": step, **res}
+    run.eval_log.write(row)
+    tqdm.write(f"eval step {step}: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in res.items() if k != "num_problems"))
+    return row
+
+
+def checkpoint(run: Run, step: int) -> None:
+    """The student (a `save_pretrained` folder), optimiser, scheduler and EMA teacher state."""
+    extra = {"ema_teacher": run.ema.state_dict()} if run.ema is not None else {}
+    save_checkpoint(run.out / "checkpoints", step, run.model, run.tokenizer,
+                    {"optimizer": run.optimizer.state_dict(),
+                     "scheduler": run.scheduler.state_dict(), **extra}, run.cfg.trainer.keep_last,
+                    processor=run.vision)
+
+
+def warm_up(run: Run) -> None:
+    """The off-policy warm-up on the teacher's own samples (`warmup.steps`)."""
+    assert run.t_model is not None
+    rcfg = run.cfg.rollout
+    teacher_sampler = HFSampler(run.t_model, run.tokenizer, batch_size=rcfg.batch_size,
+                                stop_token_ids=run.renderer.stop_token_ids,
+                                suppress_token_ids=run.vision.special_ids if run.vision else None)
+    off_policy_warmup(run.cfg, run.student, run.accelerator, run.optimizer, run.t_model,
+                      run.heads, run.renderer, run.train_pool, run.metrics_log, teacher_sampler)
+
+
+def _crossed(step: int, advanced: int, every: int) -> bool:
+    """Did the last `advanced` steps pass a multiple of `every` (0 = never)?"""
+    return every > 0 and step // every > (step - advanced) // every
+
+
+def _turn_limit(rcfg: RolloutConfig, step: int) -> int:
+    """Turns rolled out at optimiser step `step`: max_turns, or TCOD's 1 + step // c."""
+    if rcfg.curriculum == "tcod":
+        return min(rcfg.max_turns, 1 + step // rcfg.tcod_c)
+    return rcfg.max_turns
+
+
+def prefix_len(rcfg: RolloutConfig, step: int) -> int:
+    """Prefix OPD: tokens sampled per reply at optimiser step `step` (max_new_tokens when off)."""
+    if not rcfg.prefix_tokens:
+        return rcfg.max_new_tokens
+    return min(rcfg.max_new_tokens, rcfg.prefix_tokens + int(rcfg.prefix_growth * step))

@@ -1,0 +1,75 @@
+"""Scoring a rollout batch: the student's rollout-time log-probs (log pi_old) and entropy, the
+teacher's log-probs, and whatever else the objective asks for, flat over the batch's student
+tokens (episode, then position) as the objectives' TokenBatch."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mmopd.episode import Episode
+from mmopd.objectives import TokenBatch
+from mmopd.teachers.scorer import HFScorer, Teacher, TokenScores
+from mmopd.training.losses import Heads, pair_pass
+
+
+def token_slices(episodes: list[Episode]) -> list[torch.Tensor]:
+    """Indices of each episode's student tokens in the flat [N] layout (episode, then position)."""
+    counts = [ep.num_generated for ep in episodes]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    return [torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in range(len(episodes))]
+
+
+def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: Teacher | None,
+                teacher_topk: int = 0, keep_hidden: bool = False,
+                negative_scorer: HFScorer | None = None, *, ref_scorer: HFScorer | None = None,
+                heads: Heads | None = None, needs: frozenset[str] = frozenset(),
+                diag_tokens: int = 0, overlap_k: int = 10, chunk_size: int = 256,
+                ) -> tuple[TokenBatch, TokenScores, list[torch.Tensor], dict[str, float]]:
+    """log pi_old and entropy from the student, log pi_T (and its entropy) from the teacher, and
+    what the objective needs besides (log pi_ref, the teacher under a negative view, per-token
+    KL and top-k overlap), flat over tokens; plus teacher-student diagnostics on a sample."""
+    pair = bool({"kl", "overlap"} & needs) and teacher_scorer is not None
+    diag = (diag_tokens > 0 and teacher_scorer is not None and heads is not None
+            and heads.teacher is not None)
+    old = old_scorer.score(episodes, keep_hidden=pair or diag)
+    teach = (teacher_scorer.score(episodes, topk=teacher_topk,
+                                  keep_hidden=keep_hidden or pair or diag)
+             if teacher_scorer else old)
+    negative = negative_scorer.score(episodes).logp_N if negative_scorer else None
+    ref = ref_scorer.score(episodes).logp_N if ref_scorer else None
+    stats: dict[str, torch.Tensor] = {}
+    metrics: dict[str, float] = {}
+    n = old.logp_N.numel()
+    if (pair or diag) and n:
+        assert heads is not None and heads.teacher is not None
+        idx = (torch.arange(n) if pair else
+               torch.linspace(0, n - 1, min(n, diag_tokens)).round().long().unique())
+        stats = pair_pass(heads, old.hidden_NH, teach.hidden_NH, idx, overlap_k, chunk_size)
+        metrics = {"diag/topk_overlap": float(stats["overlap"].mean()),
+                   "diag/teacher_mass_on_student_topk": float(stats["teacher_mass"].mean()),
+                   "diag/entropy_gap": float((stats["entropy_student"]
+                                              - stats["entropy_teacher"]).mean()),
+                   "diag/kl": float(stats["kl"].mean())}
+    slices = token_slices(episodes)
+    tb = TokenBatch(
+        episode_N=torch.cat([torch.full((len(s),), i) for i, s in enumerate(slices)]),
+        step_N=torch.tensor([k for ep in episodes
+                             for k, m in zip(ep.step_index, ep.loss_mask) if m], dtype=torch.long),
+        logp_old_N=old.logp_N, logp_teacher_N=teach.logp_N, entropy_N=old.entropy_N,
+        reward_E=torch.tensor([ep.reward for ep in episodes]),
+        group_E=torch.tensor([ep.group for ep in episodes]), logp_negative_N=negative,
+        logp_ref_N=ref, teacher_entropy_N=teach.entropy_N if teacher_scorer else None,
+        kl_N=stats.get("kl") if pair else None, overlap_N=stats.get("overlap") if pair else None)
+    return tb, teach, slices, metrics
+
+
+def logprob_gap(episodes: list[Episode], logp_old_N: torch.Tensor) -> dict[str, float]:
+    """How far the sampler's log-probs of its own tokens are from the trainer's (log pi_old):
+    near zero when both run the same weights; large after a failed weight sync."""
+    sampled = torch.tensor([lp for ep in episodes
+                            for lp, m in zip(ep.sampled_logprobs, ep.loss_mask) if m])
+    if not sampled.numel():
+        return {"rollout/logprob_gap": 0.0, "rollout/logprob_gap_max": 0.0}
+    diff = (sampled - logp_old_N.float()).abs()
+    return {"rollout/logprob_gap": float(diff.mean()), "rollout/logprob_gap_max": float(diff.max())}

@@ -1,0 +1,61 @@
+"""What a sandboxed run may use and what it reports: the isolation layers, `SandboxLimits`
+and `SandboxResult` (both importable from `mmopd.tools.sandbox` and `mmopd.tools.python`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+NAMESPACE_LAYERS = ("userns", "netns", "pidns", "mountns")
+LAYERS = (*NAMESPACE_LAYERS, "readonly", "procfs", "dropuid", "landlock", "nocaps", "subreaper",
+          "audit")
+
+
+@dataclass
+class SandboxLimits:
+    """Resource limits of one `run_python` call."""
+
+    cpu_seconds: float = 5.0  # CPU time of the code's process (rounded up to whole seconds)
+    wall_seconds: float = 10.0  # wall-clock time from the start of the code
+    memory_mb: int = 512  # address space (RLIMIT_AS) of each process
+    max_processes: int = 16  # tasks at once (processes and threads, the code's own included)
+    max_output_chars: int = 4000  # stdout and stderr are each cut to about this, head and tail
+    max_file_mb: int = 16  # largest file the code may write, stdout and stderr included
+    scratch_mb: int = 64  # size of the scratch tmpfs (when the mountns layer is on)
+    max_open_files: int = 64
+    nice: int = 10  # the code yields the CPU to the training process
+    disable: tuple[str, ...] = ()  # layers to leave off (tests use it to check one layer alone)
+
+    def __post_init__(self) -> None:
+        for name in ("cpu_seconds", "wall_seconds", "memory_mb", "max_processes",
+                     "max_output_chars", "max_file_mb", "scratch_mb", "max_open_files"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SandboxLimits.{name} must be > 0, got {getattr(self, name)}")
+        if self.max_processes < 3:
+            raise ValueError(f"SandboxLimits.max_processes must be >= 3 (the sandbox itself "
+                             f"uses 2), got {self.max_processes}")
+        self.disable = tuple(self.disable)
+        if bad := [x for x in self.disable if x not in LAYERS]:
+            raise ValueError(f"SandboxLimits.disable has unknown layer(s) {bad}; known: {LAYERS}")
+
+
+@dataclass
+class SandboxResult:
+    """What happened to one run of untrusted code."""
+
+    stdout: str = ""  # decoded with replacement, cut to about max_output_chars (head and tail)
+    stderr: str = ""
+    exit_code: int | None = None  # None when the code did not exit by itself (signal, setup)
+    signal: int | None = None  # the signal that ended the code's process
+    timed_out: bool = False  # the CPU or wall-clock limit stopped it
+    error: str | None = None  # None, "timeout", "memory", "output", "denied", "killed",
+    #                           "exception", "exit" or "setup"
+    message: str = ""  # one line for the model, "Error: ..."; empty when error is None
+    duration: float = 0.0  # wall seconds of the whole call
+    cpu_seconds: float = 0.0  # CPU time the code used
+    truncated: bool = False  # stdout or stderr was cut
+    layers: tuple[str, ...] = field(default_factory=tuple)  # isolation layers that were on
+    failed_layer: str | None = None  # with error "setup": the layer or step that failed
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
