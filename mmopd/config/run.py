@@ -33,6 +33,11 @@ class TrainConfig:
                f"{self.rollout.minibatches} (each rollout batch gives that many optimiser steps)")
         from mmopd.objectives import OBJECTIVES  # late import: objectives import torch
 
+        if self.objective.name not in OBJECTIVES and self.env.imports:
+            from mmopd.envs import import_env_modules  # user modules may register objectives
+
+            import_env_modules(self.env.imports)
+
         _check(self.objective.name in OBJECTIVES, "objective.name",
                f"unknown objective {self.objective.name!r}; choose one of {sorted(OBJECTIVES)}"
                + _suggest(self.objective.name, OBJECTIVES))
@@ -54,12 +59,14 @@ class TrainConfig:
         if self.teacher.kind == "served" and needs_teacher:
             _check(self.teacher.served.url is not None, "teacher.served.url",
                    "teacher.kind=served needs the server's URL (http://HOST:PORT)")
-        if self.teacher.kind in ("cache", "served") and needs_teacher:
+        if self.teacher.kind in ("cache", "served", "custom") and needs_teacher:
             _check(self.teacher.kind != "cache" or self.teacher.cache is not None,
                    "teacher.cache",
                    "teacher.kind=cache needs the directory `mmopd cache-teacher` wrote")
-            held = ("a cache holds log-probs and top-k only" if self.teacher.kind == "cache"
-                    else "a served teacher returns log-probs and top-k only")
+            held = {"cache": "a cache holds log-probs and top-k only",
+                    "served": "a served teacher returns log-probs and top-k only",
+                    "custom": "a custom teacher returns log-probs and top-k only"
+                    }[self.teacher.kind]
             from mmopd.objectives import needed_scores, needs_teacher_hidden
 
             live = needs_teacher_hidden(obj, self.objective) or bool(
@@ -72,7 +79,7 @@ class TrainConfig:
         if self.rollout.backend == "vllm" and self.objective.drift_stop:
             raise ConfigError("objective.drift_stop: stopping drifted samples re-scores every "
                               "chunk of a reply in process; it needs rollout.backend=hf")
-        if self.objective.drift_stop and (self.teacher.kind in ("cache", "served")
+        if self.objective.drift_stop and (self.teacher.kind in ("cache", "served", "custom")
                                           or self.teacher.view != "same"):
             raise ConfigError("objective.drift_stop: stopping drifted samples runs the live "
                               "teacher on the student's own prompt while sampling; it needs "

@@ -46,11 +46,14 @@ class TeacherConfig:
     kind "cache": no live teacher; batches and the teacher's scores come from a cache built by
     `mmopd cache-teacher` (Lightning OPD), directory `cache`.
     kind "served": a teacher behind a vLLM server (`served`): sampled-token log-probs and top-k.
+    kind "custom": your own scorer, `factory: "module:function"`; the function takes (config,
+    tokenizer) and returns an object with the Teacher protocol's `score` (mmopd.teachers.scorer):
+    sampled-token log-probs (and top-k if asked), as a served teacher gives.
     view "privileged": the teacher reads the env's teacher view (info["teacher_messages"]: a worked
     solution, the question-relevant image crop, ...) instead of the student's prompt.
     """
 
-    kind: Literal["model", "self", "ema", "cache", "served"] = "model"
+    kind: Literal["model", "self", "ema", "cache", "served", "custom"] = "model"
     model: ModelConfig | None = None
     view: Literal["same", "privileged"] = "same"
     topk: int = 0  # also return the teacher's top-k log-probs (0 = off)
@@ -58,10 +61,16 @@ class TeacherConfig:
     # refuse a teacher whose chat template renders a probe conversation differently
     check_template: bool = True
     cache: str | None = None  # kind "cache": a directory written by `mmopd cache-teacher`
+    factory: str | None = None  # kind "custom": "module:function" returning the teacher
     served: ServedTeacherConfig = field(default_factory=ServedTeacherConfig)
 
     def __post_init__(self) -> None:
         _check(self.topk >= 0, "teacher.topk", "must be >= 0")
+        if self.kind == "custom":
+            mod, _, fn = (self.factory or "").partition(":")
+            _check(bool(mod and fn), "teacher.factory", f"kind=custom needs \"module:function\" "
+                   f"(a function of (config, tokenizer) returning the teacher), got "
+                   f"{self.factory!r}")
         _check(0 <= self.ema_decay < 1, "teacher.ema_decay", f"{self.ema_decay} is outside [0, 1)")
         _check(self.model is None or self.model.lora is None, "teacher.model.lora",
                "LoRA adapters train the student; a teacher is frozen (remove the setting)")

@@ -214,6 +214,8 @@ def _teacher(cfg: TrainConfig, objective: Objective, student: torch.nn.Module, t
             raise NotImplementedError("teacher.kind=served scores text episodes; VLM teachers "
                                       "run in process (teacher.kind=model)")
         return make_served_teacher(cfg, tokenizer), None, None, None
+    if cfg.teacher.kind == "custom":
+        return make_custom_teacher(cfg, tokenizer), None, None, None
     if cfg.teacher.kind in ("self", "ema"):  # the initial student (EMA: then tracking it)
         dtype = torch.float32 if cfg.teacher.kind == "ema" else resolve_dtype(cfg.model.dtype)
         t_model = plain_copy(student).to(dtype)  # LoRA: merged, a plain model
@@ -287,6 +289,28 @@ def make_served_teacher(cfg: TrainConfig, tokenizer: Any) -> Teacher:
                 cfg.objective.eopd_topk if "teacher_topk" in needed_scores(obj, cfg.objective)
                 else 0)
     teacher.check(tokenizer, topk=asked)
+    return teacher
+
+
+def make_custom_teacher(cfg: TrainConfig, tokenizer: Any) -> Teacher:
+    """`teacher.kind=custom`: the teacher `teacher.factory` ("module:function") builds from the
+    config and the student's tokenizer."""
+    import importlib
+
+    from mmopd.config import ConfigError
+
+    module, _, name = str(cfg.teacher.factory).partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"teacher.factory: cannot load {cfg.teacher.factory!r} "
+                          f"({type(e).__name__}: {e}); it must name an importable module and a "
+                          "function in it") from None
+    teacher = factory(cfg, tokenizer)
+    if not callable(getattr(teacher, "score", None)):
+        raise ConfigError(f"teacher.factory: {cfg.teacher.factory!r} returned "
+                          f"{type(teacher).__name__}, which has no score(episodes, topk=...) "
+                          "method (the Teacher protocol, mmopd.teachers.scorer)")
     return teacher
 
 
