@@ -43,6 +43,10 @@ def test_regular_install_into_a_fresh_target(tmp_path):
             "import mmopd, mmopd.envs, mmopd.tools, importlib.util; "
             f"assert mmopd.envs.__file__.startswith({str(target)!r}), mmopd.envs.__file__; "
             "assert importlib.util.find_spec('envs') is None; "
+            # every subpackage is installed, not only the top level
+            "import mmopd.config, mmopd.rollout.agent_loop, mmopd.teachers.cache, "
+            "mmopd.training.loop, mmopd.objectives.zoo; "
+            f"assert mmopd.training.loop.__file__.startswith({str(target)!r}); "
             "print(mmopd.envs.list_envs())")
     run = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
