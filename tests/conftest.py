@@ -10,6 +10,15 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (`make test` runs one worker per core) each worker computes on one
+    thread, so workers share the cores instead of oversubscribing them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tok_dir(tmp_path_factory) -> Path:
     from mmopd.tokenizer import build_char_tokenizer
