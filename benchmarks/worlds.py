@@ -147,7 +147,8 @@ def run_world(world: str, seeds: list[int], arms: list[str], runs: Path) -> dict
         if seed == 0 and not demo_is_current(demo, world, seed) and demo_is_current(
                 Path(DEMO_DIRS[world]), world, seed):
             demo = Path(DEMO_DIRS[world])  # the world's own demo already ran
-        if not demo_is_current(demo, world, seed):
+        demo_ran = not demo_is_current(demo, world, seed)  # here, not in an earlier invocation
+        if demo_ran:
             print(f"== {world} seed {seed}: demo -> {demo}", flush=True)
             try:
                 run_demo(demo, world=world, seed=seed)
@@ -173,7 +174,8 @@ def run_world(world: str, seeds: list[int], arms: list[str], runs: Path) -> dict
                 {"step": e["step"], "episodes": e["step"] // cfg.rollout.minibatches * per_batch,
                  "accuracy": e["accuracy"]} for e in evals]
             arm_runs[arm].append({
-                "arm": arm, "seed": seed, "run_dir": str(run_dir), "reused": reused,
+                "arm": arm, "seed": seed, "run_dir": str(run_dir),
+                "reused": reused and not (arm == default and demo_ran),
                 "seconds": run_seconds(run_dir),
                 "before": before, "teacher": teacher,
                 "gap_closed": gap_closed(before, curve[-1]["accuracy"], teacher),
