@@ -193,6 +193,17 @@ def test_calculator_refuses_without_evaluating(expr):
     assert res.error and res.text.startswith("Error:")
 
 
+def test_calculator_parses_model_text_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # ("error" would turn them into SyntaxErrors instead)
+        for expr in ('"\\d"', "2(3)", "(1)(2)", "1 is 1"):
+            res = make_tool("calculator").run({"expression": expr})
+            assert res.error and res.text.startswith("Error:")
+    assert [str(w.message) for w in caught] == []
+
+
 def test_search_tool_over_folder_and_jsonl(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "paris.txt").write_text("Paris is the capital of France.")
