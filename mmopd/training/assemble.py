@@ -78,8 +78,9 @@ class Run:
     params: SamplingParams
     need_hidden: bool  # losses rebuild teacher logits from its hidden states
     teacher_topk: int  # top-k the teacher returns with its log-probs
-    start_step: int
-    resumed: bool
+    n_student: int  # parameters, for the FLOPs estimate
+    n_teacher: int  # 0 without a live teacher
+    start_step: int  # 0, or the step of the checkpoint a resumed run continues from
     metrics_log: JsonlLog
     eval_log: JsonlLog
 
@@ -191,8 +192,10 @@ def assemble(cfg: TrainConfig) -> Run:
         scheduler=scheduler, heads=heads, old_scorer=old_scorer, teacher_scorer=teacher_scorer,
         t_model=t_model, cache=cache, ref_scorer=ref_scorer, negative_scorer=negative_scorer,
         ema=ema, sampler=sampler, rollout_sampler=rollout_sampler, params=params,
-        need_hidden=need_hidden, teacher_topk=teacher_topk, start_step=start_step,
-        resumed=resume_dir is not None,
+        need_hidden=need_hidden, teacher_topk=teacher_topk,
+        n_student=sum(p.numel() for p in model.parameters()),
+        n_teacher=sum(p.numel() for p in t_model.parameters()) if t_model is not None else 0,
+        start_step=start_step,
         metrics_log=JsonlLog(out / "metrics.jsonl", resumed_at, enabled=main),
         eval_log=JsonlLog(out / "eval.jsonl", resumed_at, enabled=main))
 

@@ -154,9 +154,8 @@ def batch_stats(run: Run, episodes: list[Episode], tb: TokenBatch, flops_total: 
     if isinstance(run.rollout_sampler, DriftStopSampler):  # cumulative early stops
         stats["drift/stopped_samples"] = run.rollout_sampler.stopped
         stats["drift/tokens_not_sampled"] = run.rollout_sampler.tokens_saved
-    n_student = sum(p.numel() for p in run.model.parameters())
-    n_teacher = sum(p.numel() for p in run.t_model.parameters()) if run.t_model else 0
-    for k, v in step_flops(episodes, n_student, n_teacher, int(run.t_model is not None)).items():
+    for k, v in step_flops(episodes, run.n_student, run.n_teacher,
+                           int(run.t_model is not None)).items():
         flops_total[k] = flops_total.get(k, 0.0) + v
         stats[k] = flops_total[k]
     return stats
