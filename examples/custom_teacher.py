@@ -41,9 +41,10 @@ def make_teacher(cfg, tokenizer) -> InterpolatedTeacher:
     teacher = load_model(cfg.teacher.model, load_tokenizer(cfg.teacher.model, "teacher.model"),
                          "teacher.model")
     initial = load_model(cfg.model, tokenizer)  # the student's starting weights, frozen
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the student trains
     pad = tokenizer.pad_token_id
-    return InterpolatedTeacher(HFScorer(teacher.requires_grad_(False), pad),
-                               HFScorer(initial.requires_grad_(False), pad), ALPHA)
+    return InterpolatedTeacher(HFScorer(teacher.requires_grad_(False).to(device), pad),
+                               HFScorer(initial.requires_grad_(False).to(device), pad), ALPHA)
 
 
 def main(out: str = "runs/example-teacher") -> dict:
@@ -55,5 +56,4 @@ def main(out: str = "runs/example-teacher") -> dict:
 
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
     print(main(*sys.argv[1:]))
