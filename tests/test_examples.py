@@ -70,3 +70,16 @@ def test_custom_teacher_bad_factory(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="needs the teacher's full distribution"):
         tiny_config(tmp_path, ["teacher.kind=custom", "teacher.factory=custom_teacher:make_teacher",
                                "objective.name=rkl"])
+
+
+def test_unknown_objective_after_imports_is_one_clear_error(tmp_path, monkeypatch):
+    from mmopd.config import ConfigError
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    from _tiny import tiny_config
+
+    with pytest.raises(ConfigError, match="unknown objective 'nope'"):
+        tiny_config(tmp_path, ["objective.name=nope", "env.imports=[custom_objective]"])
+    with pytest.raises(ConfigError, match="env.imports: cannot import module 'no_such_module'"):
+        tiny_config(tmp_path, ["objective.name=nope", "env.imports=[no_such_module]"])
+

@@ -36,7 +36,10 @@ class TrainConfig:
         if self.objective.name not in OBJECTIVES and self.env.imports:
             from mmopd.envs import import_env_modules  # user modules may register objectives
 
-            import_env_modules(self.env.imports)
+            try:
+                import_env_modules(self.env.imports)
+            except (ImportError, ValueError) as e:  # named module missing, or a bad name
+                raise ConfigError(str(e)) from None
 
         _check(self.objective.name in OBJECTIVES, "objective.name",
                f"unknown objective {self.objective.name!r}; choose one of {sorted(OBJECTIVES)}"
