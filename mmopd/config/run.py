@@ -9,7 +9,7 @@ from .base import ConfigError, _check, _suggest
 from .model import ModelConfig
 from .objective import ObjectiveConfig
 from .rollout import EnvConfig, RolloutConfig
-from .teacher import TeacherConfig
+from .teacher import SCORES_ONLY, TeacherConfig
 from .trainer import EvalConfig, OptimConfig, TrainerConfig, WarmupConfig
 
 
@@ -62,14 +62,12 @@ class TrainConfig:
         if self.teacher.kind == "served" and needs_teacher:
             _check(self.teacher.served.url is not None, "teacher.served.url",
                    "teacher.kind=served needs the server's URL (http://HOST:PORT)")
-        if self.teacher.kind in ("cache", "served", "custom") and needs_teacher:
+        if self.teacher.kind in SCORES_ONLY and needs_teacher:
             _check(self.teacher.kind != "cache" or self.teacher.cache is not None,
                    "teacher.cache",
                    "teacher.kind=cache needs the directory `mmopd cache-teacher` wrote")
-            held = {"cache": "a cache holds log-probs and top-k only",
-                    "served": "a served teacher returns log-probs and top-k only",
-                    "custom": "a custom teacher returns log-probs and top-k only"
-                    }[self.teacher.kind]
+            held = ("a cache holds log-probs and top-k only" if self.teacher.kind == "cache"
+                    else f"a {self.teacher.kind} teacher returns log-probs and top-k only")
             from mmopd.objectives import needed_scores, needs_teacher_hidden
 
             live = needs_teacher_hidden(obj, self.objective) or bool(
@@ -82,7 +80,7 @@ class TrainConfig:
         if self.rollout.backend == "vllm" and self.objective.drift_stop:
             raise ConfigError("objective.drift_stop: stopping drifted samples re-scores every "
                               "chunk of a reply in process; it needs rollout.backend=hf")
-        if self.objective.drift_stop and (self.teacher.kind in ("cache", "served", "custom")
+        if self.objective.drift_stop and (self.teacher.kind in SCORES_ONLY
                                           or self.teacher.view != "same"):
             raise ConfigError("objective.drift_stop: stopping drifted samples runs the live "
                               "teacher on the student's own prompt while sampling; it needs "

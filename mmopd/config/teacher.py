@@ -35,6 +35,11 @@ class ServedTeacherConfig:
         _check(self.max_retries >= 0, f"{w}.max_retries", "must be >= 0")
 
 
+# Teacher kinds that return only sampled-token log-probs (and top-k), no live model to rebuild
+# full distributions from
+SCORES_ONLY = ("cache", "served", "custom")
+
+
 @dataclass
 class TeacherConfig:
     """Who scores the student's tokens.
