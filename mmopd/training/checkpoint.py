@@ -1,14 +1,22 @@
 """Checkpoints: `checkpoints/step-N/` with the student (save_pretrained), its tokenizer and the
-optimiser / scheduler / RNG state. Written to a temporary directory and renamed into place, so a
-directory named step-N is always complete; `resume=auto` picks the newest one. A LoRA student is
-saved merged (a plain model, loadable by path) with its adapter in `step-N/adapter/`."""
+optimiser / scheduler / RNG state, and `manifest.json` (every file's size) written last. A
+checkpoint is written to a temporary directory and renamed into place, so a directory named step-N
+appears only once complete; a write that fails (a full disk, a file-size limit) removes its
+temporary directory, leaves every earlier checkpoint as it was and raises `CheckpointError`.
+`resume=auto` takes the newest checkpoint whose manifest is present and whose files have the sizes
+it lists (a truncated file or a missing manifest is reported and that checkpoint passed over).
+Pruning to `keep_last` counts complete checkpoints only, after the new one is verified, so the
+only complete checkpoint is never deleted. A LoRA student is saved merged (a plain model, loadable
+by path) with its adapter in `step-N/adapter/`."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +25,7 @@ import torch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(ValueError):
@@ -41,12 +50,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any,
                     state: dict[str, Any], keep_last: int, processor: Any = None) -> Path:
-    """Atomically write checkpoints/step-N and prune older ones beyond `keep_last`
+    """Atomically write checkpoints/step-N and prune older complete ones beyond `keep_last`
     (`processor`: a VLM's image processor, saved beside the tokenizer)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".step-*.tmp"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        _write(tmp, step, model, tokenizer, state, processor)
+    except Exception as e:  # ENOSPC, EFBIG, a quota: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        newest = list_checkpoints(root, report=False)
+        kept = f"the newest complete checkpoint is {newest[-1]}" if newest else \
+            "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint step-{step} in {root}: "
+                              f"{type(e).__name__}: {e}. Nothing was replaced: {kept}") from e
+    old = root / f".step-{step}.old"
+    if final.exists():  # the same step saved again: the old copy goes only once the new is in
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+    problem = checkpoint_problem(final)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {final} is incomplete right after writing it: "
+                              f"{problem}")
+    for stale in list_checkpoints(root, report=False)[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _write(tmp: Path, step: int, model: Any, tokenizer: Any, state: dict[str, Any],
+           processor: Any) -> None:
     from mmopd.models import save_merged
 
     save_merged(model, tmp)
@@ -54,29 +91,60 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any,
     if processor is not None:
         processor.save_pretrained(tmp)
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
-    for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    dir_fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    for f in files:  # data on disk before the manifest and the rename make it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    manifest = {"step": step, "files": {f.relative_to(tmp).as_posix(): f.stat().st_size
+                                        for f in files}}
+    with open(tmp / MANIFEST, "w") as fh:
+        json.dump(manifest, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+        os.close(fd)
 
 
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from (None: complete)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the write was interrupted, or an older mmopd wrote it)"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    if STATE_FILE not in files:
+        return f"{MANIFEST} lists no {STATE_FILE}"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} is truncated or altered ({f.stat().st_size} bytes, {size} written)"
+    return None
+
+
+def list_checkpoints(root: Path, report: bool = True) -> list[Path]:
+    """Complete checkpoints, oldest first; incomplete step-N directories are passed over (with
+    a warning naming the problem when `report`)."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = []
+    for p in root.iterdir():
+        if (m := _STEP_DIR.match(p.name)) and p.is_dir():
+            problem = checkpoint_problem(p)
+            if problem is None:
+                found.append((int(m.group(1)), p))
+            elif report:
+                warnings.warn(f"checkpoint {p} skipped: {problem}", stacklevel=2)
     return [p for _, p in sorted(found)]
 
 
@@ -88,9 +156,13 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
         found = list_checkpoints(root)
         return found[-1] if found else None
     path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"trainer.resume: {resume!r} is not a complete checkpoint "
-                              f"(no {STATE_FILE}); use 'auto' or a checkpoints/step-N directory")
+    if not path.is_dir():
+        raise CheckpointError(f"trainer.resume: {resume!r} is not a directory; use 'auto' or a "
+                              "checkpoints/step-N directory")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"trainer.resume: {resume!r} is not a complete checkpoint: "
+                              f"{problem}. Use 'auto' to take the newest complete one")
     return path
 
 

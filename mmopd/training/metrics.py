@@ -38,9 +38,17 @@ class JsonlLog:
             f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
 
     def rows(self) -> list[dict[str, Any]]:
+        """The logged rows; a line cut short (a process killed mid-write, a full disk) is left
+        out."""
         if not self.path.exists():
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        out = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(ln))
+            except ValueError:
+                continue
+        return out
 
 
 def summary_line(row: dict[str, Any], total: int) -> str:
