@@ -22,8 +22,9 @@ STOP_ERROR = "error"  # the environment raised; details in metadata["error"]
 STOP_MAX_TURNS = "max_turns"  # the agent loop's turn bound ran out
 STOP_BUDGET = "token_budget"  # the episode's total token budget ran out
 STOP_DRIFT = "drift"  # sampling stopped early: the reply drifted away from the teacher
+STOP_TIMEOUT = "env_timeout"  # reset() or step() ran past rollout.env_timeout_s
 STOP_REASONS = (STOP_EOS, STOP_STRING, STOP_LENGTH, STOP_ENV, STOP_ERROR, STOP_MAX_TURNS,
-                STOP_BUDGET, STOP_DRIFT)
+                STOP_BUDGET, STOP_DRIFT, STOP_TIMEOUT)
 
 
 @dataclass

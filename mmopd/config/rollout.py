@@ -64,6 +64,9 @@ class RolloutConfig:
     minibatches: int = 2  # optimiser steps per rollout batch (so rho != 1 after the first)
     max_turns: int = 8  # bound on assistant turns, tool calls included (single-turn: one)
     max_episode_tokens: int = 0  # bound on a whole episode's length in tokens (0 = none)
+    # wall-clock bound on each env reset() / step() in seconds (0 = none): a call past it ends
+    # its episode with stop reason "env_timeout" and the batch goes on without it
+    env_timeout_s: float = 60.0
     # how tool calls are found in replies: "hermes" (<tool_call>{json}</tool_call>) or "react"
     # (Action: name[input])
     tool_parser: Literal["hermes", "react"] = "hermes"
@@ -86,6 +89,7 @@ class RolloutConfig:
                      "minibatches", "max_turns", "tcod_c"):
             _check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
         _check(self.max_episode_tokens >= 0, f"{w}.max_episode_tokens", "must be >= 0 (0: none)")
+        _check(self.env_timeout_s >= 0, f"{w}.env_timeout_s", "must be >= 0 (0: none)")
         _check(self.temperature > 0, f"{w}.temperature", "must be > 0 (use eval for greedy)")
         _check(0 < self.top_p <= 1, f"{w}.top_p", "must be in (0, 1]")
         n = self.prompts_per_batch * self.samples_per_prompt

@@ -9,7 +9,9 @@ the student's tokens stay exactly as sampled — nothing is re-tokenised. Single
 terminate after the first reply.
 
 Failures are data: an env that raises (in reset or step) or a prompt that cannot be rendered
-(a corrupt image, say) ends its episode with stop reason "error"; malformed tool calls, unknown
+(a corrupt image, say) ends its episode with stop reason "error", and a reset() or step() that
+runs past `env_timeout_s` (rollout.env_timeout_s) with "env_timeout"; an episode whose reset
+failed has no tokens and the trainer leaves it out of the batch. Malformed tool calls, unknown
 tools, bad arguments and tool errors become tool messages the model reads; budgets end episodes
 with "max_turns" or "token_budget".
 
@@ -34,11 +36,13 @@ from mmopd.episode import (
     STOP_EOS,
     STOP_ERROR,
     STOP_MAX_TURNS,
+    STOP_TIMEOUT,
     Episode,
     PromptView,
 )
 from mmopd.rollout.render import ChatRenderer, Message, RenderError
 from mmopd.rollout.sampler import Sampler, SamplingParams
+from mmopd.rollout.timeout import CallTimeout, time_limit
 from mmopd.rollout.toolcalls import HermesParser, ParsedReply, ToolCallParser, make_parser
 from mmopd.tools import Tool, ToolContext, ToolResult, call_tool, resolve_tools, tool_schema
 from mmopd.vision import image_items
@@ -88,8 +92,10 @@ class AgentLoop:
     def __init__(self, renderer: ChatRenderer, *, max_turns: int = 8,
                  max_episode_tokens: int = 0, max_calls_per_turn: int = 4,
                  parser: ToolCallParser | None = None, env_id: str = "env",
-                 decode: Callable[[list[int]], str] | None = None) -> None:
+                 decode: Callable[[list[int]], str] | None = None,
+                 env_timeout_s: float = 0.0) -> None:
         self.renderer = renderer
+        self.env_timeout_s = env_timeout_s  # bound on each reset() / step() (0: none)
         self.max_turns = max_turns
         self.max_episode_tokens = max_episode_tokens  # 0: unbounded
         self.max_calls_per_turn = max_calls_per_turn
@@ -115,17 +121,19 @@ class AgentLoop:
                 env = envs[g * n + j]
                 try:
                     slots.append(self._start_one(env, start, g, teacher_view, views))
-                except (EnvContractError, KeyboardInterrupt):
+                except EnvContractError:
                     raise
-                except Exception as e:  # a bad row (corrupt image, ...) is a failed episode
-                    ep = Episode([], [], [], [], prompt_len=0, group=g, stop_reason=STOP_ERROR,
+                except Exception as e:  # a bad row (corrupt image, ...), a hung or broken env
+                    why = STOP_TIMEOUT if isinstance(e, CallTimeout) else STOP_ERROR
+                    ep = Episode([], [], [], [], prompt_len=0, group=g, stop_reason=why,
                                  metadata={"error": f"{type(e).__name__}: {e}", "start": start})
                     slots.append(_Slot(ep, env, None, failed=True))
         return slots
 
     def _start_one(self, env: gym.Env, start: dict[str, Any], group: int, teacher_view: bool,
                    views: Sequence[str]) -> _Slot:
-        _, info = env.reset(**start)
+        with time_limit(self.env_timeout_s, f"{self.env_id}: reset()"):
+            _, info = env.reset(**start)
         if not isinstance(info, dict) or "messages" not in info:
             raise EnvContractError(f"{self.env_id}: reset() must return info['messages'] "
                                    "(the chat messages of the prompt)")
@@ -216,9 +224,10 @@ class AgentLoop:
             if parsed.wants_tools:
                 return self._observe(slot, ids, self._run_tools(slot, parsed))
         try:
-            obs, reward, terminated, truncated, info = slot.env.step(text)
-        except Exception as e:  # a failing env is data: record it and move on
-            ep.stop_reason = STOP_ERROR
+            with time_limit(self.env_timeout_s, f"{self.env_id}: step()"):
+                obs, reward, terminated, truncated, info = slot.env.step(text)
+        except Exception as e:  # a failing or hung env is data: record it and move on
+            ep.stop_reason = STOP_TIMEOUT if isinstance(e, CallTimeout) else STOP_ERROR
             ep.metadata["error"] = f"{type(e).__name__}: {e}"
             return False
         ep.reward += float(reward)
@@ -305,6 +314,7 @@ def collect_episodes(
     env_id: str = "env",
     decode: Callable[[list[int]], str] | None = None,
     desc: str = "rollout",
+    env_timeout_s: float = 0.0,
 ) -> list[Episode]:
     """One episode per (start, sample): `params.n` samples of each start, grouped by start index.
 
@@ -312,7 +322,7 @@ def collect_episodes(
     `envs` needs len(starts) * params.n instances (one per concurrent episode).
     """
     loop = AgentLoop(renderer, max_turns=max_turns, max_episode_tokens=max_episode_tokens,
-                     parser=parser, env_id=env_id, decode=decode)
+                     parser=parser, env_id=env_id, decode=decode, env_timeout_s=env_timeout_s)
     slots = loop.start(envs, starts, params.n, teacher_view, views)
     one = SamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
                          max_new_tokens=params.max_new_tokens, stop=params.stop)

@@ -38,7 +38,7 @@ def evaluation_episodes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
                         temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 64,
                         seed: int = 0, stop: list[str] | None = None, max_turns: int = 8,
                         max_episode_tokens: int = 0, env_id: str = "env",
-                        vision: VisionProcessor | None = None
+                        vision: VisionProcessor | None = None, env_timeout_s: float = 0.0,
                         ) -> tuple[list[Episode], list[Episode]]:
     """The episodes `evaluate` scores: one greedy episode for each of problems
     0..num_problems-1 (fewer when the env has fewer), and with pass_k > 0 also pass_k sampled
@@ -54,7 +54,8 @@ def evaluation_episodes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
                         suppress_token_ids=vision.special_ids if vision else None)
     starts = [{"options": {"index": i}} for i in range(num)]
     stop = stop or []
-    limits = {"max_turns": max_turns, "max_episode_tokens": max_episode_tokens, "env_id": env_id}
+    limits = {"max_turns": max_turns, "max_episode_tokens": max_episode_tokens, "env_id": env_id,
+              "env_timeout_s": env_timeout_s}
     greedy = collect_episodes(pool.take(num), starts, sampler, renderer,
                               SamplingParams(1, 0.0, 1.0, max_new_tokens, stop),
                               desc="eval greedy", **limits)

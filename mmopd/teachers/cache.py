@@ -184,7 +184,8 @@ def build_teacher_cache(cfg: Any, out: str | Path, num_batches: int) -> Path:
             pool.take(len(starts) * params.n), starts, sampler, renderer, params,
             teacher_view=cfg.teacher.view == "privileged", max_turns=rcfg.max_turns,
             max_episode_tokens=rcfg.max_episode_tokens, parser=make_parser(rcfg.tool_parser),
-            env_id=cfg.env.id, desc=f"cache batch {b + 1}/{num_batches}") if ep.input_ids]
+            env_id=cfg.env.id, desc=f"cache batch {b + 1}/{num_batches}",
+            env_timeout_s=rcfg.env_timeout_s) if ep.input_ids]
         if not eps:
             continue
         for ep in eps:

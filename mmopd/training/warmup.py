@@ -44,7 +44,8 @@ def off_policy_warmup(cfg: TrainConfig, student: torch.nn.Module, accelerator: A
         episodes = [ep for ep in collect_episodes(
             pool.take(len(starts)), starts, teacher_sampler, renderer, params,
             max_turns=rcfg.max_turns, max_episode_tokens=rcfg.max_episode_tokens,
-            parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id, desc="warm-up rollout")
+            parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id, desc="warm-up rollout",
+            env_timeout_s=rcfg.env_timeout_s)
             if ep.num_generated]
         if not episodes:
             continue
