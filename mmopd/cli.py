@@ -23,11 +23,14 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from mmopd.rollout.agent_loop import EnvContractError
     from mmopd.rollout.render import RenderError
     from mmopd.teachers.cache import CacheError
+    from mmopd.teachers.served import ServedTeacherError
     from mmopd.training.checkpoint import CheckpointError
+    from mmopd.training.faults import NonFiniteError
     from mmopd.training.sft import SFTDataError
 
     return (ConfigError, ModelLoadError, CheckpointError, RenderError, EnvContractError,
-            SFTDataError, DatasetError, EnvNotFoundError, CacheError, DemoPremiseError)
+            SFTDataError, DatasetError, EnvNotFoundError, CacheError, DemoPremiseError,
+            ServedTeacherError, NonFiniteError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--pass-k", type=int, default=0)
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--max-turns", type=int, default=8, help="assistant turns (multi-turn envs)")
+    e.add_argument("--env-timeout", type=float, default=60.0,
+                   help="seconds each env reset() / step() may take (0: unbounded)")
 
     d = sub.add_parser("demo", help="tiny end-to-end demo: SFT teacher, weak student, REOPOLD")
     d.add_argument("--out", default="runs/demo")
@@ -126,7 +131,13 @@ def _run(args: argparse.Namespace) -> int:
         from mmopd.training.loop import train
 
         res = train(cfg)
-        print(json.dumps({"run_dir": res["run_dir"], "eval": res["eval"]}))
+        if res.get("stopped"):  # preempted: a clean stop, resumable
+            where = (f"checkpoint {res['checkpoint']}" if res["checkpoint"]
+                     else "no checkpoint (no step had run)")
+            print(f"mmopd train: stopped by {res['stopped']} at step {res['step']}; {where}; "
+                  "continue with trainer.resume=auto", file=sys.stderr)
+        print(json.dumps({"run_dir": res["run_dir"], "eval": res["eval"], "step": res["step"],
+                          **({"stopped": res["stopped"]} if res.get("stopped") else {})}))
         return 0
     if args.cmd == "sft":
         from mmopd.config import SFTConfig, load_config
@@ -161,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
         res = evaluate(load_model(cfg, tok, vision=vision), tok, pool,
                        num_problems=args.num_problems, pass_k=args.pass_k,
                        max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
-                       env_id=args.env, vision=vision)
+                       env_id=args.env, vision=vision, env_timeout_s=args.env_timeout)
         print(json.dumps(res))
         return 0
     if args.cmd == "demo":

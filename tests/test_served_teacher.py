@@ -449,3 +449,100 @@ def test_training_with_a_served_teacher_matches_the_in_process_teacher(
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         losses[kind] = [r["loss"] for r in rows]
     assert losses["served"] == pytest.approx(losses["model"], abs=1e-4, rel=1e-3)
+
+
+@pytest.mark.vllm
+def test_training_survives_a_served_teacher_that_dies(student_dir, tmp_path):
+    """A real `vllm serve` killed (SIGKILL) mid-run. (1) A new server comes up on the same URL:
+    the trainer retries with backoff, checks the new server is the same teacher and finishes,
+    with the losses of a run whose teacher never left (nothing trained on garbage). (2) It never
+    comes back: the run stops naming the URL and the attempts, its checkpoints are complete, and
+    `resume=auto` finishes it once a server is back."""
+    pytest.importorskip("vllm", reason="needs vllm (run with the vLLM virtual env's python)")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vllm_utils import VLLMServer, build_tiny_checkpoint, free_port
+
+    from mmopd.config import TrainConfig, load_config
+    from mmopd.training.checkpoint import list_checkpoints
+    from mmopd.training.loop import train
+
+    model_dir = build_tiny_checkpoint(tmp_path / "tiny")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = Path(__file__).parent.parent / "configs" / "tiny" / "reopold.yaml"
+    common = [f"model.path={student_dir}", "env.kwargs={level: 1}", "rollout.prompts_per_batch=4",
+              "rollout.samples_per_prompt=2", "rollout.max_new_tokens=12", "trainer.steps=12",
+              "trainer.save_every=2", "trainer.micro_batch_size=4", "eval.num_problems=2",
+              "eval.pass_k=0", "eval.at_start=false", "optim.lr=1e-3",
+              "trainer.diagnostics_tokens=0", "teacher.check_template=false"]
+    served = ["teacher.kind=served", f"teacher.served.url={url}", "teacher.served.backoff_s=0.5",
+              "teacher.served.max_backoff_s=2"]
+
+    def start(name: str) -> VLLMServer:
+        server = VLLMServer(model_dir, tmp_path / f"{name}.log", port=port)
+        server.wait_healthy(timeout_s=300)
+        print(f"\nvllm serve {name} healthy after {server.startup_s:.1f}s")
+        return server
+
+    def launch(out: Path, retries: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mmopd", "train", str(config), *common, *served,
+             f"teacher.served.max_retries={retries}", f"trainer.output_dir={out}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def kill_after(server: VLLMServer, proc: subprocess.Popen, out: Path, rows: int) -> None:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= rows:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before the server was killed"
+        server.kill()
+
+    def losses(out: Path) -> list[float]:
+        return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    reference = tmp_path / "reference"  # the same run, its teacher in process
+    train(load_config(TrainConfig, config, [*common, f"teacher.model.path={model_dir}",
+                                            f"trainer.output_dir={reference}"]))
+
+    # (1) the server dies after step 2 and a new one answers on the same URL
+    server = start("first")
+    back = tmp_path / "comes-back"
+    proc = launch(back, retries=60)
+    kill_after(server, proc, back, rows=2)
+    server = start("second")
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    log = out + err  # progress lines go to stdout, errors to stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert f"served teacher {url}/v1/completions: " in log and "retry 1/60" in log
+    assert "answers again; checking it is the same teacher" in log
+    print(f"survived: {log.count(' retry ')} retried requests while the server was away")
+    assert losses(back) == pytest.approx(losses(reference), abs=1e-4, rel=1e-3)
+
+    # (2) the server dies after step 4 and does not come back within the retries
+    gone = tmp_path / "never-returns"
+    proc = launch(gone, retries=3)
+    kill_after(server, proc, gone, rows=4)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, (out + err)[-3000:]
+    print("stopped: " + err.strip().splitlines()[-1][:300])
+    assert f"served teacher {url}/v1/completions: request failed after 4 attempt(s)" in err
+    done = list_checkpoints(gone / "checkpoints")
+    assert done and done[-1].name in {"step-4", "step-6"}  # complete, whichever came last
+    server = start("third")
+    try:
+        train(load_config(TrainConfig, config, [*common, *served, f"trainer.output_dir={gone}",
+                                                "trainer.resume=auto"]))
+    finally:
+        server.stop()
+    assert losses(gone) == pytest.approx(losses(reference), abs=1e-4, rel=1e-3)

@@ -68,8 +68,9 @@ def serve_command(model_dir: Path, port: int, *extra: str) -> list[str]:
 class VLLMServer:
     """A `vllm serve` subprocess in its own process group, its log in a file."""
 
-    def __init__(self, model_dir: Path, log_path: Path, *extra: str) -> None:
-        self.port = free_port()
+    def __init__(self, model_dir: Path, log_path: Path, *extra: str,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.command = serve_command(model_dir, self.port, *extra)
@@ -101,6 +102,15 @@ class VLLMServer:
         self.stop()
         raise RuntimeError(f"vllm serve was not healthy after {timeout_s:.0f}s: "
                            f"{' '.join(self.command)}\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once: a server that dies, not one that shuts down."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        self._log.close()
 
     def stop(self) -> None:
         """Kill the whole process group (API server, engine core, workers)."""

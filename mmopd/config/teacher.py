@@ -22,7 +22,12 @@ class ServedTeacherConfig:
     batch_size: int = 8  # episodes per request
     concurrency: int = 2  # requests in flight
     timeout_s: float = 300.0  # per request
-    max_retries: int = 3  # per request, with exponential backoff (connection errors, 5xx)
+    # per request: retries of connection errors, timeouts and 5xx, waiting backoff_s, 2 x
+    # backoff_s, ... (at most max_backoff_s) between; the defaults wait about 3 minutes in all for
+    # a server that died to come back
+    max_retries: int = 10
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
     api_key_env: str | None = None  # name of an environment variable holding the API key
 
     def __post_init__(self) -> None:
@@ -33,6 +38,9 @@ class ServedTeacherConfig:
             _check(getattr(self, name) > 0, f"{w}.{name}", "must be positive")
         _check(self.timeout_s > 0, f"{w}.timeout_s", "must be positive")
         _check(self.max_retries >= 0, f"{w}.max_retries", "must be >= 0")
+        _check(self.backoff_s >= 0, f"{w}.backoff_s", "must be >= 0")
+        _check(self.max_backoff_s >= self.backoff_s, f"{w}.max_backoff_s",
+               "must be >= backoff_s")
 
 
 # Teacher kinds that return only sampled-token log-probs (and top-k), no live model to rebuild
@@ -62,6 +70,9 @@ class TeacherConfig:
     model: ModelConfig | None = None
     view: Literal["same", "privileged"] = "same"
     topk: int = 0  # also return the teacher's top-k log-probs (0 = off)
+    # the teacher's sampled-token log-probs below this (-inf included: a token it would never
+    # emit) are raised to it, and counted (metric teacher_logp_floored)
+    logp_floor: float = -50.0
     ema_decay: float = 0.95
     # refuse a teacher whose chat template renders a probe conversation differently
     check_template: bool = True
@@ -71,6 +82,7 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         _check(self.topk >= 0, "teacher.topk", "must be >= 0")
+        _check(self.logp_floor < 0, "teacher.logp_floor", "must be a negative log-prob")
         if self.kind == "custom":
             mod, _, fn = (self.factory or "").partition(":")
             _check(bool(mod and fn), "teacher.factory", f"kind=custom needs \"module:function\" "

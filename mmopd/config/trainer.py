@@ -70,9 +70,13 @@ class TrainerConfig:
     # teacher-student diagnostics (top-k overlap, teacher mass on the student's top-k, entropy
     # gap, KL) on at most this many tokens per rollout batch (0 = off)
     diagnostics_tokens: int = 2048
+    # optimiser steps skipped in a row (NaN/inf log-probs, loss or gradient norm) before the run
+    # stops with an error
+    max_skipped_steps: int = 3
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "trainer.steps", "must be positive")
         _check(self.micro_batch_size > 0, "trainer.micro_batch_size", "must be positive")
         _check(self.chunk_size > 0, "trainer.chunk_size", "must be positive")
         _check(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
+        _check(self.max_skipped_steps >= 1, "trainer.max_skipped_steps", "must be >= 1")

@@ -19,7 +19,10 @@ What a served teacher gives, and what it cannot:
 Before training, `check(tokenizer)` reaches the server, picks the served model, compares its
 tokenizer with the student's on probe strings and test-scores one probe, so a wrong server fails
 with a clear message instead of scoring garbage. Transient failures (connection errors, timeouts,
-5xx, 408/429) are retried with exponential backoff up to `max_retries` times; other 4xx are not.
+5xx, 408/429) are retried with exponential backoff (capped at `max_backoff_s`) up to `max_retries`
+times, each retry reported; other 4xx are not. A server that died and came back on the same URL
+is checked again (model, tokenizer, a probe) before the batch it scored is returned, so a
+different model restarted there stops the run instead of being trained on.
 The response shape is vLLM's (checked against vllm 0.32): `choices[i].prompt_logprobs` is a list
 with one entry per prompt token (None first), each a dict `{str(token_id): {"logprob", "rank",
 "decoded_token"}}` holding the prompt token itself (rank = 1 + #tokens scoring higher or equal)
@@ -39,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from mmopd.episode import Episode
@@ -68,7 +72,8 @@ class ServedTeacher:
     view: which prompt view of each episode the teacher reads (`Episode.view`).
     batch_size: episodes per request; concurrency: requests in flight at once.
     timeout_s: socket timeout per request (connect, and the wait for the response).
-    max_retries: retries of a transient failure, with backoff_s * 2**attempt seconds between.
+    max_retries: retries of a transient failure, with min(backoff_s * 2**attempt, max_backoff_s)
+        seconds between.
     entropy_topk: top-K requested even when the objective needs no top-k, for the entropy
         bound (vLLM's default `--max-logprobs` is 20, the maximum it accepts per request).
     api_key: sent as a bearer token (`vllm serve --api-key`).
@@ -76,29 +81,33 @@ class ServedTeacher:
 
     def __init__(self, url: str, *, model: str | None = None, view: str = "student",
                  batch_size: int = 8, concurrency: int = 2, timeout_s: float = 300.0,
-                 max_retries: int = 3, backoff_s: float = 1.0, entropy_topk: int = 20,
-                 api_key: str | None = None) -> None:
+                 max_retries: int = 3, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
+                 entropy_topk: int = 20, api_key: str | None = None) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"served teacher url {url!r}: expected http://HOST:PORT")
         for name, value in (("batch_size", batch_size), ("concurrency", concurrency)):
             if value < 1:
                 raise ValueError(f"served teacher {name}={value}: must be at least 1")
-        if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or entropy_topk < 1:
-            raise ValueError("served teacher: timeout_s must be positive, max_retries and "
-                             "backoff_s non-negative, entropy_topk at least 1")
+        if timeout_s <= 0 or min(max_retries, backoff_s, max_backoff_s) < 0 or entropy_topk < 1:
+            raise ValueError("served teacher: timeout_s must be positive, max_retries, "
+                             "backoff_s and max_backoff_s non-negative, entropy_topk at least 1")
         url = url.rstrip("/")
         self.url = url[: -len("/v1")] if url.endswith("/v1") else url
         self.model = model
+        self._model_asked = model  # None: whichever single model the server serves
         self.view = view
         self.batch_size = batch_size
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
         self.entropy_topk = entropy_topk
         self.api_key = api_key
         self.max_model_len: int | None = None  # from the server (check / first score)
         self._resolved = False
+        self._checked: tuple[PreTrainedTokenizerBase, int] | None = None  # check()'s arguments
+        self._reconnected = False  # a request got through after the server was unreachable
 
     # -- HTTP --------------------------------------------------------------------------------
 
@@ -109,10 +118,13 @@ class ServedTeacher:
         headers = {"Content-Type": "application/json"} if data is not None else {}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        attempts, last = self.max_retries + 1, ""
+        attempts, last, unreachable, t0 = self.max_retries + 1, "", False, time.monotonic()
         for attempt in range(attempts):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                wait = min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
+                tqdm.write(f"served teacher {url}: {last}; retry {attempt}/{self.max_retries} "
+                           f"in {wait:g}s")
+                time.sleep(wait)
             req = urllib.request.Request(url, data=data, headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
@@ -131,15 +143,18 @@ class ServedTeacher:
                     last = f"timed out after {self.timeout_s:g}s"
                 else:
                     last = f"{type(reason).__name__}: {reason}"
+                unreachable = True
                 continue
+            if unreachable:
+                self._reconnected = True
             try:
                 return json.loads(raw)
             except ValueError:
                 raise ServedTeacherError(f"served teacher {url}: the response is not JSON: "
                                          f"{raw[:200]!r}") from None
         raise ServedTeacherError(f"served teacher {url}: request failed after {attempts} "
-                                 f"attempt(s) (max_retries={self.max_retries}); last error: "
-                                 f"{last}")
+                                 f"attempt(s) over {time.monotonic() - t0:.0f}s (max_retries="
+                                 f"{self.max_retries}); last error: {last}")
 
     # -- start-up check ----------------------------------------------------------------------
 
@@ -170,6 +185,7 @@ class ServedTeacher:
         student's episodes: unreachable, no such model, a different tokenizer, unknown
         max_model_len, a `--max-logprobs` below the top-k the run will ask for (`topk`), or a
         response of an unexpected shape (a probe is scored)."""
+        self._checked = (tokenizer, topk)
         self._resolve_model()
         probes = list(_PROBE_TEXTS)
         if tokenizer.chat_template:
@@ -248,6 +264,13 @@ class ServedTeacher:
         else:
             with ThreadPoolExecutor(min(self.concurrency, len(work))) as pool:
                 parts = list(pool.map(lambda w: self._score_prompts(w[0], w[1], k), work))
+        if self._reconnected and self._checked is not None:
+            # the server went away and something answers again: is it the same teacher?
+            self._reconnected = False
+            tqdm.write(f"served teacher {self.url} answers again; checking it is the same "
+                       "teacher before using its scores")
+            self.model = self._model_asked
+            self.check(self._checked[0], topk=self._checked[1])
         logp = torch.cat([p[0] for p in parts])
         ent = torch.cat([p[1] for p in parts])
         if not topk:

@@ -286,6 +286,7 @@ def make_served_teacher(cfg: TrainConfig, tokenizer: Any) -> Teacher:
                             view="teacher" if cfg.teacher.view == "privileged" else "student",
                             batch_size=s.batch_size, concurrency=s.concurrency,
                             timeout_s=s.timeout_s, max_retries=s.max_retries,
+                            backoff_s=s.backoff_s, max_backoff_s=s.max_backoff_s,
                             entropy_topk=s.topk, api_key=key)
     obj = OBJECTIVES[cfg.objective.name]
     asked = max(cfg.teacher.topk, cfg.objective.topk if obj.kind == "divergence" else 0,

@@ -5,12 +5,14 @@ score every student token with the student's own rollout-time weights (log pi_ol
 with the teacher -> split the batch into minibatches, one optimiser step each (gradient
 accumulation over micro-batches, token-mean normalised by the kept-token count of the whole
 minibatch) -> the sampler sees the new weights -> metrics, periodic eval, checkpoint. Every stage
-is a named function below; the losses live in `mmopd.training.losses`.
+is a named function below; the losses live in `mmopd.training.losses`, the handling of faults
+(non-finite steps, SIGTERM / SIGINT) in `mmopd.training.faults`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -18,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmopd.config import RolloutConfig, TrainConfig
-from mmopd.episode import Episode
+from mmopd.episode import STOP_TIMEOUT, Episode
 from mmopd.objectives import TokenBatch, make_plan
 from mmopd.rollout.agent_loop import collect_episodes
 from mmopd.rollout.drift import DriftStopSampler
@@ -29,7 +31,16 @@ from mmopd.rollout.toolcalls import make_parser
 from mmopd.teachers.ema import ema_update
 from mmopd.teachers.scorer import TokenScores
 from mmopd.training.assemble import Run, assemble
-from mmopd.training.checkpoint import save_checkpoint
+from mmopd.training.checkpoint import list_checkpoints, save_checkpoint
+from mmopd.training.faults import (
+    INPUTS,
+    OUTPUTS,
+    SkipCounter,
+    StopSignals,
+    agreed,
+    floor_teacher_logprobs,
+    nonfinite_inputs,
+)
 from mmopd.training.losses import accumulate_gradients
 from mmopd.training.metrics import episode_stats, plot_curves, step_flops, summary_line
 from mmopd.training.scoring import logprob_gap, score_batch
@@ -39,19 +50,30 @@ from mmopd.training.warmup import off_policy_warmup
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run on-policy distillation as configured; returns the final eval and the run directory."""
     run = assemble(cfg)
+    with StopSignals() as signals:
+        return _train(run, signals)
+
+
+def _train(run: Run, signals: StopSignals) -> dict[str, Any]:
+    cfg = run.cfg
     tcfg, rcfg = cfg.trainer, cfg.rollout
     if cfg.warmup.steps and run.start_step == 0:
         warm_up(run)
     last_eval = run_eval(run, 0) if cfg.eval.at_start and run.start_step == 0 else None
     flops_total: dict[str, float] = {}
+    skips = SkipCounter(tcfg.max_skipped_steps)
     total, mbs = tcfg.steps, rcfg.minibatches
     step = run.start_step
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=None)
     for it in range(run.start_step // mbs, total // mbs):
+        if signals.stop_now(run.accelerator):  # before this batch's rollout: nothing is lost
+            return stop_early(run, step, signals, last_eval, bar)
         # ---- rollout: the student's own episodes under its current weights
         t0 = time.perf_counter()
         episodes, failed, prefix = rollout(run, it, step)
         t_rollout = time.perf_counter() - t0
+        if signals.stop_now(run.accelerator):  # the batch is abandoned; a resume redoes it
+            return stop_early(run, step, signals, last_eval, bar)
 
         # ---- scoring: log pi_old and entropy from the student, log pi_T from the teacher
         t0 = time.perf_counter()
@@ -62,20 +84,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             chunk_size=tcfg.chunk_size)
         t_teacher = time.perf_counter() - t0
         gap = check_sync(run, episodes, tb, it)
+        floored = (floor_teacher_logprobs(tb, cfg.teacher.logp_floor)
+                   if run.teacher_scorer is not None else 0)
         stats = batch_stats(run, episodes, tb, flops_total, failed=failed, prefix=prefix,
-                                            diagnostics=diagnostics, gap=gap, t_rollout=t_rollout,
+                            diagnostics=diagnostics, gap=gap, t_rollout=t_rollout,
                             t_teacher=t_teacher)
+        stats["teacher_logp_floored"] = floored
 
         # ---- minibatch updates: several optimiser steps per rollout batch (rho != 1 after one)
         shuffle = torch.Generator().manual_seed(derived_seed(tcfg.seed, it, SHUFFLE, run.rank))
         for mb in torch.randperm(len(episodes), generator=shuffle).chunk(mbs):
             row = {"step": step + 1, **stats,
-                   **update(run, episodes, slices, tb, teach, mb.tolist(), step)}
+                   **update(run, episodes, slices, tb, teach, mb.tolist(), step, skips)}
             step += 1
             run.metrics_log.write(row)
             bar.update(1)
             if step % tcfg.log_every == 0 or step == total:
                 tqdm.write(summary_line(row, total))
+            if skips.in_row >= skips.max_in_row:
+                found = list_checkpoints(run.out / "checkpoints", report=False)
+                skips.stop(step, str(found[-1]) if found else None)
 
         # ---- weight sync: the next rollout samples from the updated student
         run.sampler.load_weights(run.model)
@@ -92,10 +120,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return {"run_dir": str(run.out), "eval": last_eval, "step": step}
 
 
-def rollout(run: Run, it: int, step: int) -> tuple[list[Episode], int, int]:
+def stop_early(run: Run, step: int, signals: StopSignals, last_eval: dict[str, Any] | None,
+               bar: Any) -> dict[str, Any]:
+    """Stop at a rollout-batch boundary after SIGTERM / SIGINT: checkpoint the weights of `step`
+    (unless that checkpoint exists already) so `trainer.resume=auto` continues from there."""
+    bar.close()
+    ckpt = run.out / "checkpoints" / f"step-{step}"
+    if run.main and step > 0 and ckpt not in list_checkpoints(ckpt.parent, report=False):
+        checkpoint(run, step)
+    run.accelerator.wait_for_everyone()
+    if run.main:
+        plot_curves(run.metrics_log.rows(), run.eval_log.rows(), run.out / "curves.png")
+    return {"run_dir": str(run.out), "eval": last_eval, "step": step,
+            "stopped": signals.received or "a stop signal on another rank",
+            "checkpoint": str(ckpt) if step > 0 else None}
+
+
+def rollout(run: Run, it: int, step: int) -> tuple[list[Episode], list[Episode], int]:
     """Rollout batch `it`: this rank's problems, `samples_per_prompt` episodes each (a teacher
-    cache replays its fixed episodes). Returns the episodes that started, how many failed to
-    start, and the reply length sampled (Prefix OPD)."""
+    cache replays its fixed episodes). Returns the episodes that started, those that failed to
+    start (their reset raised or timed out), and the reply length sampled (Prefix OPD)."""
     cfg, rcfg = run.cfg, run.cfg.rollout
     torch.manual_seed(derived_seed(cfg.trainer.seed, it, SAMPLING, run.rank))
     n_prompts, n = rcfg.prompts_per_batch, run.params.n
@@ -111,12 +155,13 @@ def rollout(run: Run, it: int, step: int) -> tuple[list[Episode], int, int]:
             teacher_view=cfg.teacher.view == "privileged" and run.objective.needs_teacher,
             views=("negative",) if run.negative_scorer else (),
             max_turns=_turn_limit(rcfg, step), max_episode_tokens=rcfg.max_episode_tokens,
-            parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id)
+            parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id,
+            env_timeout_s=rcfg.env_timeout_s)
     failed = [ep for ep in episodes if not ep.input_ids]  # reset or prompt rendering failed
     if len(failed) == len(episodes):
         raise RuntimeError(f"every episode of rollout batch {it} failed to start; first "
                            f"error: {failed[0].metadata.get('error')}")
-    return [ep for ep in episodes if ep.input_ids], len(failed), prefix
+    return [ep for ep in episodes if ep.input_ids], failed, prefix
 
 
 def check_sync(run: Run, episodes: list[Episode], tb: TokenBatch, it: int) -> dict[str, float]:
@@ -136,7 +181,7 @@ def check_sync(run: Run, episodes: list[Episode], tb: TokenBatch, it: int) -> di
 
 
 def batch_stats(run: Run, episodes: list[Episode], tb: TokenBatch, flops_total: dict[str, float],
-                *, failed: int, prefix: int, diagnostics: dict[str, float],
+                *, failed: list[Episode], prefix: int, diagnostics: dict[str, float],
                 gap: dict[str, float], t_rollout: float, t_teacher: float) -> dict[str, float]:
     """The rollout batch's metrics, logged with each of its optimiser steps (times per step);
     FLOPs cumulative, so runs compare at equal compute."""
@@ -146,7 +191,9 @@ def batch_stats(run: Run, episodes: list[Episode], tb: TokenBatch, flops_total: 
         "env_reward": float(tb.reward_E.mean()),
         "train_accuracy": sum(map(is_correct, episodes)) / len(episodes),
         "response_tokens": gen_tokens / len(episodes),
-        **episode_stats(episodes), "failed_episodes": failed, **diagnostics,
+        **episode_stats(episodes), "failed_episodes": len(failed),
+        "env_timeouts": sum(ep.stop_reason == STOP_TIMEOUT for ep in episodes + failed),
+        **diagnostics,
         "rollout_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
         "time_rollout_s": t_rollout / mbs, "time_teacher_s": t_teacher / mbs,
         "prefix_len": prefix, **gap,
@@ -162,26 +209,46 @@ def batch_stats(run: Run, episodes: list[Episode], tb: TokenBatch, flops_total: 
 
 
 def update(run: Run, episodes: list[Episode], slices: list[torch.Tensor], tb: TokenBatch,
-           teach: TokenScores, mb: list[int], step: int) -> dict[str, float]:
-    """One optimiser step on the minibatch `mb` (episode indices); returns its metrics."""
+           teach: TokenScores, mb: list[int], step: int, skips: SkipCounter) -> dict[str, float]:
+    """One optimiser step on the minibatch `mb` (episode indices); returns its metrics. A
+    minibatch with non-finite log-probs, loss or gradient norm is skipped (see faults)."""
     cfg = run.cfg
     t0 = time.perf_counter()
+    tok = torch.cat([slices[i] for i in mb])
+    bad = agreed(run.accelerator, nonfinite_inputs(tb, tok))
+    if any(bad):  # nothing to learn from: no forward, no backward
+        return _skipped(run, step, skips, [n for n, b in zip(INPUTS, bad) if b])
     plan = make_plan(run.objective, tb, step, cfg.trainer.steps, cfg.objective)
     out = accumulate_gradients(
         run.student, run.accelerator, [episodes[i] for i in mb], [slices[i] for i in mb], tb,
         plan, teach, run.objective, cfg, run.heads, run.tokenizer.pad_token_id)
-    grad_norm = run.accelerator.clip_grad_norm_(run.student.parameters(), cfg.optim.max_grad_norm)
+    grad_norm = float(run.accelerator.clip_grad_norm_(run.student.parameters(),
+                                                      cfg.optim.max_grad_norm))
+    bad = agreed(run.accelerator, [not math.isfinite(out.loss), not math.isfinite(grad_norm)])
+    if any(bad):
+        run.optimizer.zero_grad(set_to_none=True)
+        return {"loss": out.loss, "grad_norm": grad_norm,
+                **_skipped(run, step, skips, [n for n, b in zip(OUTPUTS, bad) if b])}
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    skips.good()
     if run.ema is not None:
         ema_update(run.ema, run.model, cfg.teacher.ema_decay)
     t_train = time.perf_counter() - t0
-    n_kept = max(int(plan.keep_N[torch.cat([slices[i] for i in mb])].sum()), 1)
+    n_kept = max(int(plan.keep_N[tok].sum()), 1)
     return {"loss": out.loss, **plan.metrics, "ratio_mean": out.ratio_sum / n_kept,
             **({"ratio_clipped_frac": out.clipped / n_kept} if cfg.objective.ratio_clip else {}),
-            "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0],
-            "train_tokens_per_s": out.tokens / max(t_train, 1e-9), "time_train_s": t_train}
+            "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0],
+            "train_tokens_per_s": out.tokens / max(t_train, 1e-9), "time_train_s": t_train,
+            "skipped_steps": skips.total}
+
+
+def _skipped(run: Run, step: int, skips: SkipCounter, what: list[str]) -> dict[str, float]:
+    """Count and report a skipped step; its metrics."""
+    skips.skip(step + 1, what)
+    return {"skipped": 1, **{f"nonfinite/{n}": 1 for n in what}, "skipped_steps": skips.total,
+            "lr": run.scheduler.get_last_lr()[0]}
 
 
 def run_eval(run: Run, step: int) -> dict[str, Any] | None:
@@ -194,7 +261,7 @@ def run_eval(run: Run, step: int) -> dict[str, Any] | None:
                    max_new_tokens=ecfg.max_new_tokens or rcfg.max_new_tokens,
                    batch_size=rcfg.batch_size, seed=cfg.trainer.seed, stop=rcfg.stop,
                    max_turns=rcfg.max_turns, max_episode_tokens=rcfg.max_episode_tokens,
-                   env_id=cfg.env.id, vision=run.vision)
+                   env_id=cfg.env.id, vision=run.vision, env_timeout_s=rcfg.env_timeout_s)
     row = {"step": step, **res}
     run.eval_log.write(row)
     tqdm.write(f"eval step {step}: " + ", ".join(
