@@ -61,8 +61,8 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any,
         _write(tmp, step, model, tokenizer, state, processor)
     except Exception as e:  # ENOSPC, EFBIG, a quota: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        newest = list_checkpoints(root, report=False)
-        kept = f"the newest complete checkpoint is {newest[-1]}" if newest else \
+        newest = newest_checkpoint(root, report=False)
+        kept = f"the newest complete checkpoint is {newest}" if newest else \
             "no earlier checkpoint exists"
         raise CheckpointError(f"could not write checkpoint step-{step} in {root}: "
                               f"{type(e).__name__}: {e}. Nothing was replaced: {kept}") from e
@@ -148,13 +148,18 @@ def list_checkpoints(root: Path, report: bool = True) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def newest_checkpoint(root: Path, report: bool = True) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    found = list_checkpoints(root, report)
+    return found[-1] if found else None
+
+
 def resolve_resume(resume: str, root: Path) -> Path | None:
     """"never" -> None; "auto" -> newest complete checkpoint or None; else an explicit dir."""
     if resume == "never":
         return None
     if resume == "auto":
-        found = list_checkpoints(root)
-        return found[-1] if found else None
+        return newest_checkpoint(root)
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"trainer.resume: {resume!r} is not a directory; use 'auto' or a "

@@ -31,7 +31,7 @@ from mmopd.rollout.toolcalls import make_parser
 from mmopd.teachers.ema import ema_update
 from mmopd.teachers.scorer import TokenScores
 from mmopd.training.assemble import Run, assemble
-from mmopd.training.checkpoint import list_checkpoints, save_checkpoint
+from mmopd.training.checkpoint import checkpoint_problem, newest_checkpoint, save_checkpoint
 from mmopd.training.faults import (
     INPUTS,
     OUTPUTS,
@@ -102,8 +102,8 @@ def _train(run: Run, signals: StopSignals) -> dict[str, Any]:
             if step % tcfg.log_every == 0 or step == total:
                 tqdm.write(summary_line(row, total))
             if skips.in_row >= skips.max_in_row:
-                found = list_checkpoints(run.out / "checkpoints", report=False)
-                skips.stop(step, str(found[-1]) if found else None)
+                newest = newest_checkpoint(run.out / "checkpoints", report=False)
+                skips.stop(step, str(newest) if newest else None)
 
         # ---- weight sync: the next rollout samples from the updated student
         run.sampler.load_weights(run.model)
@@ -126,7 +126,7 @@ def stop_early(run: Run, step: int, signals: StopSignals, last_eval: dict[str, A
     (unless that checkpoint exists already) so `trainer.resume=auto` continues from there."""
     bar.close()
     ckpt = run.out / "checkpoints" / f"step-{step}"
-    if run.main and step > 0 and ckpt not in list_checkpoints(ckpt.parent, report=False):
+    if run.main and step > 0 and (not ckpt.is_dir() or checkpoint_problem(ckpt) is not None):
         checkpoint(run, step)
     run.accelerator.wait_for_everyone()
     if run.main:
