@@ -12,8 +12,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_configure(config) -> None:
     """Under pytest-xdist (`make test` runs one worker per core) each worker computes on one
-    thread, so workers share the cores instead of oversubscribing them."""
+    thread, so workers share the cores instead of oversubscribing them. The CLI subprocesses a
+    worker starts inherit the same bound through OMP_NUM_THREADS: two of them spinning two
+    OpenMP threads each on two cores run many times slower than one thread each."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ["MKL_NUM_THREADS"] = "1"
         import torch
 
         torch.set_num_threads(1)
