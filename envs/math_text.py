@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
 import operator
 import os
 import random
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import gymnasium
 
 from .answers import check_answer
 from .registration import careless_rate, reset_index
+from .sources import DatasetError, is_file_source, load_source, source_spec
 from .spaces import text_space
 
 __all__ = [
@@ -184,86 +182,31 @@ def _test_questions(level: int, test_size: int) -> frozenset[str]:
 # ----------------------------------------------------------------------------- files
 
 
-class DatasetError(ValueError):
-    """A problem file that cannot be loaded; the message names the file, row and field."""
-
-
-_JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
-_PARQUET_SUFFIXES = (".parquet", ".pq")
-
-
-def _field(row: Any, key: str, where: str, required: bool) -> str | None:
-    value = row.get(key) if isinstance(row, dict) else None
-    if value is None:
-        if required:
-            raise DatasetError(f"{where}: missing field {key!r}")
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise DatasetError(
-            f"{where}: field {key!r} must be a string or a number, got {type(value).__name__}"
-        )
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise DatasetError(f"{where}: field {key!r} is {value}")
-        value = int(value) if value.is_integer() else value  # 3.0 -> "3", the natural gold
-    text = str(value).strip()
-    if not text and required:
-        raise DatasetError(f"{where}: field {key!r} is an empty string")
-    return text or None
-
-
-def _read_rows(path: Path) -> list[tuple[int, Any]]:
-    """(1-based row number, record): the line number for JSON lines, the row for parquet."""
-    suffix = path.suffix.lower()
-    if suffix in _PARQUET_SUFFIXES:
-        import pyarrow.parquet as pq  # imported lazily: only file-backed envs need pyarrow
-
-        try:
-            return list(enumerate(pq.read_table(path).to_pylist(), start=1))
-        except Exception as e:  # corrupt file, not parquet at all, ...
-            raise DatasetError(f"{path}: cannot read parquet file ({e})") from e
-    if suffix not in _JSONL_SUFFIXES:
-        supported = ", ".join(_JSONL_SUFFIXES + _PARQUET_SUFFIXES)
-        raise DatasetError(f"{path}: unknown file type {suffix!r}; supported: {supported}")
-    rows = []
-    try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue  # blank lines (e.g. a trailing newline) are not rows
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from e
-                if not isinstance(record, dict):
-                    raise DatasetError(f"{path}: line {lineno}: expected a JSON object")
-                rows.append((lineno, record))
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not UTF-8 text ({e})") from e
-    return rows
-
-
 def load_problems(
-    path: str | os.PathLike[str],
+    source: str | os.PathLike[str],
     question_key: str = "question",
     answer_key: str = "answer",
     solution_key: str = "solution",
+    *,
+    subset: str | None = None,
+    split: str | None = None,
+    preset: str | None = None,
+    fields: dict[str, str] | None = None,
 ) -> list[Problem]:
-    """Problems from a .jsonl or .parquet file; ids are "<file name>:<row>" (1-based rows)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
-    kind = "line" if path.suffix.lower() in _JSONL_SUFFIXES else "row"
-    problems = []
-    for row_no, record in _read_rows(path):
-        where = f"{path}: {kind} {row_no}"
-        question = _field(record, question_key, where, required=True)
-        answer = _field(record, answer_key, where, required=True)
-        solution = _field(record, solution_key, where, required=False)
-        problems.append(Problem(question, answer, solution, f"{path.name}:{row_no}"))
-    if not problems:
-        raise DatasetError(f"{path}: the dataset is empty (no problems)")
-    return problems
+    """Problems from a source (`envs/sources.py`: a hub dataset id, a save_to_disk folder,
+    Parquet, CSV or JSON lines). `fields` (or a preset) maps columns; the *_key arguments are
+    the older spelling of fields.question / answer / solution. Ids are "<name>:<row>"."""
+    keys = {"question": question_key, "answer": answer_key, "solution": solution_key}
+    if preset is None:
+        fields = {**{k: v for k, v in keys.items() if v != k}, **(fields or {})}
+    loaded = load_source(source_spec(source, subset=subset, split=split, preset=preset,
+                                     fields=fields))
+    return [_problem(r) for r in loaded.rows]
+
+
+def _problem(row: dict[str, Any]) -> Problem:
+    return Problem(row["question"], row["answer"], row.get("solution"),
+                   str(row.get("id") or row["where"]))
 
 
 # ----------------------------------------------------------------------------- env
@@ -278,7 +221,11 @@ class MathTextEnv(gymnasium.Env):
     """One math problem per episode: reset() gives the question, step(reply) grades the reply.
 
     source="synthetic" generates arithmetic (split "train": endless, never a test question;
-    split "test": a fixed held-out set of test_size problems); a file path loads problems.
+    split "test": a fixed held-out set of test_size problems). Any other source is a dataset
+    (`envs/sources.py`): a hub id (with `subset`), a save_to_disk folder, Parquet, CSV or JSON
+    lines; `preset` ("gsm8k", "math", "math500", "aime") or `fields` maps its columns. The
+    dataset's split is `source_split`, else `split` when the dataset has splits; a single-split
+    source (a file) serves its rows to both splits.
     `careless` > 0 makes info["solution"] (the demonstration `mmopd sft` trains on) a careless
     solver's: each carry or borrow is forgotten with that probability. Grading and the
     teacher's reference-solution view stay exact.
@@ -297,9 +244,13 @@ class MathTextEnv(gymnasium.Env):
         answer_key: str = "answer",
         solution_key: str = "solution",
         careless: float = 0.0,
+        subset: str | None = None,
+        source_split: str | None = None,
+        preset: str | None = None,
+        fields: dict[str, str] | None = None,
     ) -> None:
         if not isinstance(source, (str, os.PathLike)) or not str(source):
-            raise ValueError(f"source must be 'synthetic' or a file path, got {source!r}")
+            raise ValueError(f"source must be 'synthetic', a dataset id or a path, got {source!r}")
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         _check_level(level)
@@ -318,11 +269,20 @@ class MathTextEnv(gymnasium.Env):
         self.system_prompt, self.test_size = system_prompt, test_size
 
         self._problems: tuple[Problem, ...] | None
+        self.row_errors: tuple[str, ...] = ()  # every skipped row of a dataset, "name:row: why"
         if self.source == "synthetic":
             self._problems = _test_set(level, test_size) if split == "test" else None
             self.observation_space = text_space()
         else:
-            self._problems = tuple(load_problems(source, question_key, answer_key, solution_key))
+            if fields is not None and not isinstance(fields, dict):
+                raise ValueError(f"fields must be a mapping of names to columns, got {fields!r}")
+            keys = {"question": question_key, "answer": answer_key, "solution": solution_key}
+            fields = {**{k: v for k, v in keys.items() if v != k}, **(fields or {})}
+            spec = source_spec(source, subset=subset, preset=preset, fields=fields,
+                               split=source_split or (None if is_file_source(source) else split))
+            loaded = load_source(spec)
+            self.row_errors = loaded.errors
+            self._problems = tuple(_problem(r) for r in loaded.rows)
             # Widen the space to the file's own characters/lengths: observations must be in it.
             questions = [p.question for p in self._problems]
             self.observation_space = text_space(

@@ -287,45 +287,52 @@ def test_parquet_loading(tmp_path) -> None:
     pq.write_table(pa.table({"question": ["2+2=", "3*3="], "answer": [4, 9]}), path)
     problems = load_problems(str(path))
     assert [(p.question, p.answer, p.id) for p in problems] == [
-        ("2+2=", "4", "p.parquet:1"),
-        ("3*3=", "9", "p.parquet:2"),
+        ("2+2=", "4", "p.parquet:0"),
+        ("3*3=", "9", "p.parquet:1"),
     ]
-    bad = tmp_path / "bad.parquet"
+    bad = tmp_path / "bad.parquet"  # a bad row is skipped, counted and named by its index
     pq.write_table(pa.table({"question": ["a", None], "answer": ["1", "2"]}), bad)
-    with pytest.raises(DatasetError, match=r"bad.parquet: row 2: missing field 'question'"):
-        load_problems(bad)
+    with pytest.warns(UserWarning, match=r"skipped 1 unusable row\(s\) of 2: bad.parquet:1: "
+                      r"missing field 'question'"):
+        assert [p.question for p in load_problems(bad)] == ["a"]
     lists = tmp_path / "lists.parquet"
     pq.write_table(pa.table({"question": ["a"], "answer": [[1, 2]]}), lists)
-    with pytest.raises(DatasetError, match=r"row 1: field 'answer' must be a string or a number"):
+    with pytest.raises(DatasetError, match=r"no usable row of 1(.|\n)*lists.parquet:0: field "
+                       r"'answer' must be a non-empty string or a number"):
         load_problems(lists)
 
 
 @pytest.mark.parametrize(
     ("lines", "pattern"),
     [
-        (['{"question": "q", "answer": "1"}', "{not json"], r"p.jsonl: line 2: invalid JSON"),
-        (['{"question": "q"}'], r"line 1: missing field 'answer'"),
-        (['{"question": "q", "answer": [1]}'], r"line 1: field 'answer' must be a string or a"),
-        (['{"question": "", "answer": "1"}'], r"line 1: field 'question' is an empty string"),
-        (['{"question": "q", "answer": true}'], r"line 1: field 'answer' must be a string or"),
-        (['["q", "1"]'], r"line 1: expected a JSON object"),
-        (["", "  "], r"dataset is empty"),
+        (["{not json"], r"p.jsonl:1: invalid JSON"),
+        (['{"question": "q"}'], r"p.jsonl:1: missing field 'answer'"),
+        (['{"question": "q", "answer": [1]}'], r"p.jsonl:1: field 'answer' must be a non-empty"),
+        (['{"question": "", "answer": "1"}'], r"p.jsonl:1: field 'question' must be a non-"),
+        (['{"question": "q", "answer": true}'], r"p.jsonl:1: field 'answer' must be a non-empty"),
+        (['["q", "1"]'], r"p.jsonl:1: expected a JSON object"),
+        (["", "  "], r"no usable row of 0(.|\n)*the source has no rows"),
     ],
 )
 def test_malformed_jsonl(tmp_path, lines: list[str], pattern: str) -> None:
     path = _jsonl(tmp_path, lines)
-    with pytest.raises(DatasetError, match=pattern):
+    with pytest.raises(DatasetError, match=pattern):  # every row bad: one error
         load_problems(path)
     with pytest.raises(ValueError, match=pattern):  # same error through the env constructor
         MathTextEnv(source=str(path))
+    if lines[0].strip():  # beside a good row, the same line is skipped and reported
+        good = _jsonl(tmp_path, ['{"question": "1+1=", "answer": 2}', *lines], "g.jsonl")
+        with pytest.warns(UserWarning, match="skipped 1 unusable row"):
+            env = MathTextEnv(source=str(good))
+        assert env.num_problems == 1 and len(env.row_errors) == 1
+        assert env.row_errors[0].startswith("g.jsonl:2: ")
 
 
-def test_missing_file_and_unknown_extension(tmp_path) -> None:
+def test_missing_file_and_unknown_folder(tmp_path) -> None:
     with pytest.raises(DatasetError, match="no such file"):
         load_problems(tmp_path / "nope.jsonl")
-    (tmp_path / "p.csv").write_text("question,answer\n1+1=,2\n")
-    with pytest.raises(DatasetError, match=r"unknown file type '.csv'.*\.jsonl"):
-        load_problems(tmp_path / "p.csv")
+    with pytest.raises(DatasetError, match="not one written by datasets' save_to_disk"):
+        load_problems(tmp_path)
 
 
 # ----------------------------------------------------------------------------- grading

@@ -1,0 +1,346 @@
+"""Problem sources: Hugging Face datasets (hub ids, `save_to_disk` folders, Parquet, CSV) and
+JSON-lines files, mapped onto one row shape by a preset or a `fields` mapping.
+
+A source gives canonical rows: question, answer, and optionally solution, image(s), bbox, id.
+`fields` maps each canonical name to a column of the data; a preset names the columns of a
+common format and derives what the format stores indirectly (GSM8K's answer after "####",
+MATH's `\\boxed{}` answer inside the solution). Hub ids, `save_to_disk` folders, Parquet and CSV
+load through `datasets`; JSON lines are read line by line (datasets' JSON reader refuses a
+column that mixes numbers and strings, which hand-written files often do, and cannot name the
+line of an error).
+
+A row that cannot be used (no question, no answer, an answer a preset cannot parse) is skipped,
+counted and reported with its index; a source where every row is bad is one `DatasetError`.
+Loaded sources are cached per process: an env pool of 64 instances reads its file once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .answers import last_boxed
+
+CANONICAL = ("question", "answer", "solution", "image", "images", "bbox", "id")
+JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
+_DATASETS_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json"}
+_SHOWN = 5  # bad rows named in a warning or error
+
+
+class DatasetError(ValueError):
+    """A source that cannot be loaded or has no usable row; the message names the source."""
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _text(value: Any) -> str | None:
+    """A scalar cell as stripped text (3.0 -> "3"); None for missing, empty, lists, NaN."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        value = int(value) if value.is_integer() else value
+    if not isinstance(value, (str, int, float)):
+        return None
+    return str(value).strip() or None
+
+
+_GSM8K_CALC = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations: "48/2 = <<48/2=24>>24"
+
+
+def _gsm8k(row: dict[str, Any]) -> dict[str, Any]:
+    text = _text(row.get("answer"))
+    if text is None or "####" not in text:
+        raise ValueError("the answer has no '#### <number>' line (GSM8K format)")
+    reasoning, _, final = text.rpartition("####")
+    final = final.strip().replace(",", "")
+    if not final:
+        raise ValueError("nothing after '####' in the answer")
+    steps = _GSM8K_CALC.sub("", reasoning).strip()
+    return {**row, "answer": final, "solution": f"{steps}\n\\boxed{{{final}}}".strip()}
+
+
+def _math(row: dict[str, Any]) -> dict[str, Any]:
+    answer = _text(row.get("answer"))  # MATH-500 stores it; MATH keeps it boxed in the solution
+    solution = _text(row.get("solution"))
+    if answer is None and solution is not None:
+        answer = last_boxed(solution)
+        answer = answer.strip() if answer else None
+    if answer is None:
+        raise ValueError("no answer column and no \\boxed{} answer in the solution (MATH format)")
+    return {**row, "answer": answer}
+
+
+def _aime(row: dict[str, Any]) -> dict[str, Any]:
+    answer = _text(row.get("answer"))
+    if answer is None:
+        raise ValueError("no answer")
+    boxed = last_boxed(answer)
+    answer = (boxed or answer).strip()
+    if not re.fullmatch(r"\d+", answer):
+        raise ValueError(f"the answer {answer!r} is not a non-negative integer (AIME format)")
+    return {**row, "answer": str(int(answer))}  # "033" -> "33"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Column names of a common format (first present column wins) and what it derives."""
+
+    fields: Mapping[str, tuple[str, ...]]
+    derive: Callable[[dict[str, Any]], dict[str, Any]] | None
+    doc: str
+
+
+PRESETS: dict[str, Preset] = {
+    "gsm8k": Preset({"question": ("question",), "answer": ("answer",)}, _gsm8k,
+                    "openai/gsm8k (subset main): the answer follows '####' in the worked "
+                    "solution; the solution (calculator notes removed) is the teacher's view"),
+    "math": Preset({"question": ("problem",), "answer": ("answer",),
+                    "solution": ("solution",)}, _math,
+                   "MATH (e.g. EleutherAI/hendrycks_math): the answer is the last \\boxed{} "
+                   "of the solution, or the answer column where there is one"),
+    "math500": Preset({"question": ("problem",), "answer": ("answer",),
+                       "solution": ("solution",)}, _math,
+                      "HuggingFaceH4/MATH-500 (only a test split): problem, answer, solution"),
+    "aime": Preset({"question": ("problem", "question"), "answer": ("answer",),
+                    "solution": ("solution",)}, _aime,
+                   "AIME-style sets (e.g. AI-MO/aimo-validation-aime): integer answers 0-999"),
+    "vqa": Preset({"question": ("question",), "answer": ("answer",), "image": ("image",),
+                   "images": ("images",), "bbox": ("bbox",)}, None,
+                  "visual QA with a datasets Image column 'image' (or a list 'images'), "
+                  "'question', 'answer' and an optional 'bbox' [x0, y0, x1, y1]"),
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """Where rows come from and how their columns map (hashable: the load cache's key)."""
+
+    source: str
+    subset: str | None = None
+    split: str | None = None  # the dataset's split; None: the only one, or "train"
+    preset: str | None = None
+    fields: tuple[tuple[str, str], ...] = ()  # (canonical, column)
+
+    @property
+    def name(self) -> str:
+        base = Path(self.source).name if _looks_local(self.source) else self.source
+        return base + (f"[{self.split}]" if self.split else "")
+
+
+def source_spec(source: str | os.PathLike[str], *, subset: str | None = None,
+                split: str | None = None, preset: str | None = None,
+                fields: Mapping[str, str] | None = None) -> SourceSpec:
+    """Validate the arguments (no I/O): unknown presets and canonical names fail here."""
+    if preset is not None and preset not in PRESETS:
+        raise DatasetError(f"unknown preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
+    fields = dict(fields or {})
+    bad = [k for k in fields if k not in CANONICAL]
+    if bad:
+        raise DatasetError(f"fields: unknown name(s) {bad}; fields maps {', '.join(CANONICAL)} "
+                           "to columns of the data")
+    for k, v in fields.items():
+        if not isinstance(v, str) or not v:
+            raise DatasetError(f"fields.{k} must be a column name, got {v!r}")
+    for name, value in (("subset", subset), ("split", split)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise DatasetError(f"{name} must be a non-empty string, got {value!r}")
+    return SourceSpec(str(source), subset, split, preset, tuple(sorted(fields.items())))
+
+
+def is_file_source(source: str | os.PathLike[str]) -> bool:
+    """A single file (one split, served to both of an env's splits), not a hub id or folder."""
+    suffix = Path(str(source)).suffix.lower()
+    return suffix in JSONL_SUFFIXES or suffix in _DATASETS_SUFFIXES
+
+
+def _looks_local(source: str) -> bool:
+    return (os.path.exists(source) or source.startswith((".", "/", "~"))
+            or Path(source).suffix.lower() in (*JSONL_SUFFIXES, *_DATASETS_SUFFIXES))
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    """(line number, record) of each non-blank line; a line that is not JSON is a None record."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e})") from e
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                rows.append((lineno, ValueError(f"invalid JSON ({e.msg})")))
+    return rows
+
+
+def _pick_split(data: Any, spec: SourceSpec) -> Any:
+    import datasets
+
+    if not isinstance(data, datasets.DatasetDict):
+        return data
+    if spec.split is None:
+        if len(data) == 1:
+            return next(iter(data.values()))
+        if "train" in data:
+            return data["train"]
+    elif spec.split in data:
+        return data[spec.split]
+    raise DatasetError(f"{spec.source}: no split {spec.split!r}; its splits: "
+                       f"{', '.join(data)} (set the env's source_split)")
+
+
+def _load_datasets(spec: SourceSpec) -> Any:
+    """A `datasets.Dataset` for a hub id, a save_to_disk folder, or a Parquet / CSV / JSON file."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    src = spec.source
+    path = Path(src).expanduser()
+    try:
+        if path.is_dir():
+            if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+                return _pick_split(datasets.load_from_disk(str(path)), spec)
+            raise DatasetError(f"{src}: a folder, but not one written by datasets' save_to_disk "
+                               "(no dataset_dict.json or state.json)")
+        suffix = path.suffix.lower()
+        if suffix in _DATASETS_SUFFIXES:
+            if not path.is_file():
+                raise DatasetError(f"{src}: no such file")
+            return datasets.load_dataset(_DATASETS_SUFFIXES[suffix], data_files=str(path),
+                                         split="train")
+        if _looks_local(src):
+            raise DatasetError(f"{src}: no such file or folder")
+        return _pick_split(datasets.load_dataset(src, spec.subset), spec)
+    except DatasetError:
+        raise
+    except ConnectionError as e:
+        hint = ("HF_HUB_OFFLINE is set and the dataset is not in the local cache"
+                if os.environ.get("HF_HUB_OFFLINE") else "the Hugging Face Hub cannot be reached")
+        raise DatasetError(f"{src}: {hint} ({e}); download it where there is a network "
+                           "(datasets' save_to_disk) and pass that folder as the source") from e
+    except Exception as e:  # not found, bad subset, a corrupt file: the library's own words
+        raise DatasetError(f"{src}: cannot load ({type(e).__name__}: {e})") from e
+
+
+def _records(spec: SourceSpec) -> tuple[list[tuple[str, Any]], list[str]]:
+    """(where, record) pairs and the source's column names."""
+    path = Path(spec.source).expanduser()
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        if not path.is_file():
+            raise DatasetError(f"{spec.source}: no such file")
+        rows = _read_jsonl(path)
+        columns = sorted({k for _, r in rows if isinstance(r, dict) for k in r})
+        return [(f"{path.name}:{n}", r) for n, r in rows], columns
+    data = _load_datasets(spec)
+    return [(f"{spec.name}:{i}", r) for i, r in enumerate(data)], list(data.column_names)
+
+
+def _mapping(spec: SourceSpec, columns: list[str]) -> dict[str, str]:
+    """canonical name -> column; a `fields` entry naming a missing column is an error."""
+    explicit = dict(spec.fields)
+    missing = {k: v for k, v in explicit.items() if v not in columns}
+    if missing and columns:
+        raise DatasetError(f"{spec.source}: fields name column(s) the data does not have: "
+                           + ", ".join(f"{k}={v!r}" for k, v in missing.items())
+                           + f"; its columns: {', '.join(columns)}")
+    out: dict[str, str] = {}
+    preset = PRESETS[spec.preset] if spec.preset else None
+    for name in CANONICAL:
+        if name in explicit:
+            out[name] = explicit[name]
+        elif preset is not None:
+            found = [c for c in preset.fields.get(name, ()) if c in columns]
+            if found:
+                out[name] = found[0]
+        elif name in columns:
+            out[name] = name
+    if not columns:  # no row is an object (JSON lines): each row reports its own problem
+        return {name: explicit.get(name, name) for name in CANONICAL}
+    if "question" not in out:
+        raise DatasetError(f"{spec.source}: no question column (its columns: "
+                           f"{', '.join(columns) or 'none'}); map one with fields.question")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    rows: tuple[dict[str, Any], ...]  # canonical rows, each with "where" ("name:index")
+    errors: tuple[str, ...]  # "where: problem" for each skipped row
+    total: int
+
+
+@functools.lru_cache(maxsize=16)
+def _load(spec: SourceSpec, required: tuple[str, ...], stamp: float) -> Loaded:
+    records, columns = _records(spec)
+    mapping = _mapping(spec, columns)
+    derive = PRESETS[spec.preset].derive if spec.preset else None
+    rows, errors = [], []
+    for where, record in records:
+        try:
+            if isinstance(record, Exception):
+                raise record
+            if not isinstance(record, dict):
+                raise ValueError("expected a JSON object")
+            row = {name: record.get(col) for name, col in mapping.items()}
+            if derive is not None:
+                row = derive(row)
+            for name in ("question", "answer", "solution"):
+                if name in row and row[name] is not None:
+                    text = _text(row[name])
+                    if text is None and name in required:
+                        raise ValueError(f"field {name!r} must be a non-empty string or a "
+                                         f"number, got {row[name]!r}")
+                    row[name] = text
+            absent = [n for n in required if row.get(n) is None]
+            if absent:
+                raise ValueError(f"missing field {absent[0]!r}"
+                                 + (f" (column {mapping[absent[0]]!r})" if absent[0] in mapping
+                                    else ""))
+            rows.append({**row, "where": where})
+        except ValueError as e:
+            errors.append(f"{where}: {e}")
+    if not rows:
+        shown = "\n  ".join(errors[:_SHOWN]) or "the source has no rows"
+        raise DatasetError(f"{spec.source}: no usable row of {len(records)}; first problems:"
+                           f"\n  {shown}")
+    return Loaded(tuple(rows), tuple(errors), len(records))
+
+
+def _stamp(source: str) -> float:
+    """Modification time of a local source (a changed file is read again), 0 for hub ids."""
+    try:
+        return os.stat(Path(source).expanduser()).st_mtime
+    except OSError:
+        return 0.0
+
+
+_reported: set[tuple[SourceSpec, float]] = set()
+
+
+def load_source(spec: SourceSpec, required: Iterable[str] = ("question", "answer")) -> Loaded:
+    """The usable rows of a source; skipped rows are warned about once per process."""
+    stamp = _stamp(spec.source)
+    loaded = _load(spec, tuple(required), stamp)
+    if loaded.errors and (spec, stamp) not in _reported:
+        _reported.add((spec, stamp))
+        more = len(loaded.errors) - _SHOWN
+        warnings.warn(f"{spec.source}: skipped {len(loaded.errors)} unusable row(s) of "
+                      f"{loaded.total}: " + "; ".join(loaded.errors[:_SHOWN])
+                      + (f"; ... and {more} more" if more > 0 else "")
+                      + " (all of them: env.unwrapped.row_errors)", stacklevel=3)
+    return loaded
