@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .base import _check
+from .base import ConfigError, _check
 
 
 @dataclass
@@ -73,6 +73,9 @@ class TrainerConfig:
     # optimiser steps skipped in a row (NaN/inf log-probs, loss or gradient norm) before the run
     # stops with an error
     max_skipped_steps: int = 3
+    # experiment trackers: "auto" (tensorboard when installed), "none", or a list of
+    # tensorboard / wandb / trackio / mlflow; metrics.jsonl and eval.jsonl are written either way
+    report_to: str | list[str] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "trainer.steps", "must be positive")
@@ -80,3 +83,9 @@ class TrainerConfig:
         _check(self.chunk_size > 0, "trainer.chunk_size", "must be positive")
         _check(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
         _check(self.max_skipped_steps >= 1, "trainer.max_skipped_steps", "must be >= 1")
+        from mmopd.training.tracking import resolve_report_to
+
+        try:  # a missing tracker package fails here, before any model loads
+            resolve_report_to(self.report_to)
+        except ValueError as e:
+            raise ConfigError(f"trainer.report_to: {e}") from None

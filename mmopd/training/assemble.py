@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from mmopd.config import TrainConfig, dump_yaml
+from mmopd.config import TrainConfig, dump_yaml, to_dict
 from mmopd.envs import import_env_modules, make_env
 from mmopd.logprobs import lm_head_fn
 from mmopd.models import (
@@ -44,6 +44,7 @@ from mmopd.training.checkpoint import load_state, load_student, resolve_resume, 
 from mmopd.training.losses import Heads
 from mmopd.training.metrics import JsonlLog
 from mmopd.training.optim import make_accelerator, make_optimizer, make_scheduler
+from mmopd.training.tracking import PROJECT, flat_config, init_kwargs, resolve_report_to, scalars
 from mmopd.vision import VisionProcessor
 
 
@@ -98,7 +99,8 @@ def assemble(cfg: TrainConfig) -> Run:
     tcfg, rcfg = cfg.trainer, cfg.rollout
     out = Path(tcfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(tcfg.bf16)
+    trackers = resolve_report_to(tcfg.report_to)
+    accelerator = make_accelerator(tcfg.bf16, trackers, str(out))
     device = accelerator.device
     set_seed(tcfg.seed)
     objective = OBJECTIVES[cfg.objective.name]
@@ -157,6 +159,9 @@ def assemble(cfg: TrainConfig) -> Run:
     main = accelerator.is_main_process
     if main:
         (out / "config.yaml").write_text(dump_yaml(cfg))
+    if trackers:  # accelerate logs on the main process only
+        accelerator.init_trackers(PROJECT, config=flat_config(to_dict(cfg)),
+                                  init_kwargs=init_kwargs(trackers, out))
     resumed_at = start_step if resume_dir else None
 
     negative_scorer = (HFScorer(t_model, tokenizer.pad_token_id, view="negative",
@@ -196,8 +201,17 @@ def assemble(cfg: TrainConfig) -> Run:
         n_student=sum(p.numel() for p in model.parameters()),
         n_teacher=sum(p.numel() for p in t_model.parameters()) if t_model is not None else 0,
         start_step=start_step,
-        metrics_log=JsonlLog(out / "metrics.jsonl", resumed_at, enabled=main),
-        eval_log=JsonlLog(out / "eval.jsonl", resumed_at, enabled=main))
+        metrics_log=JsonlLog(out / "metrics.jsonl", resumed_at, enabled=main,
+                             mirror=_tracked(accelerator, "") if trackers else None),
+        eval_log=JsonlLog(out / "eval.jsonl", resumed_at, enabled=main,
+                          mirror=_tracked(accelerator, "eval/") if trackers else None))
+
+
+def _tracked(accelerator: Any, prefix: str) -> Any:
+    """A JsonlLog mirror that hands each row's numbers to the experiment trackers."""
+    def log(row: dict[str, Any]) -> None:
+        accelerator.log(scalars(row, prefix), step=int(row["step"]))
+    return log
 
 
 def _teacher(cfg: TrainConfig, objective: Objective, student: torch.nn.Module, tokenizer: Any,

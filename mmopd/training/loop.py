@@ -50,8 +50,11 @@ from mmopd.training.warmup import off_policy_warmup
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run on-policy distillation as configured; returns the final eval and the run directory."""
     run = assemble(cfg)
-    with StopSignals() as signals:
-        return _train(run, signals)
+    try:
+        with StopSignals() as signals:
+            return _train(run, signals)
+    finally:
+        run.accelerator.end_training()  # flushes and closes the experiment trackers
 
 
 def _train(run: Run, signals: StopSignals) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ def _clean(v: Any) -> Any:
 class JsonlLog:
     """Append-only JSON lines keyed by "step"; on resume, lines after the resumed step go."""
 
-    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True) -> None:
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True,
+                 mirror: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.path = path
         self.enabled = enabled  # False on non-main ranks: nothing is written
+        self.mirror = mirror  # also gets every row (the experiment trackers)
         if not enabled:
             return
         if resume_step is None:
@@ -36,6 +39,8 @@ class JsonlLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        if self.mirror is not None:
+            self.mirror(row)
 
     def rows(self) -> list[dict[str, Any]]:
         """The logged rows; a line cut short (a process killed mid-write, a full disk) is left

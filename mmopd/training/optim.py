@@ -7,18 +7,22 @@ import os
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, ProjectConfiguration
 from transformers import get_scheduler
 
 from mmopd.config import ConfigError, OptimConfig
 
 
-def make_accelerator(bf16: bool = False) -> Accelerator:
+def make_accelerator(bf16: bool = False, log_with: list[str] | None = None,
+                     project_dir: str | None = None) -> Accelerator:
     """An Accelerator for one run. Its precision state is a process-wide singleton in accelerate;
     it is reset first so that several runs in one process (a notebook, the demo, tests) may use
     different precisions. The distributed state (PartialState) is kept."""
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    accelerator = Accelerator(
+        mixed_precision="bf16" if bf16 else "no", log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir, os.path.join(project_dir, "tensorboard"))
+        if project_dir else None)
     check_launch(accelerator)
     return accelerator
 
