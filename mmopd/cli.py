@@ -1,4 +1,4 @@
-"""The `mmopd` command: train, sft, eval, demo, envs, objectives, tokenizer."""
+"""The `mmopd` command: train, sft, eval, compare, export, demo, envs, objectives, tokenizer."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ def _config_error(msg: str) -> Exception:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from mmopd.compare import CompareError
     from mmopd.config import ConfigError
     from mmopd.demo import DemoPremiseError
     from mmopd.envs.math_text import DatasetError
     from mmopd.envs.registration import EnvNotFoundError
+    from mmopd.export import ExportError
     from mmopd.models import ModelLoadError
     from mmopd.rollout.agent_loop import EnvContractError
     from mmopd.rollout.render import RenderError
@@ -30,7 +32,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
     return (ConfigError, ModelLoadError, CheckpointError, RenderError, EnvContractError,
             SFTDataError, DatasetError, EnvNotFoundError, CacheError, DemoPremiseError,
-            ServedTeacherError, NonFiniteError)
+            ServedTeacherError, NonFiniteError, CompareError, ExportError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,12 +55,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="directory for teacher_cache.pt")
     c.add_argument("--batches", type=int, default=8, help="rollout batches to cache")
 
-    e = sub.add_parser("eval", help="greedy accuracy / pass@k of a model on an env")
+    e = sub.add_parser("eval", help="greedy accuracy, pass@k and maj@k of a model on an env; "
+                       "every generation to a JSONL")
     e.add_argument("model", help="hub name or save_pretrained directory")
     e.add_argument("--env", default="mmopd/MathText-v0")
     e.add_argument("--env-kwargs", default='{"split": "test"}', help="JSON kwargs for the env")
+    e.add_argument("--source", help="the env's problems: a hub dataset id, a save_to_disk "
+                   "folder, or a Parquet / CSV / JSONL file (env kwarg source)")
+    e.add_argument("--preset", help="column preset of the source: gsm8k, math, math500, aime, "
+                   "vqa")
+    e.add_argument("--subset", help="the hub dataset's subset (config name), e.g. main")
     e.add_argument("--num-problems", type=int, default=200)
-    e.add_argument("--pass-k", type=int, default=0)
+    e.add_argument("--samples", "--pass-k", dest="pass_k", type=int, default=0,
+                   help="sampled replies per problem for pass@n and maj@n (0: greedy only)")
+    e.add_argument("--temperature", type=float, default=1.0, help="of the sampled replies")
+    e.add_argument("--out", help="JSONL of every generation (default: runs/eval/MODEL.jsonl)")
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--max-turns", type=int, default=8, help="assistant turns (multi-turn envs)")
     e.add_argument("--env-timeout", type=float, default=60.0,
@@ -74,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="the distillation stage's rollout engine (vllm: needs vLLM installed)")
     d.add_argument("--seed", type=int, default=0,
                    help="moves every seed of the world (both models and the distillation run)")
+
+    x = sub.add_parser("export", help="a checkpoint as a clean save_pretrained folder with a "
+                       "model card")
+    x.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N")
+    x.add_argument("--out", required=True, help="a new (or empty) folder")
+    x.add_argument("--push-to-hub", metavar="REPO", help="also upload the folder to this hub "
+                   "repository (huggingface_hub; needs a login)")
+
+    m = sub.add_parser("compare", help="problems whose greedy answer flipped between two "
+                       "`mmopd eval` files")
+    m.add_argument("a", help="the earlier eval JSONL (e.g. before distillation)")
+    m.add_argument("b", help="the later one")
 
     sub.add_parser("envs", help="list registered environments").add_argument(
         "--import", dest="imports", action="append", default=[],
@@ -156,24 +179,18 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
         return 0
     if args.cmd == "eval":
-        from mmopd.config import ConfigError, ModelConfig
-        from mmopd.envs import make_env
-        from mmopd.models import load_model, load_tokenizer, load_vision
-        from mmopd.rollout.evaluate import EnvPool, evaluate
+        return _eval(args)
+    if args.cmd == "export":
+        from mmopd.export import export
 
-        try:
-            kwargs = json.loads(args.env_kwargs)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--env-kwargs: not JSON: {e}") from None
-        cfg = ModelConfig(path=args.model)
-        tok = load_tokenizer(cfg)
-        vision = load_vision(cfg, tok)
-        pool = EnvPool(lambda: make_env(args.env, **kwargs))
-        res = evaluate(load_model(cfg, tok, vision=vision), tok, pool,
-                       num_problems=args.num_problems, pass_k=args.pass_k,
-                       max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
-                       env_id=args.env, vision=vision, env_timeout_s=args.env_timeout)
-        print(json.dumps(res))
+        out = export(args.checkpoint, args.out, args.push_to_hub)
+        print(f"wrote {out}" + (f"; uploaded to {args.push_to_hub}" if args.push_to_hub else ""))
+        return 0
+    if args.cmd == "compare":
+        from mmopd.compare import compare, format_comparison, read_records
+
+        a, b = read_records(args.a), read_records(args.b)
+        print(format_comparison(a, b, compare(a, b), (args.a, args.b)))
         return 0
     if args.cmd == "demo":
         from mmopd.demo import run_demo
@@ -182,6 +199,45 @@ def _run(args: argparse.Namespace) -> int:
                  seed=args.seed)
         return 0
     raise AssertionError(args.cmd)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mmopd.config import ConfigError, ModelConfig
+    from mmopd.envs import make_env
+    from mmopd.rollout.evaluate import EnvPool, evaluation_episodes, records, summarise
+
+    try:
+        kwargs = json.loads(args.env_kwargs)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--env-kwargs: not JSON: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"--env-kwargs: expected a JSON object, got {args.env_kwargs}")
+    kwargs.update({k: v for k, v in (("source", args.source), ("preset", args.preset),
+                                     ("subset", args.subset)) if v is not None})
+    if args.num_problems < 1 or args.pass_k < 0:
+        raise ConfigError("--num-problems must be positive and --samples >= 0")
+    name = Path(args.model.rstrip("/")).name or "model"
+    out = Path(args.out) if args.out else Path("runs") / "eval" / f"{name}.jsonl"
+    pool = EnvPool(lambda: make_env(args.env, **kwargs))
+    pool.take(1)  # a bad env, source or preset fails before the model loads
+
+    from mmopd.models import load_model, load_tokenizer, load_vision
+
+    cfg = ModelConfig(path=args.model)
+    tok = load_tokenizer(cfg)
+    vision = load_vision(cfg, tok)
+    greedy, sampled = evaluation_episodes(
+        load_model(cfg, tok, vision=vision), tok, pool, num_problems=args.num_problems,
+        pass_k=args.pass_k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+        max_turns=args.max_turns, env_id=args.env, vision=vision, env_timeout_s=args.env_timeout)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for row in records(greedy, sampled, args.pass_k):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(json.dumps({**summarise(greedy, sampled, args.pass_k), "generations": str(out)}))
+    return 0
 
 
 if __name__ == "__main__":

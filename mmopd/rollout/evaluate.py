@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -74,16 +75,71 @@ def evaluation_episodes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
 def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pool: EnvPool, *,
              num_problems: int, pass_k: int = 0, **kwargs: Any) -> dict[str, float]:
     """Greedy accuracy over problems 0..num_problems-1; with pass_k > 0 also pass@k (any of k
-    samples correct) and the mean per-sample accuracy. `kwargs`: the sampling and episode
-    settings of `evaluation_episodes` (temperature, max_new_tokens, seed, vision, ...).
-    Problems whose episode failed to start (a corrupt image) count as wrong."""
+    samples correct), maj@k (the most frequent parsed answer of the k samples is right) and the
+    mean per-sample accuracy. `kwargs`: the sampling and episode settings of
+    `evaluation_episodes` (temperature, max_new_tokens, seed, vision, ...). Problems whose
+    episode failed to start (a corrupt image) count as wrong."""
     greedy, sampled = evaluation_episodes(model, tokenizer, pool, num_problems=num_problems,
                                           pass_k=pass_k, **kwargs)
+    return summarise(greedy, sampled, pass_k)
+
+
+def majority(samples: list[Episode]) -> tuple[str | None, bool]:
+    """The most frequent parsed answer of the samples (ties: the first seen) and whether it is
+    right; samples without a parsed answer do not vote."""
+    votes = Counter(str(e.metadata["pred"]) for e in samples if e.metadata.get("pred") is not None)
+    if not votes:
+        return None, False
+    top = max(votes.values())
+    answer = next(a for a in votes if votes[a] == top)  # Counter keeps first-seen order
+    return answer, next(is_correct(e) for e in samples if str(e.metadata.get("pred")) == answer)
+
+
+def summarise(greedy: list[Episode], sampled: list[Episode], pass_k: int) -> dict[str, float]:
     num = len(greedy)
     out = {"accuracy": sum(map(is_correct, greedy)) / max(num, 1), "num_problems": float(num),
            "mean_response_tokens": sum(e.num_generated for e in greedy) / max(num, 1)}
     if pass_k:
-        hits = [[is_correct(e) for e in sampled[i * pass_k:(i + 1) * pass_k]] for i in range(num)]
+        groups = [sampled[i * pass_k:(i + 1) * pass_k] for i in range(num)]
+        hits = [[is_correct(e) for e in g] for g in groups]
         out[f"pass@{pass_k}"] = sum(any(h) for h in hits) / max(num, 1)
+        out[f"maj@{pass_k}"] = sum(majority(g)[1] for g in groups) / max(num, 1)
         out["sample_accuracy"] = sum(sum(h) for h in hits) / max(num * pass_k, 1)
     return out
+
+
+def _prompt_text(messages: list[dict[str, Any]]) -> str:
+    """The last user message as text (images as <image>)."""
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            content = m.get("content")
+            if isinstance(content, list):
+                return "".join(it.get("text", "") if it.get("type") == "text" else "<image>"
+                               for it in content)
+            return str(content)
+    return ""
+
+
+def _generation(ep: Episode) -> dict[str, Any]:
+    turns = ep.metadata.get("completions", [])
+    return {"reply": "\n\n".join(turns), **({"turns": turns} if len(turns) > 1 else {}),
+            "pred": ep.metadata.get("pred"), "correct": is_correct(ep),
+            "stop_reason": ep.stop_reason,
+            **({"error": ep.metadata["error"]} if "error" in ep.metadata else {})}
+
+
+def records(greedy: list[Episode], sampled: list[Episode], pass_k: int) -> list[dict[str, Any]]:
+    """One row per problem: the prompt, the gold answer, the greedy generation (reply, parsed
+    answer, correct) and, with pass_k, every sample and the majority answer."""
+    rows = []
+    for i, ep in enumerate(greedy):
+        meta = ep.metadata
+        row = {"index": i, "problem_id": meta.get("problem_id", str(i)),
+               "prompt": _prompt_text(meta.get("messages", [])),
+               "answer": meta.get("answer"), **_generation(ep)}
+        if pass_k:
+            group = sampled[i * pass_k:(i + 1) * pass_k]
+            row["samples"] = [_generation(e) for e in group]
+            row["maj_answer"], row["maj_correct"] = majority(group)
+        rows.append(row)
+    return rows
