@@ -8,6 +8,8 @@ Conventions: a bbox is [x0, y0, x1, y1] in pixel coordinates of the image as ret
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import math
 import os
 import threading
@@ -20,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "EncodedImage",
     "MAX_ASPECT_RATIO",
     "PIXEL_LIMIT",
     "ImageError",
@@ -48,6 +51,23 @@ _OPEN_LOCK = threading.Lock()  # guards the temporary change of PIL's global bom
 
 class ImageError(ValueError):
     """An image file that cannot be used; the message names the file and the fix."""
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class EncodedImage:
+    """An image file's bytes held in memory (a datasets Image cell); `name` stands for it in
+    messages wherever a path would."""
+
+    data: bytes
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+    __repr__ = __str__
+
+
+ImageSource = str | os.PathLike | EncodedImage
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -91,11 +111,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
 # ----------------------------------------------------------------------------- files
 
 
-def _open_lazy(path: Path) -> Image.Image:
+def _source(path: ImageSource) -> Path | EncodedImage:
+    return path if isinstance(path, EncodedImage) else Path(path)
+
+
+def _open_lazy(path: Path | EncodedImage) -> Image.Image:
     """Image.open (header only) with clear errors; large images up to PIXEL_LIMIT are allowed."""
-    if not path.exists():
+    if isinstance(path, Path) and not path.exists():
         raise ImageError(f"{path}: no such image file")
-    if not path.is_file():
+    if isinstance(path, Path) and not path.is_file():
         raise ImageError(f"{path}: not a file (an image path must name a file)")
     # PIL's decompression-bomb guard warns above 89 M pixels and fails above 179 M; our own
     # limit (PIXEL_LIMIT, checked by the callers before any pixel is decoded) replaces it for
@@ -103,7 +127,7 @@ def _open_lazy(path: Path) -> Image.Image:
     with _OPEN_LOCK:
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            return Image.open(path)
+            return Image.open(io.BytesIO(path.data) if isinstance(path, EncodedImage) else path)
         except UnidentifiedImageError as e:
             raise ImageError(f"{path}: not a readable image (unknown format or corrupt data)") \
                 from e
@@ -134,7 +158,7 @@ def _displayed_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # 5-8 rotate by 90 degrees
 
 
-def _check_size(path: Path, size: tuple[int, int]) -> None:
+def _check_size(path: Path | EncodedImage, size: tuple[int, int]) -> None:
     w, h = size
     if w <= 0 or h <= 0:
         raise ImageError(f"{path}: image has zero size ({w}x{h} px)")
@@ -146,20 +170,20 @@ def _check_size(path: Path, size: tuple[int, int]) -> None:
                          f"{MAX_ASPECT_RATIO}:1 that VLM processors refuse; crop or pad it")
 
 
-def probe_image(path: str | os.PathLike[str]) -> tuple[tuple[int, int], str]:
+def probe_image(path: ImageSource) -> tuple[tuple[int, int], str]:
     """((width, height), mode) of an image file from its header, without decoding the pixels.
 
     The size is as displayed (EXIF rotation applied), i.e. what `open_image` returns before any
     downscaling. Raises ImageError for missing, unreadable, empty, huge or too-elongated images.
     """
-    path = Path(path)
+    path = _source(path)
     with _open_lazy(path) as img:
         size, mode = _displayed_size(img.size, _orientation(img)), img.mode
     _check_size(path, size)
     return size, mode
 
 
-def open_image(path: str | os.PathLike[str], *,
+def open_image(path: ImageSource, *,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """A local image file as a fully loaded RGB image, at most `max_pixels` pixels.
 
@@ -171,7 +195,7 @@ def open_image(path: str | os.PathLike[str], *,
     """
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
-    path = Path(path)
+    path = _source(path)
     src = _open_lazy(path)
     try:
         orientation = _orientation(src)

@@ -246,8 +246,22 @@ def _records(spec: SourceSpec) -> tuple[list[tuple[str, Any]], list[str]]:
         rows = _read_jsonl(path)
         columns = sorted({k for _, r in rows if isinstance(r, dict) for k in r})
         return [(f"{path.name}:{n}", r) for n, r in rows], columns
-    data = _load_datasets(spec)
+    data = _encoded_images(_load_datasets(spec))
     return [(f"{spec.name}:{i}", r) for i, r in enumerate(data)], list(data.column_names)
+
+
+def _encoded_images(data: Any) -> Any:
+    """Image columns as their encoded bytes ({"bytes", "path"}), decoded only when an episode
+    shows them, as image files are."""
+    import datasets
+
+    for name, feature in data.features.items():
+        if isinstance(feature, datasets.Image):
+            data = data.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(feature, (datasets.Sequence, datasets.List)) and isinstance(
+                feature.feature, datasets.Image):
+            data = data.cast_column(name, type(feature)(datasets.Image(decode=False)))
+    return data
 
 
 def _mapping(spec: SourceSpec, columns: list[str]) -> dict[str, str]:

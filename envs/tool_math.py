@@ -8,6 +8,9 @@ one tool call, then "Answer: <result>". `call_format="react"` makes that call th
 `careless` > 0 makes a seeded fraction of demonstrations answer from the head instead
 (`Guess: <result>`, exact but with no tool call): the habit a weakly supervised student picks up.
 The guess has its own word so that the careful path's "Answer:" always copies a tool result.
+`source` (a hub dataset id, save_to_disk folder, Parquet, CSV or JSONL, with `preset` / `fields`
+as MathText takes them, see envs/sources.py) poses a dataset's word problems instead, tools
+still on offer; such problems have no expert demonstration.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from mmopd.rollout.toolcalls import format_call
 
 from .answers import check_answer
 from .registration import careless_rate, reset_index
+from .sources import is_file_source, load_source, source_spec
 from .spaces import text_space
 
 LEVELS = {  # level -> (description, generator of (question expression, value))
@@ -70,7 +74,9 @@ class ToolMathEnv(gymnasium.Env):
     def __init__(self, level: int = 1, split: str = "train", test_size: int = 200,
                  tools: list[str] | tuple[str, ...] = ("calculator",),
                  system_prompt: str | None = DEFAULT_SYSTEM, call_format: str = "hermes",
-                 careless: float = 0.0) -> None:
+                 careless: float = 0.0, source: str | None = None, subset: str | None = None,
+                 source_split: str | None = None, preset: str | None = None,
+                 fields: dict[str, str] | None = None) -> None:
         generate_expression(random.Random(0), level)  # validates the level
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -88,11 +94,24 @@ class ToolMathEnv(gymnasium.Env):
         self.tools, self.system_prompt = list(tools), system_prompt
         self.observation_space = self.action_space = text_space()
         self.num_problems: int | None = test_size if split == "test" else None
-        self._current: tuple[str, int] | None = None
+        self._current: tuple[str, int | str] | None = None
+        self._rows: tuple[tuple[str, str], ...] | None = None  # a dataset's (question, answer)
+        self.row_errors: tuple[str, ...] = ()
+        if source is not None:
+            if careless:
+                raise ValueError("careless needs generated expressions (source=None)")
+            spec = source_spec(source, subset=subset, preset=preset, fields=fields,
+                               split=source_split or (None if is_file_source(source) else split))
+            loaded = load_source(spec)
+            self._rows = tuple((r["question"], r["answer"]) for r in loaded.rows)
+            self._ids = {r["question"]: str(r.get("id") or r["where"]) for r in loaded.rows}
+            self.row_errors, self.num_problems = loaded.errors, len(self._rows)
 
-    def problem(self, i: int) -> tuple[str, int]:
+    def problem(self, i: int) -> tuple[str, int | str]:
         """Held-out problem i (test split) or the problem of seed i (train split)."""
         i = operator.index(i)
+        if self._rows is not None:
+            return self._rows[i]
         if self.split == "test":
             return _test_set(self.level, self.test_size)[i]
         held_out = {e for e, _ in _test_set(self.level, self.test_size)}
@@ -107,9 +126,11 @@ class ToolMathEnv(gymnasium.Env):
         super().reset(seed=seed)
         index = reset_index(options)
         if index is not None:
-            if self.split != "test":
-                raise ValueError("options['index'] needs split='test'")
+            if self.split != "test" and self._rows is None:
+                raise ValueError("options['index'] needs split='test' or a source")
             expr, value = self.problem(index)
+        elif self._rows is not None:
+            expr, value = self._rows[int(self.np_random.integers(len(self._rows)))]
         elif self.split == "test":
             expr, value = self.problem(int(self.np_random.integers(self.test_size)))
         else:
@@ -118,7 +139,7 @@ class ToolMathEnv(gymnasium.Env):
         self._current = (expr, value)
         if self.careless:
             self._from_head = random.Random(f"careless-{expr}-{seed}").random() < self.careless
-        question = f"What is {expr}?"
+        question = expr if self._rows is not None else f"What is {expr}?"
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         info = {
             "messages": system + [{"role": "user", "content": question}],
@@ -127,7 +148,7 @@ class ToolMathEnv(gymnasium.Env):
                                            "content": f"{question} (The result is {value}.)"}],
             "tools": list(self.tools),
             "answer": str(value),
-            "problem_id": f"toolmath-L{self.level}-{expr}",
+            "problem_id": self._ids[expr] if self._rows else f"toolmath-L{self.level}-{expr}",
             "tool_parser": self.call_format,
         }
         return question, info
@@ -146,6 +167,8 @@ class ToolMathEnv(gymnasium.Env):
         A careless demonstration answers at once, without the tool."""
         if self._current is None:
             raise RuntimeError("expert_reply() needs a running episode")
+        if self._rows is not None:
+            raise RuntimeError("a dataset's problems have no expert demonstration (source set)")
         expr, value = self._current
         if self._from_head:
             return f"Guess: {value}"

@@ -4,6 +4,7 @@ the gold answer (`grade_answer`)."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -11,11 +12,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from .images import (
     MAX_ASPECT_RATIO,
+    EncodedImage,
     clip_bbox,
     probe_image,
 )
+from .sources import SourceSpec, load_source
 from .vision_synth import Scene
 
 IMAGE_MARKER = "<image>"
@@ -37,10 +42,27 @@ class VisionProblem:
     answer: str
     id: str
     where: str  # "file.jsonl:LINE" or "synthetic ...": names the problem in error messages
-    images: tuple[Path, ...] = ()  # file rows; synthetic problems render `scene` instead
+    images: tuple[Path | EncodedImage, ...] = ()  # data rows; synthetic ones render `scene`
     sizes: tuple[tuple[int, int], ...] = ()  # header sizes of `images`
     bbox: tuple[int, int, int, int] | None = None
     scene: Scene | None = None
+
+
+def _image_ref(item: Any, folder: Path, name: str) -> Path | EncodedImage:
+    """A row's image: a path (relative to the data's folder), or a datasets Image cell
+    ({"bytes", "path"}, or a decoded PIL image) held as its encoded bytes."""
+    if isinstance(item, Image.Image):
+        buf = io.BytesIO()
+        item.save(buf, format="PNG")
+        return EncodedImage(buf.getvalue(), name)
+    if isinstance(item, dict):
+        if item.get("bytes"):
+            return EncodedImage(bytes(item["bytes"]), item.get("path") or name)
+        if not item.get("path"):
+            raise ValueError("an image cell has neither bytes nor a path")
+        item = item["path"]
+    path = Path(item)
+    return path if path.is_absolute() else folder / path
 
 
 def _row_problem(row: Any, folder: Path, where: str) -> VisionProblem:
@@ -58,17 +80,17 @@ def _row_problem(row: Any, folder: Path, where: str) -> VisionProblem:
         answer = int(answer)  # 3.0 -> "3", the natural gold
     if not str(answer).strip():
         raise ValueError("field 'answer' is an empty string")
-    if ("image" in row) == ("images" in row):
+    if (row.get("image") is not None) == (row.get("images") is not None):
         raise ValueError("give exactly one of 'image' (a path) or 'images' (a list of paths)")
-    paths = [row["image"]] if "image" in row else row["images"]
+    paths = [row["image"]] if row.get("image") is not None else row["images"]
     if not isinstance(paths, list) or not paths or not all(
-            isinstance(p, str) and p for p in paths):
+            (isinstance(p, str) and p) or isinstance(p, (dict, Image.Image)) for p in paths):
         raise ValueError("'image' must be a path string and 'images' a non-empty list of them")
     markers = question.count(IMAGE_MARKER)
     if markers and markers != len(paths):
         raise ValueError(f"the question has {markers} {IMAGE_MARKER} marker(s) but the row has "
                          f"{len(paths)} image(s); use one marker per image or none")
-    files = tuple(p if p.is_absolute() else folder / p for p in map(Path, paths))
+    files = tuple(_image_ref(p, folder, f"image {i}") for i, p in enumerate(paths))
     sizes = tuple(probe_image(f)[0] for f in files)  # header only: existence, size, ratio
     bbox = None
     if row.get("bbox") is not None:
@@ -85,6 +107,23 @@ def _row_problem(row: Any, folder: Path, where: str) -> VisionProblem:
         raise ValueError(f"field 'id' must be a string or an int, got {row_id!r}")
     return VisionProblem(question, str(answer).strip(),
                          str(row_id) if row_id is not None else where, where, files, sizes, bbox)
+
+
+def load_source_rows(spec: SourceSpec) -> tuple[list[VisionProblem], list[str], list[str]]:
+    """(valid problems, every skipped row's "where: problem", those skipped for their images
+    or boxes) from a dataset source (`envs/sources.py`: hub id, save_to_disk folder, Parquet,
+    CSV, mapped JSON lines). Image cells hold encoded bytes or paths (relative to the data's
+    folder); a question or answer that cannot be used was already counted by the source."""
+    loaded = load_source(spec)
+    local = Path(spec.source).expanduser()
+    folder = local.parent if local.is_file() else local if local.is_dir() else Path.cwd()
+    problems, image_errors = [], []
+    for row in loaded.rows:
+        try:
+            problems.append(_row_problem(row, folder, row["where"]))
+        except ValueError as e:  # includes ImageError
+            image_errors.append(f"{row['where']}: {e}")
+    return problems, [*loaded.errors, *image_errors], image_errors
 
 
 def load_rows(path: str | os.PathLike[str]) -> tuple[list[VisionProblem], list[str]]:

@@ -37,6 +37,7 @@ from .images import (
     open_image,
 )
 from .registration import careless_rate, reset_index
+from .sources import JSONL_SUFFIXES, SourceSpec, is_file_source, source_spec
 from .spaces import text_space
 from .vision_data import (  # VisionQA's data and grading, importable from here too
     IMAGE_MARKER,
@@ -44,6 +45,7 @@ from .vision_data import (  # VisionQA's data and grading, importable from here 
     VisionProblem,
     grade_answer,
     load_rows,
+    load_source_rows,
 )
 from .vision_synth import (
     LAYOUTS,
@@ -123,7 +125,7 @@ class VisionQAEnv(gymnasium.Env):
     """One visual question per episode; tool turns (zoom=True) are free, the first plain reply
     is graded.
 
-    source: "synthetic" or a JSONL path (`load_rows`); a file serves all its rows to both splits.
+    source: "synthetic", a JSONL path (`load_rows`) or a dataset (envs/sources.py, preset "vqa").
     split: synthetic "train" is endless (seed i names problem i, never a held-out one), "test"
         a fixed set of `test_size`. task, image_size, num_distractors, box_size: the scenes;
         layout "random" (anywhere) or "grid" (each object fills one box_size cell).
@@ -147,9 +149,12 @@ class VisionQAEnv(gymnasium.Env):
                  system_prompt: str | None = DEFAULT_SYSTEM, zoom: bool = False,
                  teacher_view: str = "crop", test_size: int = 200,
                  max_pixels: int = DEFAULT_MAX_PIXELS, careless: float = 0.0,
-                 layout: str = "random") -> None:
+                 layout: str = "random", subset: str | None = None,
+                 source_split: str | None = None, preset: str | None = None,
+                 fields: dict[str, str] | None = None) -> None:
         if not isinstance(source, (str, os.PathLike)) or not str(source):
-            raise ValueError(f"source must be 'synthetic' or a JSONL file path, got {source!r}")
+            raise ValueError(f"source must be 'synthetic', a JSONL file or a dataset, got "
+                             f"{source!r}")
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if task not in TASKS:
@@ -197,8 +202,13 @@ class VisionQAEnv(gymnasium.Env):
                 self._scenes = _test_scenes(self.config, test_size)
             self.observation_space = text_space()
             self.num_problems: int | None = None if self._scenes is None else len(self._scenes)
-        else:
+        elif Path(source).suffix.lower() in JSONL_SUFFIXES and not (preset or fields):
             self._rows = self._load(Path(source))
+        else:  # a dataset (hub id, save_to_disk folder, Parquet, CSV) or a mapped JSONL
+            spec = source_spec(source, subset=subset, preset=preset, fields=fields,
+                               split=source_split or (None if is_file_source(source) else split))
+            self._rows = self._load_dataset(spec)
+        if self._rows is not None:
             questions = [p.question for p in self._rows]
             self.observation_space = text_space(
                 max(8192, *map(len, questions)), extra_chars="".join(set("".join(questions))))
@@ -208,6 +218,17 @@ class VisionQAEnv(gymnasium.Env):
         self._bbox: tuple[int, int, int, int] | None = None  # of the current images
         self._seed: int | None = None  # of the current episode (careless demonstrations)
         self._evidence: Image.Image | None = None  # the current teacher view's crop
+
+    def _load_dataset(self, spec: SourceSpec) -> tuple[VisionProblem, ...]:
+        problems, self.row_errors, image_errors = load_source_rows(spec)
+        if not problems:
+            raise VisionDatasetError(f"{spec.source}: no valid row; first problems:\n  "
+                                     + "\n  ".join(self.row_errors[:_SHOWN_ERRORS]))
+        if image_errors:
+            warnings.warn(f"{spec.source}: skipped {len(image_errors)} row(s) with unusable "
+                          "images or boxes: " + "; ".join(image_errors[:_SHOWN_ERRORS]),
+                          stacklevel=3)
+        return tuple(problems)
 
     def _load(self, path: Path) -> tuple[VisionProblem, ...]:
         problems, self.row_errors = load_rows(path)

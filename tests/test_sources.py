@@ -147,3 +147,17 @@ def test_two_training_steps_on_a_local_dataset(tiny_overrides, tmp_path, preset,
     assert all(r["loss"] == r["loss"] for r in rows)  # finite: a real update on dataset rows
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert evals and evals[-1]["num_problems"] == 2
+
+
+def test_toolmath_poses_a_datasets_word_problems(tmp_path):
+    src = _save(tmp_path, "gsm8k", GSM8K)
+    with pytest.warns(UserWarning, match="skipped 1 unusable row"):
+        env = make_env("mmopd/ToolMath-v0", source=src, preset="gsm8k", split="test")
+    assert env.unwrapped.num_problems == 2
+    obs, info = env.reset(options={"index": 0})
+    assert obs.startswith("Natalia") and info["answer"] == "72" and info["tools"] == ["calculator"]
+    assert info["problem_id"] == "gsm8k[test]:0"
+    assert env.step("Answer: 72")[1] == 1.0
+    with pytest.raises(RuntimeError, match="no expert demonstration"):
+        env.reset(options={"index": 1})
+        env.unwrapped.expert_reply(info["messages"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import gymnasium
 import numpy as np
@@ -529,3 +530,39 @@ def test_processor_chat_template_is_used_when_the_tokenizer_has_none(vtok_dir, t
     (d / "chat_template.json").write_text(json.dumps({"chat_template": template}))
     tok = load_tokenizer(ModelConfig(tiny=TinyModelConfig(arch="qwen2_vl"), tokenizer=str(d)))
     assert tok.chat_template == template
+
+
+def test_vqa_preset_trains_from_a_datasets_image_column(vl_dirs, tmp_path):
+    """A save_to_disk dataset with a datasets Image column, read through the vqa preset: the
+    images travel as encoded bytes, the bbox gives the teacher its crop, an undecodable image
+    is counted and skipped, and a tiny VLM trains two steps on it."""
+    import datasets
+
+    from mmopd.config import TrainConfig, load_config
+    from mmopd.envs.vision_qa import VisionQAEnv
+    from mmopd.training.loop import train
+
+    good = [_image(60, 40, i) for i in range(3)]
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string"),
+                                  "bbox": datasets.List(datasets.Value("int32"))})
+    rows = {"image": [*good, {"bytes": b"not an image", "path": None}],
+            "question": ["color?"] * 4, "answer": ["red", "blue", "red", "red"],
+            "bbox": [[0, 0, 30, 20]] * 4}
+    folder = tmp_path / "vqa"
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(folder))
+    with pytest.warns(UserWarning, match=r"skipped 1 row\(s\) with unusable images"):
+        env = VisionQAEnv(source=str(folder), preset="vqa", teacher_view="crop")
+    assert env.num_problems == 3
+    assert env.row_errors == ["vqa[train]:3: image 0: not a readable image (unknown format or "
+                              "corrupt data)"]
+    _, info = env.reset(options={"index": 1})
+    (image,) = [c["image"] for c in info["messages"][-1]["content"] if c["type"] == "image"]
+    assert np.array_equal(np.asarray(image), np.asarray(good[1].convert("RGB")))
+    assert info["teacher_view"] == "crop" and info["answer"] == "blue"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        res = train(load_config(TrainConfig, None, _vl_overrides(
+            vl_dirs["student"], tmp_path / "run", f"source: {folder}, preset: vqa") + [
+            f"teacher.model.path={vl_dirs['teacher']}", "teacher.view=privileged"]))
+    assert res["step"] == 2 and res["eval"]["num_problems"] == 3
