@@ -53,8 +53,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         with StopSignals() as signals:
             return _train(run, signals)
-    finally:
-        run.accelerator.end_training()  # flushes and closes the experiment trackers
+    finally:  # flush and close the experiment trackers (end_training would also destroy the
+        for tracker in run.accelerator.trackers:  # process group, which vLLM or a caller owns)
+            tracker.finish()
 
 
 def _train(run: Run, signals: StopSignals) -> dict[str, Any]:
