@@ -76,6 +76,9 @@ class TrainerConfig:
     # experiment trackers: "auto" (tensorboard when installed), "none", or a list of
     # tensorboard / wandb / trackio / mlflow; metrics.jsonl and eval.jsonl are written either way
     report_to: str | list[str] = "auto"
+    # losses computed with their gradients in one pass over each chunk's logits (closed-form
+    # backward, one output-layer gradient buffer); false: autograd through checkpointed chunks
+    fused_loss: bool = True
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "trainer.steps", "must be positive")

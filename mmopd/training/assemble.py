@@ -41,6 +41,7 @@ from mmopd.rollout.sampler import HFSampler, Sampler, SamplingParams
 from mmopd.teachers.cache import TeacherCache
 from mmopd.teachers.scorer import HFScorer, Teacher
 from mmopd.training.checkpoint import load_state, load_student, resolve_resume, set_rng_state
+from mmopd.training.fused import projection
 from mmopd.training.losses import Heads
 from mmopd.training.metrics import JsonlLog
 from mmopd.training.optim import make_accelerator, make_optimizer, make_scheduler
@@ -172,8 +173,11 @@ def assemble(cfg: TrainConfig) -> Run:
                                  suppress_token_ids=vision.special_ids if vision else None)
     old_scorer = HFScorer(model, tokenizer.pad_token_id,
                           micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
+    fused = tcfg.fused_loss
     heads = Heads(sampled=lm_head_fn(model), student=lm_head_fn(model, vocab),
-                  teacher=lm_head_fn(t_model, vocab) if t_model is not None else None)
+                  teacher=lm_head_fn(t_model, vocab) if t_model is not None else None,
+                  sampled_proj=projection(model) if fused else None,
+                  student_proj=projection(model, vocab) if fused else None)
     if rcfg.backend == "vllm":
         sampler = make_vllm_sampler(cfg, model, tokenizer, renderer, vision, out)
     rollout_sampler = sampler

@@ -34,6 +34,12 @@ from mmopd.objectives import (
 )
 from mmopd.objectives.zoo import pair_stats, teacher_topk_fkl
 from mmopd.teachers.scorer import TokenScores
+from mmopd.training.fused import (
+    Projection,
+    full_divergence_chunks,
+    fused_loss,
+    gathered_chunks,
+)
 from mmopd.vision import VisionInputs, forward_kwargs
 
 
@@ -45,15 +51,20 @@ class Heads:
     sampled: Head
     student: Head
     teacher: Head | None
+    # the same layers for the fused path (trainer.fused_loss); None: the autograd path
+    sampled_proj: Projection | None = None
+    student_proj: Projection | None = None
 
 
 def divergence_sum(kind: str, k: int, cfg: TrainConfig, s_head: Head, t_head: Head,
-                    h_NH: torch.Tensor,
-                    scores: TokenScores, tok: torch.Tensor, keep_N: torch.Tensor) -> torch.Tensor:
+                    h_NH: torch.Tensor, scores: TokenScores, tok: torch.Tensor,
+                    keep_N: torch.Tensor, s_proj: Projection | None = None) -> torch.Tensor:
     """sum over kept tokens of the per-token divergence `kind` (full vocabulary for k = 0, else
-    top-k + tail), times its weight, chunked and checkpointed."""
+    top-k + tail), times its weight: fused (`s_proj`, fused.py) or chunked and checkpointed."""
     beta = cfg.objective.jsd_beta
     chunk = cfg.trainer.chunk_size
+    if s_proj is not None:
+        return _fused_divergence(kind, k, cfg, s_proj, t_head, h_NH, scores, tok, keep_N)
     if k == 0:
         def fn(h, ht):
             return (full_vocab_divergence(kind, s_head(h), t_head(ht), beta),)
@@ -76,6 +87,34 @@ def divergence_sum(kind: str, k: int, cfg: TrainConfig, s_head: Head, t_head: He
     return (d * keep_N.to(d.device)).sum()
 
 
+def _fused_divergence(kind: str, k: int, cfg: TrainConfig, s_proj: Projection, t_head: Head,
+                      h_NH: torch.Tensor, scores: TokenScores, tok: torch.Tensor,
+                      keep_N: torch.Tensor) -> torch.Tensor:
+    beta, dev, w = cfg.objective.jsd_beta, h_NH.device, keep_N.to(h_NH.device).float()
+    if k == 0 or cfg.objective.topk_source == "student":
+        ht = scores.hidden_NH[tok.to(scores.hidden_NH.device)]
+
+        def teacher(sl: slice) -> torch.Tensor:
+            return torch.log_softmax(t_head(ht[sl]).to(dev), -1)
+        if k == 0:
+            fn = full_divergence_chunks(kind, beta, teacher, w)
+        else:
+            picked: dict[str, torch.Tensor] = {}
+
+            def ids(s: torch.Tensor, sl: slice) -> torch.Tensor:
+                picked["ids"] = s.topk(k, -1).indices
+                with torch.no_grad():
+                    picked["t"] = teacher(sl).gather(-1, picked["ids"])
+                return picked["ids"]
+            fn = gathered_chunks(ids, lambda lp, sl: (
+                topk_divergence(kind, lp, picked["t"], beta) * w[sl]).sum())
+    else:
+        t_ids, t_lp = scores.topk_ids_NK[tok].to(dev), scores.topk_logp_NK[tok].to(dev)
+        fn = gathered_chunks(lambda s, sl: t_ids[sl], lambda lp, sl: (
+            topk_divergence(kind, lp, t_lp[sl], beta) * w[sl]).sum())
+    return fused_loss(s_proj, h_NH, fn, cfg.trainer.chunk_size)
+
+
 def aux_sum(objective: Objective, cfg: TrainConfig, heads: Heads, h_NH: torch.Tensor,
              teach: TokenScores, tok: torch.Tensor, aux_N: torch.Tensor) -> torch.Tensor:
     """An objective's auxiliary divergence, summed over the tokens where its weight is > 0:
@@ -88,13 +127,18 @@ def aux_sum(objective: Objective, cfg: TrainConfig, heads: Heads, h_NH: torch.Te
         k = cfg.objective.eopd_topk
         ids = teach.topk_ids_NK[tok[sel], :k].to(dev)
         tlp = teach.topk_logp_NK[tok[sel], :k].to(dev)
+        w = aux_N[sel].to(dev)
+        if heads.student_proj is not None:
+            return fused_loss(heads.student_proj, h_NH[sel.to(dev)], gathered_chunks(
+                lambda s, sl: ids[sl], lambda lp, sl: (teacher_topk_fkl(lp, tlp[sl])
+                                                       * w[sl]).sum()), cfg.trainer.chunk_size)
 
         def fn(h, i, t):
             return (teacher_topk_fkl(torch.log_softmax(heads.student(h), -1).gather(-1, i), t),)
         (d,) = chunked_map(fn, cfg.trainer.chunk_size, h_NH[sel.to(dev)], ids, tlp)
         return (d * aux_N[sel].to(dev)).sum()
     return divergence_sum(cfg.objective.aopd_divergence, 0, cfg, heads.student, heads.teacher,
-                           h_NH[sel.to(dev)], teach, tok[sel], aux_N[sel])
+                           h_NH[sel.to(dev)], teach, tok[sel], aux_N[sel], heads.student_proj)
 
 
 @torch.no_grad()
@@ -149,11 +193,15 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
             rows, cols = predicting_positions(batch.loss_mask)
             h = hidden[rows, cols - 1]
             if objective.kind == "pg":
-                logp = target_logprobs(heads.sampled, h, batch.input_ids[rows, cols],
-                                       cfg.trainer.chunk_size)
+                y = batch.input_ids[rows, cols]
                 logp_old = tb.logp_old_N[tok].to(device)
                 adv, clip = plan.advantage_N[tok].to(device), cfg.objective.ratio_clip
-                loss_sum = policy_loss_sum(logp, logp_old, adv, keep.to(device), clip)
+                if heads.sampled_proj is not None:
+                    loss_sum, logp = _fused_policy_loss(heads.sampled_proj, h, y, logp_old, adv,
+                                                        keep.to(device), clip, cfg)
+                else:
+                    logp = target_logprobs(heads.sampled, h, y, cfg.trainer.chunk_size)
+                    loss_sum = policy_loss_sum(logp, logp_old, adv, keep.to(device), clip)
                 with torch.no_grad():
                     ratio_sum += float((torch.exp(logp - logp_old) * keep.to(device)).sum())
                     if clip is not None:
@@ -165,9 +213,24 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
             else:
                 weight = keep if plan.weight_N is None else keep * plan.weight_N[tok]
                 loss_sum = divergence_sum(objective.divergence, cfg.objective.topk, cfg,
-                                           heads.student, heads.teacher, h, teach, tok, weight)
+                                           heads.student, heads.teacher, h, teach, tok, weight,
+                                           heads.student_proj)
                 ratio_sum += float(keep.sum())
             loss = loss_sum / denom * world  # DDP averages over ranks; undo it for a token mean
             accelerator.backward(loss)
         loss_total += loss_sum.item() / denom
     return UpdateStats(loss_total, ratio_sum, seq_tokens, clipped)
+
+
+def _fused_policy_loss(proj: Projection, h: torch.Tensor, y: torch.Tensor,
+                       logp_old: torch.Tensor, adv: torch.Tensor, keep: torch.Tensor,
+                       clip: tuple[float, float] | None, cfg: TrainConfig
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy-gradient loss sum, fused, and the sampled tokens' log-probs (detached)."""
+    got: list[torch.Tensor] = []
+    loss = fused_loss(proj, h, gathered_chunks(
+        lambda s, sl: y[sl, None], lambda lp, sl: policy_loss_sum(
+            lp.squeeze(-1), logp_old[sl], adv[sl], keep[sl], clip), keep=got),
+        cfg.trainer.chunk_size)
+    logp = torch.cat(got).squeeze(-1) if got else h.new_zeros(0)
+    return loss, logp

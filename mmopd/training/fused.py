@@ -1,0 +1,227 @@
+"""Fused chunked losses over the output layer: loss and gradients in one pass over the logits.
+
+The autograd path (`losses.py` through `chunked_map`) builds each chunk's [n x V] logits, runs
+log_softmax and the divergence under autograd, and checkpoints the chunk, so backward computes
+the chunk a second time and materialises a [V x H] output-layer gradient per chunk. Here every
+per-token weight is known before a chunk runs, so each chunk computes its loss and the gradient
+of that loss with respect to its logits in closed form (softmax statistics kept, no autograd
+through log_softmax), and turns it at once into the gradient for the hidden states
+(g_z @ W) and into one float32 [V x H] buffer for the output layer (W += g_z^T @ h). Backward
+only hands those gradients on (scaled by the incoming gradient): nothing is recomputed.
+
+Closed forms, with s = log softmax(z), p = exp(s), t the teacher's log-probs, q = exp(t):
+
+- rkl = sum p (s - t):                     dz = p * ((s - t) - rkl)
+- fkl = sum q (t - s):                     dz = p - q
+- jsd_beta (0 < beta < 1), m = beta q + (1 - beta) p, a = (1 - beta)(s - log m):
+                                            dz = p * (a - sum p a)
+  (beta = 0 is fkl and beta = 1 rkl, as in `divergence_from_logp`)
+- any loss f of the log-probs of K gathered ids per token (the sampled token's log-prob for
+  policy-gradient objectives, top-k + tail divergences, EOPD's renormalised top-k): g = df/ds_K
+  from autograd on the small [n, K] tensor, then dz = scatter(g at ids) - p * sum g.
+
+Soft-capped and scaled logits (Gemma-style) are chained through elementwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mmopd.objectives.divergences import KINDS
+
+# (logits [n, V] float32, rows of this chunk) -> (sum of the chunk's weighted losses, d/dlogits)
+ChunkGrad = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """A model's output layer as the fused path needs it: the linear layer (its weight gets the
+    gradients; read at each use, so a layer FSDP2 has gathered for the forward is seen
+    gathered), logit scale and soft-cap, and the rows kept (`vocab`)."""
+
+    layer: torch.nn.Linear  # weight [V_full, H]
+    scale: float | None = None
+    cap: float | None = None
+    vocab: int | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.layer.weight
+        if type(w).__name__ == "DTensor":
+            raise RuntimeError("FSDP: the output layer is still sharded; run the model's forward "
+                               "before projecting its hidden states")
+        return w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
+
+    @property
+    def rows(self) -> int:
+        return self.weight.shape[0] if self.vocab is None else self.vocab
+
+    def pre(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits before scale and cap, rows [:vocab]."""
+        w = self.weight[: self.rows]
+        x = h.to(w.dtype) @ w.T
+        if self.bias is not None:
+            x = x + self.bias[: self.rows]
+        return x.float()
+
+    def logits(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(final logits, tanh of the capped pre-activation or None) for a chunk."""
+        z = self.pre(h)
+        if self.scale is not None:
+            z = z * self.scale
+        if self.cap:
+            th = torch.tanh(z / self.cap)
+            return th * self.cap, th
+        return z, None
+
+    def chain(self, g_z: torch.Tensor, th: torch.Tensor | None) -> torch.Tensor:
+        """d/d(pre-activation logits) from d/d(final logits)."""
+        if th is not None:
+            g_z = g_z * (1.0 - th * th)
+        if self.scale is not None:
+            g_z = g_z * self.scale
+        return g_z
+
+
+def projection(model: Any, vocab: int | None = None) -> Projection | None:
+    """The output layer of `model` for the fused path, or None where it is not a plain linear
+    layer (the autograd path then serves)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    cfg = model.config
+    return Projection(head, getattr(cfg, "logit_scale", None),
+                      getattr(cfg, "final_logit_softcapping", None) or None, vocab)
+
+
+class _FusedChunks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, h_NH: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                proj: Projection, chunk_grad: ChunkGrad, chunk: int) -> torch.Tensor:
+        rows = proj.rows
+        w = weight[:rows]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.zeros_like(h_NH) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+            if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h_NH.device)
+        for s in range(0, h_NH.shape[0], chunk):
+            sl = slice(s, s + chunk)
+            h = h_NH[sl]
+            z, th = proj.logits(h)
+            loss, g_z = chunk_grad(z, sl)
+            total += loss
+            g_x = proj.chain(g_z, th)
+            del z, th, g_z
+            if grad_h is not None:
+                grad_h[sl] = (g_x.to(w.dtype) @ w).to(grad_h.dtype)
+            if grad_w is not None:
+                grad_w[:rows].addmm_(g_x.T, h.float())
+            if grad_b is not None:
+                grad_b[:rows] += g_x.sum(0)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None  # the buffers go to autograd (AccumulateGrad may keep them as .grad)
+        scale = None if bool(grad_out == 1) else grad_out
+        out = []
+        for g, dtype in ((grad_h, None), (grad_w, ctx.dtypes[0]), (grad_b, ctx.dtypes[1])):
+            if g is None:
+                out.append(None)
+                continue
+            if scale is not None:
+                g = g.mul_(scale.to(g.dtype))
+            out.append(g if dtype is None or g.dtype == dtype else g.to(dtype))
+        return (*out, None, None, None)
+
+
+def fused_loss(proj: Projection, h_NH: torch.Tensor, chunk_grad: ChunkGrad,
+               chunk: int) -> torch.Tensor:
+    """Scalar sum of the chunks' losses, differentiable with respect to `h_NH` and the output
+    layer's weight and bias; `chunk_grad` gives each chunk's loss and d/dlogits."""
+    return _FusedChunks.apply(h_NH, proj.weight, proj.bias, proj, chunk_grad, chunk)
+
+
+# ----------------------------------------------------------------------------- chunk gradients
+
+
+def _xlogy_diff(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """p * (a - b) with 0 where p == 0 (a -inf teacher log-prob under no student mass)."""
+    return torch.where(p > 0, p * (a - b), torch.zeros_like(p))
+
+
+def divergence_grad(kind: str, s: torch.Tensor, t: torch.Tensor, beta: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token divergence [n], d/dlogits [n, V]) from student log-probs `s` (of logits z)
+    and fixed teacher log-probs `t`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown divergence {kind!r}; choose one of {KINDS}")
+    if kind == "jsd" and beta == 0.0:
+        kind = "fkl"
+    elif kind == "jsd" and beta == 1.0:
+        kind = "rkl"
+    p = s.exp()
+    if kind == "rkl":
+        terms = _xlogy_diff(p, s, t)
+        d = terms.sum(-1)
+        return d, terms - p * d[:, None]
+    if kind == "fkl":
+        q = t.exp()
+        return _xlogy_diff(q, t, s).sum(-1), p - q
+    q = t.exp()
+    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1.0 - beta)]), dim=0)
+    d = beta * _xlogy_diff(q, t, m).sum(-1) + (1.0 - beta) * _xlogy_diff(p, s, m).sum(-1)
+    a = (1.0 - beta) * (s - m)
+    pa = torch.where(p > 0, p * a, torch.zeros_like(p))
+    return d, pa - p * pa.sum(-1, keepdim=True)
+
+
+def full_divergence_chunks(kind: str, beta: float, teacher_logp: Callable[[slice], torch.Tensor],
+                           weight_N: torch.Tensor) -> ChunkGrad:
+    """Chunk gradients of sum_i weight_i * D(student_i, teacher_i) over the whole vocabulary;
+    `teacher_logp(rows)` gives the teacher's log-probs [n, V] of those rows."""
+    def fn(z: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.log_softmax(z, -1)
+        with torch.no_grad():
+            t = teacher_logp(sl)
+        d, g = divergence_grad(kind, s, t, beta)
+        w = weight_N[sl].to(z.dtype)
+        return (d * w).sum(), g * w[:, None]
+    return fn
+
+
+def gathered_chunks(ids_NK: Callable[[torch.Tensor, slice], torch.Tensor],
+                    loss: Callable[[torch.Tensor, slice], torch.Tensor],
+                    keep: list[torch.Tensor] | None = None) -> ChunkGrad:
+    """Chunk gradients of sum over tokens of `loss(logp_nK, rows)`, a function of the student's
+    log-probs at K ids per token (`ids_NK(student_logp, rows)` picks them, e.g. the sampled
+    token or a top-k). `keep`, when given, receives each chunk's detached log-probs."""
+    def fn(z: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.log_softmax(z, -1)
+        ids = ids_NK(s, sl)
+        with torch.enable_grad():
+            lp = s.gather(-1, ids).detach().requires_grad_(True)
+            value = loss(lp, sl)
+            (g,) = torch.autograd.grad(value, lp)
+        if keep is not None:
+            keep.append(lp.detach())
+        p = s.exp()
+        g_z = (-p * g.sum(-1, keepdim=True)).scatter_add_(-1, ids, g)
+        return value.detach(), g_z
+    return fn
