@@ -8,11 +8,13 @@ and a frozen teacher's hidden states and output layer, three losses go forward a
 - the sampled-token policy-gradient surrogate (OPD / REOPOLD: log-prob of the sampled token).
 
 "naive" materialises the [T x V] logits of the whole batch (what a straightforward implementation
-does); "mmopd" is the trainer's own path (`losses.divergence_sum`, `logprobs.target_logprobs`):
-logits rebuilt `chunk` rows at a time under activation checkpointing. Every measurement runs in a
-fresh subprocess; "peak extra" is the process's peak resident memory (VmHWM) minus its resident
-memory once the inputs exist, so it counts what the loss itself needs (logits, softmaxes,
-gradients of the hidden states and of the output layer).
+does); "autograd" is mmopd's chunked autograd path (`trainer.fused_loss=false`: logits rebuilt
+`chunk` rows at a time under activation checkpointing); "fused" is the trainer's default
+(`training/fused.py`: each chunk's loss and gradient in one pass, no recompute, one output-layer
+gradient buffer). Every measurement runs in a fresh subprocess; "peak extra" is the process's
+peak resident memory (VmHWM) minus its resident memory once the inputs exist, so it counts what
+the loss itself needs (logits, softmaxes, gradients of the hidden states and of the output
+layer).
 
     python benchmarks/loss_memory.py [--vocab 151936] [--tokens 2048] [--hidden 896 1536]
 """
@@ -29,10 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-from _common import command, describe  # the script's folder is on sys.path
+from _common import command, describe, written_utc  # the script's folder is on sys.path
 
 LOSSES = ("full_vocab_rkl", "topk_rkl", "sampled_token")
-PATHS = ("naive", "mmopd")
+PATHS = ("naive", "autograd", "fused")
 
 
 def _rss_kb(field: str) -> int:
@@ -47,6 +49,7 @@ def _run_one(loss: str, path: str, vocab: int, tokens: int, hidden: int, topk: i
     from mmopd.logprobs import target_logprobs
     from mmopd.objectives import full_vocab_divergence, topk_divergence
     from mmopd.teachers.scorer import TokenScores
+    from mmopd.training.fused import Projection, fused_loss, gathered_chunks
     from mmopd.training.losses import divergence_sum
 
     torch.manual_seed(0)
@@ -78,6 +81,9 @@ def _run_one(loss: str, path: str, vocab: int, tokens: int, hidden: int, topk: i
 
     tok = torch.arange(tokens)
     ones = torch.ones(tokens)
+    layer = torch.nn.Linear(hidden, vocab, bias=False)
+    layer.weight = w_s
+    proj = Projection(layer) if path == "fused" else None
 
     def step() -> torch.Tensor:
         if path == "naive":
@@ -92,10 +98,13 @@ def _run_one(loss: str, path: str, vocab: int, tokens: int, hidden: int, topk: i
             else:
                 out = -torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum()
         elif loss == "full_vocab_rkl":
-            out = divergence_sum("rkl", 0, cfg, s_head, t_head, h_s, scores, tok, ones)
+            out = divergence_sum("rkl", 0, cfg, s_head, t_head, h_s, scores, tok, ones, proj)
         elif loss == "topk_rkl":
             cfg.objective.topk_source = "teacher"
-            out = divergence_sum("rkl", topk, cfg, s_head, t_head, h_s, scores, tok, ones)
+            out = divergence_sum("rkl", topk, cfg, s_head, t_head, h_s, scores, tok, ones, proj)
+        elif proj is not None:  # -sum log p(sampled), as the other two paths
+            out = fused_loss(proj, h_s, gathered_chunks(lambda s, sl: targets[sl, None],
+                                                        lambda lp, sl: -lp.sum()), chunk)
         else:
             out = -target_logprobs(s_head, h_s, targets, chunk).sum()
         out.backward()
@@ -152,22 +161,23 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"vocab": args.vocab, "tokens": args.tokens, "topk": args.topk, "chunk": args.chunk,
-            "repeats": args.repeats, "machine": machine,
+            "repeats": args.repeats, "machine": machine, "written_utc": written_utc(),
             "command": command()}
     (out / "loss_memory.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     lines = [f"Loss memory at V = {args.vocab:,}, T = {args.tokens:,} tokens (top-k = "
              f"{args.topk}, chunk = {args.chunk}; {machine}); forward + backward, gradients of "
-             "the hidden states and the output layer included.", "",
-             "| hidden | loss | naive peak extra (MB) | mmopd peak extra (MB) | ratio | naive s "
-             "| mmopd s |", "|---:|---|---:|---:|---:|---:|---:|"]
+             "the hidden states and the output layer included. Peak extra memory in MB, time "
+             "in seconds; \"fused\" is the trainer's default path.", "",
+             "| hidden | loss | naive MB | autograd MB | fused MB | naive s | autograd s "
+             "| fused s | fused time / naive |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for hidden in args.hidden:
         for loss in LOSSES:
-            n, m = (next(r for r in rows if r["hidden"] == hidden and r["loss"] == loss
-                         and r["path"] == p) for p in PATHS)
-            ratio = n["peak_extra_mb"] / max(m["peak_extra_mb"], 1e-9)
+            n, a, f = (next(r for r in rows if r["hidden"] == hidden and r["loss"] == loss
+                            and r["path"] == p) for p in PATHS)
             lines.append(f"| {hidden} | {loss} | {n['peak_extra_mb']:,.0f} | "
-                         f"{m['peak_extra_mb']:,.0f} | {ratio:.1f}x | {n['seconds']:.2f} | "
-                         f"{m['seconds']:.2f} |")
+                         f"{a['peak_extra_mb']:,.0f} | {f['peak_extra_mb']:,.0f} | "
+                         f"{n['seconds']:.2f} | {a['seconds']:.2f} | {f['seconds']:.2f} | "
+                         f"{f['seconds'] / n['seconds']:.2f}x |")
     (out / "loss_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -81,7 +81,7 @@ def test_full_vocabulary_divergences(kind, beta):
     t = _teacher(zeros=kind == "fkl" or 0 <= beta < 1 and kind == "jsd")
     w = torch.rand(N)
     w[3] = 0.0
-    _compare(lambda: full_divergence_chunks(kind, beta, lambda sl: t[sl], w),
+    _compare(lambda: full_divergence_chunks(kind, beta, lambda sl: t[sl].clone(), w),
              lambda head, h: (full_vocab_divergence(kind, head(h), t, beta) * w).sum(),
              accumulate=kind == "rkl")
 
@@ -90,7 +90,7 @@ def test_full_vocabulary_divergences(kind, beta):
 def test_bias_scale_and_softcap_are_chained(bias, scale, cap):
     t = _teacher(zeros=False)
     w = torch.rand(N)
-    _compare(lambda: full_divergence_chunks("rkl", 0.5, lambda sl: t[sl], w),
+    _compare(lambda: full_divergence_chunks("rkl", 0.5, lambda sl: t[sl].clone(), w),
              lambda head, h: (full_vocab_divergence("rkl", head(h), t, 0.5) * w).sum(),
              bias=bias, scale=scale, cap=cap)
 
@@ -153,7 +153,7 @@ def test_frozen_output_layer_and_frozen_hidden():
     proj = Projection(layer, None, None, V)
     t, w = _teacher(), torch.ones(N)
     h = torch.randn(N, H, requires_grad=True)
-    fused_loss(proj, h, full_divergence_chunks("fkl", 0.5, lambda sl: t[sl], w), 8).backward()
+    fused_loss(proj, h, full_divergence_chunks("fkl", 0.5, lambda sl: t[sl].clone(), w), 8).backward()
     assert layer.weight.grad is None and h.grad is not None
 
 
@@ -167,8 +167,8 @@ def test_frozen_output_layer_and_frozen_hidden():
 ])
 def test_training_with_the_fused_path_equals_autograd(tiny_overrides, tmp_path, extra,
                                                      monkeypatch):
-    """Two steps of two minibatches (gradient accumulation over micro-batches of 3): the same
-    losses and the same final weights either way, to float32 tolerance."""
+    """Four steps, two minibatches per rollout batch, micro-batches of 3 (gradient accumulation):
+    the same losses and the same final weights either way, to float32 tolerance."""
     import json
 
     from safetensors.torch import load_file
@@ -196,5 +196,6 @@ def test_training_with_the_fused_path_equals_autograd(tiny_overrides, tmp_path, 
         for key in ("loss", "grad_norm", "kept_frac", "mean_ratio"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    for name in w_a:
-        torch.testing.assert_close(w_f[name], w_a[name], rtol=1e-4, atol=1e-6)
+    for name in w_a:  # Adam divides by sqrt(v): where a gradient is near 0, float32 rounding
+        # moves a weight by up to ~1e-6 of its lr-1e-3 steps; 1e-5 is 1 % of one step
+        torch.testing.assert_close(w_f[name], w_a[name], rtol=1e-4, atol=1e-5)

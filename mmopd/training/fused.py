@@ -161,15 +161,16 @@ def fused_loss(proj: Projection, h_NH: torch.Tensor, chunk_grad: ChunkGrad,
 # ----------------------------------------------------------------------------- chunk gradients
 
 
-def _xlogy_diff(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """p * (a - b) with 0 where p == 0 (a -inf teacher log-prob under no student mass)."""
-    return torch.where(p > 0, p * (a - b), torch.zeros_like(p))
+def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
+    """log_softmax in place (the chunk's logits are not needed afterwards)."""
+    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
 
 
 def divergence_grad(kind: str, s: torch.Tensor, t: torch.Tensor, beta: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token divergence [n], d/dlogits [n, V]) from student log-probs `s` (of logits z)
-    and fixed teacher log-probs `t`."""
+    """(per-token divergence [n], d/dlogits [n, V]) from student log-probs `s` and fixed teacher
+    log-probs `t`. Works in place on `t` (the chunk's teacher log-probs are not needed
+    afterwards), so few [n, V] tensors are alive at once."""
     if kind not in KINDS:
         raise ValueError(f"unknown divergence {kind!r}; choose one of {KINDS}")
     if kind == "jsd" and beta == 0.0:
@@ -178,31 +179,34 @@ def divergence_grad(kind: str, s: torch.Tensor, t: torch.Tensor, beta: float
         kind = "rkl"
     p = s.exp()
     if kind == "rkl":
-        terms = _xlogy_diff(p, s, t)
+        terms = t.neg_().add_(s).mul_(p).masked_fill_(p == 0, 0.0)  # p (s - t), 0 where p = 0
         d = terms.sum(-1)
-        return d, terms - p * d[:, None]
-    if kind == "fkl":
-        q = t.exp()
-        return _xlogy_diff(q, t, s).sum(-1), p - q
+        return d, terms.sub_(p.mul_(d[:, None]))
     q = t.exp()
-    m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1.0 - beta)]), dim=0)
-    d = beta * _xlogy_diff(q, t, m).sum(-1) + (1.0 - beta) * _xlogy_diff(p, s, m).sum(-1)
-    a = (1.0 - beta) * (s - m)
-    pa = torch.where(p > 0, p * a, torch.zeros_like(p))
-    return d, pa - p * pa.sum(-1, keepdim=True)
+    if kind == "fkl":
+        d = (t - s).mul_(q).masked_fill_(q == 0, 0.0).sum(-1)
+        return d, p.sub_(q)
+    m = torch.logaddexp(t + math.log(beta), s + math.log(1.0 - beta))
+    d = t.sub_(m).mul_(q).masked_fill_(q == 0, 0.0).sum(-1).mul_(beta)  # beta KL(q || m)
+    del q
+    pa = m.neg_().add_(s).mul_(p).mul_(1.0 - beta).masked_fill_(p == 0, 0.0)  # (1-b) p (s-m)
+    total = pa.sum(-1, keepdim=True)
+    return d.add_(total.squeeze(-1)), pa.sub_(p.mul_(total))
 
 
 def full_divergence_chunks(kind: str, beta: float, teacher_logp: Callable[[slice], torch.Tensor],
                            weight_N: torch.Tensor) -> ChunkGrad:
     """Chunk gradients of sum_i weight_i * D(student_i, teacher_i) over the whole vocabulary;
-    `teacher_logp(rows)` gives the teacher's log-probs [n, V] of those rows."""
+    `teacher_logp(rows)` gives the teacher's log-probs [n, V] of those rows as a new tensor
+    (it is overwritten)."""
     def fn(z: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        s = torch.log_softmax(z, -1)
+        s = _log_softmax_(z)
         with torch.no_grad():
             t = teacher_logp(sl)
         d, g = divergence_grad(kind, s, t, beta)
-        w = weight_N[sl].to(z.dtype)
-        return (d * w).sum(), g * w[:, None]
+        del s, t
+        w = weight_N[sl].to(g.dtype)
+        return (d * w).sum(), g.mul_(w[:, None])
     return fn
 
 
@@ -213,7 +217,7 @@ def gathered_chunks(ids_NK: Callable[[torch.Tensor, slice], torch.Tensor],
     log-probs at K ids per token (`ids_NK(student_logp, rows)` picks them, e.g. the sampled
     token or a top-k). `keep`, when given, receives each chunk's detached log-probs."""
     def fn(z: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        s = torch.log_softmax(z, -1)
+        s = _log_softmax_(z)
         ids = ids_NK(s, sl)
         with torch.enable_grad():
             lp = s.gather(-1, ids).detach().requires_grad_(True)
@@ -221,7 +225,6 @@ def gathered_chunks(ids_NK: Callable[[torch.Tensor, slice], torch.Tensor],
             (g,) = torch.autograd.grad(value, lp)
         if keep is not None:
             keep.append(lp.detach())
-        p = s.exp()
-        g_z = (-p * g.sum(-1, keepdim=True)).scatter_add_(-1, ids, g)
+        g_z = s.exp_().mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids, g)  # s is spent
         return value.detach(), g_z
     return fn
