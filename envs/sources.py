@@ -173,7 +173,8 @@ def _looks_local(source: str) -> bool:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
-    """(line number, record) of each non-blank line; a line that is not JSON is a None record."""
+    """(line number, record) of each non-blank line; a line that is not JSON is recorded as
+    the ValueError that reports it."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:

@@ -153,7 +153,8 @@ def test_frozen_output_layer_and_frozen_hidden():
     proj = Projection(layer, None, None, V)
     t, w = _teacher(), torch.ones(N)
     h = torch.randn(N, H, requires_grad=True)
-    fused_loss(proj, h, full_divergence_chunks("fkl", 0.5, lambda sl: t[sl].clone(), w), 8).backward()
+    chunks = full_divergence_chunks("fkl", 0.5, lambda sl: t[sl].clone(), w)
+    fused_loss(proj, h, chunks, 8).backward()
     assert layer.weight.grad is None and h.grad is not None
 
 
