@@ -15,7 +15,7 @@ import gymnasium
 
 from .answers import check_answer
 from .registration import careless_rate, reset_index
-from .sources import DatasetError, is_file_source, load_source, source_spec
+from .sources import DatasetError, env_source_spec, load_source, source_spec
 from .spaces import text_space
 
 __all__ = [
@@ -196,12 +196,20 @@ def load_problems(
     """Problems from a source (`envs/sources.py`: a hub dataset id, a save_to_disk folder,
     Parquet, CSV or JSON lines). `fields` (or a preset) maps columns; the *_key arguments are
     the older spelling of fields.question / answer / solution. Ids are "<name>:<row>"."""
-    keys = {"question": question_key, "answer": answer_key, "solution": solution_key}
-    if preset is None:
-        fields = {**{k: v for k, v in keys.items() if v != k}, **(fields or {})}
+    fields = _key_fields(question_key, answer_key, solution_key, fields)
     loaded = load_source(source_spec(source, subset=subset, split=split, preset=preset,
                                      fields=fields))
     return [_problem(r) for r in loaded.rows]
+
+
+def _key_fields(question_key: str, answer_key: str, solution_key: str,
+                fields: dict[str, str] | None) -> dict[str, str] | None:
+    """`fields` with the older *_key spelling folded in (keys left at their defaults add
+    nothing, so a preset's own columns stand)."""
+    keys = {"question": question_key, "answer": answer_key, "solution": solution_key}
+    if fields is not None and not isinstance(fields, dict):
+        return fields  # the source spec refuses it, naming it
+    return {**{k: v for k, v in keys.items() if v != k}, **(fields or {})} or None
 
 
 def _problem(row: dict[str, Any]) -> Problem:
@@ -274,12 +282,9 @@ class MathTextEnv(gymnasium.Env):
             self._problems = _test_set(level, test_size) if split == "test" else None
             self.observation_space = text_space()
         else:
-            if fields is not None and not isinstance(fields, dict):
-                raise ValueError(f"fields must be a mapping of names to columns, got {fields!r}")
-            keys = {"question": question_key, "answer": answer_key, "solution": solution_key}
-            fields = {**{k: v for k, v in keys.items() if v != k}, **(fields or {})}
-            spec = source_spec(source, subset=subset, preset=preset, fields=fields,
-                               split=source_split or (None if is_file_source(source) else split))
+            spec = env_source_spec(
+                source, split, subset=subset, source_split=source_split, preset=preset,
+                fields=_key_fields(question_key, answer_key, solution_key, fields))
             loaded = load_source(spec)
             self.row_errors = loaded.errors
             self._problems = tuple(_problem(r) for r in loaded.rows)

@@ -161,6 +161,19 @@ def source_spec(source: str | os.PathLike[str], *, subset: str | None = None,
     return SourceSpec(str(source), subset, split, preset, tuple(sorted(fields.items())))
 
 
+def env_source_spec(source: str | os.PathLike[str], env_split: str, *,
+                    subset: str | None = None, source_split: str | None = None,
+                    preset: str | None = None,
+                    fields: Mapping[str, str] | None = None) -> SourceSpec:
+    """The spec an env's arguments name: the dataset's split is `source_split`, else the
+    env's own split where the source has splits (a hub id, a DatasetDict folder); a single
+    file has one, which serves both of the env's splits."""
+    if fields is not None and not isinstance(fields, Mapping):
+        raise DatasetError(f"fields must be a mapping of names to columns, got {fields!r}")
+    return source_spec(source, subset=subset, preset=preset, fields=fields,
+                       split=source_split or (None if is_file_source(source) else env_split))
+
+
 def is_file_source(source: str | os.PathLike[str]) -> bool:
     """A single file (one split, served to both of an env's splits), not a hub id or folder."""
     suffix = Path(str(source)).suffix.lower()

@@ -26,7 +26,7 @@ from mmopd.rollout.toolcalls import format_call
 
 from .answers import check_answer
 from .registration import careless_rate, reset_index
-from .sources import is_file_source, load_source, source_spec
+from .sources import env_source_spec, load_source
 from .spaces import text_space
 
 LEVELS = {  # level -> (description, generator of (question expression, value))
@@ -100,8 +100,8 @@ class ToolMathEnv(gymnasium.Env):
         if source is not None:
             if careless:
                 raise ValueError("careless needs generated expressions (source=None)")
-            spec = source_spec(source, subset=subset, preset=preset, fields=fields,
-                               split=source_split or (None if is_file_source(source) else split))
+            spec = env_source_spec(source, split, subset=subset, source_split=source_split,
+                                   preset=preset, fields=fields)
             loaded = load_source(spec)
             self._rows = tuple((r["question"], r["answer"]) for r in loaded.rows)
             self._ids = {r["question"]: str(r.get("id") or r["where"]) for r in loaded.rows}

@@ -37,7 +37,7 @@ from .images import (
     open_image,
 )
 from .registration import careless_rate, reset_index
-from .sources import JSONL_SUFFIXES, SourceSpec, is_file_source, source_spec
+from .sources import JSONL_SUFFIXES, SourceSpec, env_source_spec
 from .spaces import text_space
 from .vision_data import (  # VisionQA's data and grading, importable from here too
     IMAGE_MARKER,
@@ -205,8 +205,8 @@ class VisionQAEnv(gymnasium.Env):
         elif Path(source).suffix.lower() in JSONL_SUFFIXES and not (preset or fields):
             self._rows = self._load(Path(source))
         else:  # a dataset (hub id, save_to_disk folder, Parquet, CSV) or a mapped JSONL
-            spec = source_spec(source, subset=subset, preset=preset, fields=fields,
-                               split=source_split or (None if is_file_source(source) else split))
+            spec = env_source_spec(source, split, subset=subset, source_split=source_split,
+                                   preset=preset, fields=fields)
             self._rows = self._load_dataset(spec)
         if self._rows is not None:
             questions = [p.question for p in self._rows]

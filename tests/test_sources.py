@@ -96,6 +96,9 @@ def test_bad_arguments_fail_before_any_io(tmp_path):
         source_spec("anything", fields={"prompt": "q"})
     with pytest.raises(DatasetError, match="no such file or folder"):
         make_env(MATH, source=str(tmp_path / "missing_folder"))
+    with pytest.raises(DatasetError, match=r"fields must be a mapping of names to columns, got "
+                       r"\['q'\]"):
+        make_env(MATH, source=str(tmp_path / "x.csv"), question_key="prompt", fields=["q"])
     assert set(PRESETS) >= {"gsm8k", "math", "math500", "aime", "vqa"}
 
 
