@@ -24,6 +24,7 @@ from mmopd.config import ModelConfig
 from mmopd.logprobs import lm_head_fn
 from mmopd.models import load_model, load_tokenizer
 from mmopd.objectives import OBJECTIVES
+from mmopd.training.fused import projection
 from mmopd.training.losses import Heads, accumulate_gradients
 from mmopd.training.optim import make_accelerator
 
@@ -46,7 +47,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t.clone()
 
 
-def run(mode: str, bundle: dict) -> dict[str, dict[str, torch.Tensor]]:
+def run(mode: str, bundle: dict, fused: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     accelerator = make_accelerator()
     if mode == "fsdp":
         fsdp2_on_cpu(accelerator)
@@ -61,7 +62,8 @@ def run(mode: str, bundle: dict) -> dict[str, dict[str, torch.Tensor]]:
     else:
         assert type(student.lm_head.weight).__name__ == "DTensor"  # really sharded
     model = accelerator.unwrap_model(student)
-    heads = Heads(lm_head_fn(model), lm_head_fn(model), lm_head_fn(teacher))
+    heads = Heads(lm_head_fn(model), lm_head_fn(model), lm_head_fn(teacher),
+                  projection(model) if fused else None, projection(model) if fused else None)
     grads = {}
     for name, case in bundle["cases"].items():
         model.zero_grad(set_to_none=True)
@@ -76,7 +78,8 @@ def run(mode: str, bundle: dict) -> dict[str, dict[str, torch.Tensor]]:
 
 def main(bundle_path: str, out_dir: str) -> None:
     bundle = torch.load(bundle_path, weights_only=False)
-    result = {mode: run(mode, bundle) for mode in ("ddp", "fsdp")}
+    result = {mode + ("-fused" if fused else ""): run(mode, bundle, fused)
+              for mode in ("ddp", "fsdp") for fused in (False, True)}
     rank = torch.distributed.get_rank()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.barrier()

@@ -105,7 +105,8 @@ def _rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def test_token_mean_is_exact_across_ranks(tiny_overrides, student_dir, teacher_dir, tmp_path):
     """Two ranks with 1 vs 10 (REOPOLD) and 12 vs 42 (RKL) kept tokens, under DDP and under
     FSDP2 (which also checks that the output layer applied outside the model's forward gets the
-    right, reduce-scattered gradient): the gradient equals one process's over the whole batch."""
+    right, reduce-scattered gradient), by the autograd and the fused loss path: the gradient
+    equals one process's over the whole batch."""
     from mmopd.config import ModelConfig
     from mmopd.models import load_model, load_tokenizer
 
@@ -128,7 +129,7 @@ def test_token_mean_is_exact_across_ranks(tiny_overrides, student_dir, teacher_d
         assert 0 < kept[0] < kept[1], kept  # unequal shares: a per-rank mean would be biased
         whole = _grads(student, tok, case, name, list(range(8)))
         assert any(g.abs().sum() > 0 for g in whole.values())
-        for mode in ("ddp", "fsdp"):
+        for mode in ("ddp", "fsdp", "ddp-fused", "fsdp-fused"):
             # gradients are all-reduced (DDP) or reduce-scattered (FSDP, gathered here): both
             # ranks hold the same ones, equal to one process's over the whole batch
             assert _rel_err(ranks[0][mode][name], ranks[1][mode][name]) == 0.0, (mode, name)
