@@ -27,7 +27,7 @@ def _layer(bias: bool, seed: int) -> torch.nn.Linear:
 
 def _head(layer, proj: Projection):
     def fn(h):
-        z = layer(h).float()[:, : proj.rows]
+        z = layer(h.to(layer.weight.dtype)).float()[:, : proj.rows]
         if proj.scale is not None:
             z = z * proj.scale
         if proj.cap:
@@ -200,3 +200,24 @@ def test_training_with_the_fused_path_equals_autograd(tiny_overrides, tmp_path, 
     for name in w_a:  # Adam divides by sqrt(v): where a gradient is near 0, float32 rounding
         # moves a weight by up to ~1e-6 of its lr-1e-3 steps; 1e-5 is 1 % of one step
         torch.testing.assert_close(w_f[name], w_a[name], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_output_layer_keeps_dtypes_and_matches_autograd():
+    """A bf16 output layer (as on GPU): the matmuls run in bf16 like the autograd path's, the
+    gradients come back in the parameter's and the hidden states' dtypes, and agree with the
+    autograd path to bf16 precision."""
+    layer = _layer(False, 0).to(torch.bfloat16)
+    proj = Projection(layer, None, None, V)
+    t, w = _teacher(zeros=False), torch.rand(N)
+    head = _head(layer, proj)
+    torch.manual_seed(1)
+    h = torch.randn(N, H, requires_grad=True)
+    ref = (full_vocab_divergence("rkl", head(h), t, 0.5) * w).sum()
+    g_ref = _grads(ref, h, layer)
+    fused = fused_loss(proj, h, full_divergence_chunks("rkl", 0.5, lambda sl: t[sl].clone(), w),
+                       8)
+    g_fused = _grads(fused, h, layer)
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-3)
+    assert g_fused[0].dtype == torch.float32 and g_fused[1].dtype == torch.bfloat16
+    for a, b in zip(g_ref, g_fused):  # bf16 has 8 mantissa bits: compare as vectors
+        assert float((a.float() - b.float()).norm() / a.float().norm()) < 2e-2
