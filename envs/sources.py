@@ -137,7 +137,7 @@ class SourceSpec:
 
     @property
     def name(self) -> str:
-        base = Path(self.source).name if _looks_local(self.source) else self.source
+        base = Path(self.source).name if is_local_source(self.source) else self.source
         return base + (f"[{self.split}]" if self.split else "")
 
 
@@ -180,9 +180,9 @@ def is_file_source(source: str | os.PathLike[str]) -> bool:
     return suffix in JSONL_SUFFIXES or suffix in _DATASETS_SUFFIXES
 
 
-def _looks_local(source: str) -> bool:
-    return (os.path.exists(source) or source.startswith((".", "/", "~"))
-            or Path(source).suffix.lower() in (*JSONL_SUFFIXES, *_DATASETS_SUFFIXES))
+def is_local_source(source: str) -> bool:
+    """A path on this machine (existing, or spelt like a path or a data file), not a hub id."""
+    return os.path.exists(source) or source.startswith((".", "/", "~")) or is_file_source(source)
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
@@ -237,7 +237,7 @@ def _load_datasets(spec: SourceSpec) -> Any:
                 raise DatasetError(f"{src}: no such file")
             return datasets.load_dataset(_DATASETS_SUFFIXES[suffix], data_files=str(path),
                                          split="train")
-        if _looks_local(src):
+        if is_local_source(src):
             raise DatasetError(f"{src}: no such file or folder")
         return _pick_split(datasets.load_dataset(src, spec.subset), spec)
     except DatasetError:

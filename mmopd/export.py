@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from mmopd.envs.sources import is_local_source
 from mmopd.training.checkpoint import MANIFEST, STATE_FILE, checkpoint_problem
 
 # what a checkpoint holds for training only
@@ -60,8 +61,8 @@ def model_card(cfg: dict[str, Any], evals: list[dict[str, Any]], step: int) -> s
     env = cfg.get("env", {})
     kwargs = env.get("kwargs") or {}
     source = kwargs.get("source")
-    hub_data = [source] if isinstance(source, str) and "/" in source and not Path(
-        source).exists() and not source.startswith((".", "/")) else []
+    hub_data = [source] if isinstance(source, str) and source != "synthetic" and \
+        not is_local_source(source) else []
     meta: dict[str, Any] = {"library_name": "transformers", "tags": [
         "mmopd", "on-policy-distillation", str(objective.get("name", ""))]}
     if cfg.get("model", {}).get("path"):

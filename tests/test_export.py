@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from mmopd.cli import main
 from mmopd.config import TrainConfig, load_config
+from mmopd.export import model_card
 from mmopd.training.loop import train
 
 
@@ -42,6 +43,11 @@ def test_export_writes_a_loadable_folder_and_a_model_card(run_dir, student_dir, 
 
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "\ndatasets:" not in card  # generated problems: no hub dataset to name
+    assert model_card({"env": {"kwargs": {"source": "openai/gsm8k"}}}, [], 1).count(
+        "datasets:\n- openai/gsm8k") == 1
+    assert "datasets:" not in model_card({"env": {"kwargs": {"source": "synthetic"}}}, [], 1)
+    assert "datasets:" not in model_card({"env": {"kwargs": {"source": str(tmp_path)}}}, [], 1)
     assert f"base_model: {student_dir}" in card and f"`{teacher_dir}`" in card
     assert "with the `reopold` objective" in card and "| steps | 2 |" in card
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]

@@ -136,7 +136,7 @@ def aux_sum(objective: Objective, cfg: TrainConfig, heads: Heads, h_NH: torch.Te
         def fn(h, i, t):
             return (teacher_topk_fkl(torch.log_softmax(heads.student(h), -1).gather(-1, i), t),)
         (d,) = chunked_map(fn, cfg.trainer.chunk_size, h_NH[sel.to(dev)], ids, tlp)
-        return (d * aux_N[sel].to(dev)).sum()
+        return (d * w).sum()
     return divergence_sum(cfg.objective.aopd_divergence, 0, cfg, heads.student, heads.teacher,
                            h_NH[sel.to(dev)], teach, tok[sel], aux_N[sel], heads.student_proj)
 
