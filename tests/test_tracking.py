@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,14 @@ def test_wandb_offline_writes_its_local_run(tiny_overrides, tmp_path, monkeypatc
                                   "trainer.report_to=[wandb]"])
     (offline,) = (run / "wandb").glob("offline-run-*")
     (record,) = offline.glob("run-*.wandb")  # the offline run: every log call and the config
-    data = record.read_bytes()
-    for key in (b"loss", b"kept_frac", b"eval/accuracy", b"objective.name", b"reopold"):
+    keys = (b"loss", b"kept_frac", b"eval/accuracy", b"objective.name", b"reopold")
+    deadline = time.monotonic() + 60  # wandb's writer process may still be flushing the
+    while time.monotonic() < deadline:  # records after finish() returns, on a loaded machine
+        data = record.read_bytes()
+        if all(key in data for key in keys):
+            break
+        time.sleep(0.5)
+    for key in keys:
         assert key in data, key
 
 
