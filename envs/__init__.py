@@ -24,6 +24,7 @@ register_env("mmopd/MathText-v0", "mmopd.envs.math_text:MathTextEnv", order_enfo
 register_env("mmopd/GymText-v0", "mmopd.envs.gym_text:GymTextEnv", order_enforce=False)
 register_env("mmopd/ToolMath-v0", "mmopd.envs.tool_math:ToolMathEnv", order_enforce=False)
 register_env("mmopd/VisionQA-v0", "mmopd.envs.vision_qa:VisionQAEnv", order_enforce=False)
+register_env("mmopd/Mixture-v0", "mmopd.envs.mixture:MixtureEnv", order_enforce=False)
 
 _MATH_TEXT_NAMES = {
     "MathTextEnv",

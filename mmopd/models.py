@@ -331,7 +331,9 @@ def check_same_vocab(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrain
         raise ModelLoadError(
             f"teacher.model: the teacher's tokenizer differs from the student's ({len(t)} vs "
             f"{len(s)} tokens; first differences {diff}). Token-level distillation needs a shared "
-            "vocabulary: pick a teacher from the same model family.")
+            "vocabulary: pick a teacher from the same model family, or set "
+            "teacher.cross_tokenizer=true to distil across tokenizers by aligned text spans "
+            "(sampled-token objectives: opd, reopold, gopd, exopd).")
     vs = student_model.get_output_embeddings().weight.shape[0]
     vt = teacher_model.get_output_embeddings().weight.shape[0]
     if min(vs, vt) < len(student_tok):

@@ -80,3 +80,47 @@ def tiny_image_processor(min_pixels: int, max_pixels: int) -> Any:
 
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
                                     merge_size=2, temporal_patch_size=2)
+
+
+# Gemma 3's template shape: a system message folds into the first user turn, replies are trimmed,
+# the model's turns are "model", every turn ends with <end_of_turn>.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set sys = '' %}{% if messages[0]['role'] == 'system' %}"
+    "{% set sys = messages[0]['content'] + '\n\n' %}{% set messages = messages[1:] %}{% endif %}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ (sys if loop.first else '') + message['content'] | trim }}"
+    "<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def build_bpe_tokenizer(out_dir: str | Path | None = None, *, vocab_size: int = 400,
+                        corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with merges learnt from a small arithmetic corpus, special tokens and a
+    Gemma-3-shaped chat template: a tokenizer that splits text differently from
+    `build_char_tokenizer`'s (multi-character tokens, a space joined to the word after it,
+    characters split into bytes), for cross-tokenizer distillation on tiny local models."""
+    from tokenizers import trainers
+
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    corpus = corpus or [
+        f"What is {a} + {b}? The answer is {a + b}. {words[a % 10]} plus {words[b % 10]}"
+        for a in range(30) for b in range(0, 30, 3)] + ["Hello, world! naïve café 東京"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
+    core.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"], model_max_length=4096)
+    tok.chat_template = GEMMA_TEMPLATE
+    tok.padding_side = "left"
+    if out_dir is not None:
+        tok.save_pretrained(str(out_dir))
+    return tok

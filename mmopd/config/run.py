@@ -4,12 +4,13 @@ checks that span sections."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .base import ConfigError, _check, _suggest
 from .model import ModelConfig
 from .objective import ObjectiveConfig
 from .rollout import EnvConfig, RolloutConfig
-from .teacher import SCORES_ONLY, TeacherConfig
+from .teacher import SCORES_ONLY, RoutingConfig, TeacherConfig
 from .trainer import EvalConfig, OptimConfig, TrainerConfig, WarmupConfig
 
 
@@ -19,6 +20,8 @@ class TrainConfig:
 
     model: ModelConfig
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teachers: list[TeacherConfig] = field(default_factory=list)  # several, with `routing`
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -54,41 +57,30 @@ class TrainConfig:
             raise ConfigError(f"objective.ratio_clip: clips the importance ratio of "
                               f"policy-gradient objectives; {obj.name!r} is a divergence "
                               "(use opd, reopold or grpo, or drop ratio_clip)")
+        if self.teachers:
+            self._check_routing(obj.name)
+        for i, t in enumerate(self.teacher_list):
+            self._check_teacher(t, f"teachers[{i}]" if self.teachers else "teacher", obj)
         if obj.name == "opsd" and (self.teacher.kind != "self"
                                    or self.teacher.view != "privileged"):
             raise ConfigError("objective.name: opsd distils from the frozen initial student "
                               "reading the reference solution; set teacher.kind=self and "
                               "teacher.view=privileged")
-        if self.teacher.kind == "served" and needs_teacher:
-            _check(self.teacher.served.url is not None, "teacher.served.url",
-                   "teacher.kind=served needs the server's URL (http://HOST:PORT)")
-        if self.teacher.kind in SCORES_ONLY and needs_teacher:
-            _check(self.teacher.kind != "cache" or self.teacher.cache is not None,
-                   "teacher.cache",
-                   "teacher.kind=cache needs the directory `mmopd cache-teacher` wrote")
-            held = ("a cache holds log-probs and top-k only" if self.teacher.kind == "cache"
-                    else f"a {self.teacher.kind} teacher returns log-probs and top-k only")
-            from mmopd.objectives import needed_scores, needs_teacher_hidden
-
-            live = needs_teacher_hidden(obj, self.objective) or bool(
-                {"kl", "overlap"} & needed_scores(obj, self.objective))
-            live = live or self.objective.episode_gating != "none"
-            _check(not live, "teacher.kind",
-                   f"objective {obj.name!r} with these options needs the teacher's full "
-                   f"distribution (an in-process teacher); {held}: use a sampled-token "
-                   "objective (opd, reopold, gopd, eopd) or topk_source=teacher")
         if self.rollout.backend == "vllm" and self.objective.drift_stop:
             raise ConfigError("objective.drift_stop: stopping drifted samples re-scores every "
                               "chunk of a reply in process; it needs rollout.backend=hf")
         if self.objective.drift_stop and (self.teacher.kind in SCORES_ONLY
-                                          or self.teacher.view != "same"):
+                                          or self.teacher.view != "same"
+                                          or self.teacher.cross_tokenizer):
             raise ConfigError("objective.drift_stop: stopping drifted samples runs the live "
                               "teacher on the student's own prompt while sampling; it needs "
-                              "teacher.view=same and a teacher model")
-        if self.warmup.steps and (not needs_teacher or self.teacher.kind != "model"):
+                              "teacher.view=same and a teacher model with the student's "
+                              "tokenizer")
+        if self.warmup.steps and (not needs_teacher or self.teacher.kind != "model"
+                                  or self.teacher.cross_tokenizer):
             raise ConfigError("warmup.steps: the off-policy warm-up trains on a separate "
-                              "teacher's own samples; it needs teacher.kind=model and an "
-                              "objective with a teacher")
+                              "teacher's own samples; it needs teacher.kind=model (with the "
+                              "student's tokenizer) and an objective with a teacher")
         if self.objective.reward_scale is not None and obj.name not in ("gopd", "exopd"):
             raise ConfigError(f"objective.reward_scale: the G-OPD reward scale applies to gopd "
                               f"and exopd, not {obj.name!r}")
@@ -104,13 +96,80 @@ class TrainConfig:
         if self.objective.step_weighting == "sod" and not needs_teacher:
             raise ConfigError(f"objective.step_weighting: SOD weighs turns by their divergence "
                               f"from a teacher; {obj.name!r} has none")
-        if needs_teacher and self.teacher.kind == "model" and self.teacher.model is None:
-            raise ConfigError(f"teacher.model: objective {self.objective.name!r} needs a teacher; "
-                              "set teacher.model.path (or teacher.kind=self)")
-        if self.teacher.kind in ("self", "ema") and self.teacher.view == "same":
-            raise ConfigError(f"teacher: kind={self.teacher.kind} with view=same scores the "
+
+    @property
+    def teacher_list(self) -> list[TeacherConfig]:
+        """The run's teachers: `teachers:` when given, else the one `teacher:`."""
+        return self.teachers or [self.teacher]
+
+    def _check_teacher(self, t: TeacherConfig, w: str, obj: Any) -> None:
+        """The checks of one teacher against the objective (`w`: where it is in the config)."""
+        from mmopd.objectives import needed_scores, needs_teacher_hidden
+
+        needs_teacher, o = obj.needs_teacher, self.objective
+        if t.kind == "served" and needs_teacher:
+            _check(t.served.url is not None, f"{w}.served.url",
+                   "teacher.kind=served needs the server's URL (http://HOST:PORT)")
+        live = needs_teacher_hidden(obj, o) or bool({"kl", "overlap"} & needed_scores(obj, o))
+        live = live or o.episode_gating != "none"
+        if t.kind in SCORES_ONLY and needs_teacher:
+            _check(t.kind != "cache" or t.cache is not None, f"{w}.cache",
+                   "teacher.kind=cache needs the directory `mmopd cache-teacher` wrote")
+            held = ("a cache holds log-probs and top-k only" if t.kind == "cache"
+                    else f"a {t.kind} teacher returns log-probs and top-k only")
+            _check(not live, f"{w}.kind",
+                   f"objective {obj.name!r} with these options needs the teacher's full "
+                   f"distribution (an in-process teacher); {held}: use a sampled-token "
+                   "objective (opd, reopold, gopd, eopd) or topk_source=teacher")
+        if t.cross_tokenizer and needs_teacher:
+            shared = live or obj.kind != "pg" or "teacher_topk" in needed_scores(obj, o)
+            _check(not shared, f"{w}.cross_tokenizer",
+                   f"objective {obj.name!r} with these options compares the two models on "
+                   "shared token ids (full-vocabulary or top-k divergences, vOPD, EOPD, AOPD, "
+                   "TIP, drift, V-Zero); a teacher with another tokenizer scores the student's "
+                   "text span by span: use opd, reopold, gopd or exopd (SOD weighting works)")
+            _check(t.topk == 0, f"{w}.topk", "a cross-tokenizer teacher's top-k ids are in "
+                   "another vocabulary; set it to 0")
+        if needs_teacher and t.kind == "model" and t.model is None:
+            raise ConfigError(f"{w}.model: objective {o.name!r} needs a teacher; "
+                              f"set {w}.model.path (or {w}.kind=self)")
+        if t.kind in ("self", "ema") and t.view == "same":
+            raise ConfigError(f"{w}: kind={t.kind} with view=same scores the "
                               "student against (a copy of) itself: no signal; set "
-                              "teacher.view=privileged")
+                              f"{w}.view=privileged")
+
+    def _check_routing(self, objective: str) -> None:
+        """Several teachers: unique names, routes that name them, and only what a router can
+        serve (per-token log-probs of whichever teacher scored each episode)."""
+        names = [t.name for t in self.teachers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _check(not dup, "teachers", f"two teachers are named {dup[0]!r}; names must be unique"
+               if dup else "")
+        _check(self.teacher == TeacherConfig(), "teacher",
+               "set either `teacher:` (one teacher) or `teachers:` (several), not both")
+        r = self.routing
+        for value, name in [*r.routes.items(), *([("default", r.default)] if r.default else [])]:
+            _check(name in names, f"routing.routes.{value}" if value != "default" else
+                   "routing.default", f"names no teacher: {name!r}; teachers: {names}"
+                   + _suggest(str(name), names))
+        _check(bool(r.routes) or r.default is not None, "routing.routes",
+               "several teachers need routes (value -> teacher name) or a routing.default")
+        kinds = [t.kind for t in self.teachers]
+        _check("cache" not in kinds, "teachers", "a teacher cache replays its own fixed "
+               "episodes; it cannot share a run with other teachers")
+        _check(kinds.count("ema") <= 1, "teachers", "at most one EMA teacher per run")
+        o = self.objective
+        from mmopd.objectives import OBJECTIVES, needed_scores, needs_teacher_hidden
+
+        obj = OBJECTIVES[objective]
+        _check(not (needs_teacher_hidden(obj, o) or {"kl", "overlap"} & needed_scores(obj, o)),
+               "teachers", f"objective {objective!r} with these options rebuilds one teacher's "
+               "logits; routed teachers give per-token log-probs (and top-k): use a "
+               "sampled-token objective (opd, reopold, gopd, eopd) or topk_source=teacher")
+        _check(not (o.drift_stop or o.episode_gating != "none" or self.warmup.steps
+                    or objective == "opsd"), "teachers",
+               "drift stop, V-Zero gating, the off-policy warm-up and OPSD use one teacher; "
+               "with several, use a sampled-token objective (opd, reopold, gopd, exopd)")
 
 
 @dataclass

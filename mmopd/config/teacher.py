@@ -1,8 +1,9 @@
-"""The `teacher:` section: an in-process model, the student itself (self / EMA), a served
-model or an offline cache."""
+"""The `teacher:` section (an in-process model, the student itself (self / EMA), a served
+model or an offline cache), and `teachers:` + `routing:` for several named teachers."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -79,8 +80,20 @@ class TeacherConfig:
     cache: str | None = None  # kind "cache": a directory written by `mmopd cache-teacher`
     factory: str | None = None  # kind "custom": "module:function" returning the teacher
     served: ServedTeacherConfig = field(default_factory=ServedTeacherConfig)
+    # a teacher with another tokenizer and chat template (kind "model"): it reads the episode in
+    # its own template and its log-probs reach the student's tokens over aligned text spans
+    # (sampled-token objectives only; see docs/teachers.md)
+    cross_tokenizer: bool = False
+    name: str = "teacher"  # in `teachers:` lists, routes and per-teacher metrics
 
     def __post_init__(self) -> None:
+        _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)), "teacher.name",
+               f"{self.name!r}: use letters, digits, '_', '-' or '.' (it names metrics)")
+        _check(not self.cross_tokenizer or self.kind == "model", "teacher.cross_tokenizer",
+               f"a teacher with its own tokenizer is a separate model (kind=model), not "
+               f"kind={self.kind}")
+        _check(not self.cross_tokenizer or self.view == "same", "teacher.view",
+               "a cross-tokenizer teacher reads the student's own conversation (view=same)")
         _check(self.topk >= 0, "teacher.topk", "must be >= 0")
         _check(self.logp_floor < 0, "teacher.logp_floor", "must be a negative log-prob")
         if self.kind == "custom":
@@ -91,3 +104,29 @@ class TeacherConfig:
         _check(0 <= self.ema_decay < 1, "teacher.ema_decay", f"{self.ema_decay} is outside [0, 1)")
         _check(self.model is None or self.model.lora is None, "teacher.model.lora",
                "LoRA adapters train the student; a teacher is frozen (remove the setting)")
+
+
+@dataclass
+class RoutingConfig:
+    """Which of several `teachers:` scores each episode. `by: env` reads the episode's
+    environment id (metadata "env", set by `mmopd/Mixture-v0`); `by: metadata.KEY` reads another
+    field the env put into the episode's info (e.g. metadata.domain). `routes` maps values to
+    teacher names; `default` takes the values no route names (None: such an episode stops the
+    run with an error, so no episode is scored by a teacher nobody chose)."""
+
+    by: str = "env"
+    routes: dict[str, str] = field(default_factory=dict)
+    default: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.by == "env" or (self.by.startswith("metadata.") and len(self.by) > 9),
+               "routing.by", f"{self.by!r}: use env or metadata.KEY (a field of the episode's "
+               "info, e.g. metadata.domain)")
+        for value, name in self.routes.items():
+            _check(isinstance(name, str), f"routing.routes.{value}",
+                   f"expected a teacher name, got {name!r}")
+
+    @property
+    def key(self) -> str:
+        """The metadata field routed on."""
+        return "env" if self.by == "env" else self.by.removeprefix("metadata.")

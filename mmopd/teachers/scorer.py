@@ -30,6 +30,10 @@ class TokenScores:
     topk_ids_NK: torch.Tensor | None = None
     topk_logp_NK: torch.Tensor | None = None
     hidden_NH: torch.Tensor | None = None  # final hidden states, for full-vocab objectives
+    # a cross-tokenizer teacher scores spans of text, not tokens: span_N numbers each token's
+    # aligned span (-1: unaligned) and logp_N holds the span's total teacher log-prob on each of
+    # its tokens; `spread_spans` (mmopd.teachers.cross) turns them into per-token log-probs
+    span_N: torch.Tensor | None = None
 
 
 class Teacher(Protocol):

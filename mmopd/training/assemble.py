@@ -10,7 +10,6 @@ loads), then the models, then the optimiser, then resume.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,6 @@ from mmopd.config import TrainConfig, dump_yaml, to_dict
 from mmopd.envs import import_env_modules, make_env
 from mmopd.logprobs import lm_head_fn
 from mmopd.models import (
-    check_same_rendering,
-    check_same_vision,
-    check_same_vocab,
     is_lora,
     load_model,
     load_tokenizer,
@@ -39,12 +35,18 @@ from mmopd.rollout.evaluate import EnvPool
 from mmopd.rollout.render import ChatRenderer
 from mmopd.rollout.sampler import HFSampler, Sampler, SamplingParams
 from mmopd.teachers.cache import TeacherCache
+from mmopd.teachers.router import RoutedTeacher
 from mmopd.teachers.scorer import HFScorer, Teacher
 from mmopd.training.checkpoint import load_state, load_student, resolve_resume, set_rng_state
 from mmopd.training.fused import projection
 from mmopd.training.losses import Heads
 from mmopd.training.metrics import JsonlLog
 from mmopd.training.optim import make_accelerator, make_optimizer, make_scheduler
+from mmopd.training.teachers import (  # noqa: F401  (make_*_teacher: importable from here)
+    build_teachers,
+    make_custom_teacher,
+    make_served_teacher,
+)
 from mmopd.training.tracking import PROJECT, flat_config, init_kwargs, resolve_report_to, scalars
 from mmopd.vision import VisionProcessor
 
@@ -75,13 +77,15 @@ class Run:
     ref_scorer: HFScorer | None  # G-OPD's reference: the initial student, frozen
     negative_scorer: HFScorer | None  # V-Zero: the teacher reading the negative view
     ema: torch.nn.Module | None  # teacher.kind=ema: the teacher the loop updates
+    ema_decay: float
+    router: RoutedTeacher | None  # several teachers: which one scored each episode
     sampler: Sampler  # the engine that receives the new weights after each update
     rollout_sampler: Sampler  # what rolls out (the sampler, or it behind a drift stop)
     params: SamplingParams
     need_hidden: bool  # losses rebuild teacher logits from its hidden states
     teacher_topk: int  # top-k the teacher returns with its log-probs
     n_student: int  # parameters, for the FLOPs estimate
-    n_teacher: int  # 0 without a live teacher
+    n_teacher: int  # 0 without a live teacher (the largest of several)
     start_step: int  # 0, or the step of the checkpoint a resumed run continues from
     metrics_log: JsonlLog
     eval_log: JsonlLog
@@ -119,8 +123,9 @@ def assemble(cfg: TrainConfig) -> Run:
     vision = load_vision(cfg.model, tokenizer)
     student = load_model(cfg.model, tokenizer, trainable=True, vision=vision)
     renderer = ChatRenderer(tokenizer, vision)
-    teacher_scorer, t_model, cache, vocab = _teacher(cfg, objective, student, tokenizer, vision,
-                                                     train_pool, device)
+    teachers = build_teachers(cfg, objective, student, tokenizer, vision, train_pool, device)
+    teacher_scorer, t_model, cache, vocab = (teachers.scorer, teachers.model, teachers.cache,
+                                             teachers.vocab)
     needs = needed_scores(objective, cfg.objective)
     ref_scorer = None
     if "ref" in needs:
@@ -145,7 +150,7 @@ def assemble(cfg: TrainConfig) -> Run:
     student, optimizer = accelerator.prepare(student, optimizer)
     model = accelerator.unwrap_model(student)
     start_step = 0
-    ema = t_model if cfg.teacher.kind == "ema" else None
+    ema = teachers.ema
     if resume_dir is not None:
         state = load_state(resume_dir)
         if ema is not None:
@@ -191,7 +196,7 @@ def assemble(cfg: TrainConfig) -> Run:
                             top_p=rcfg.top_p, max_new_tokens=rcfg.max_new_tokens, stop=rcfg.stop)
     need_hidden = needs_teacher_hidden(objective, cfg.objective)
     teacher_topk = cfg.objective.topk if (objective.kind == "divergence" and not need_hidden) \
-        else cfg.teacher.topk
+        else max(t.topk for t in cfg.teacher_list)
     if "teacher_topk" in needs:
         teacher_topk = max(teacher_topk, cfg.objective.eopd_topk)
     return Run(
@@ -203,7 +208,7 @@ def assemble(cfg: TrainConfig) -> Run:
         ema=ema, sampler=sampler, rollout_sampler=rollout_sampler, params=params,
         need_hidden=need_hidden, teacher_topk=teacher_topk,
         n_student=sum(p.numel() for p in model.parameters()),
-        n_teacher=sum(p.numel() for p in t_model.parameters()) if t_model is not None else 0,
+        n_teacher=teachers.n_params, router=teachers.router, ema_decay=teachers.ema_decay,
         start_step=start_step,
         metrics_log=JsonlLog(out / "metrics.jsonl", resumed_at, enabled=main,
                              mirror=_tracked(accelerator, "") if trackers else None),
@@ -216,49 +221,6 @@ def _tracked(accelerator: Any, prefix: str) -> Any:
     def log(row: dict[str, Any]) -> None:
         accelerator.log(scalars(row, prefix), step=int(row["step"]))
     return log
-
-
-def _teacher(cfg: TrainConfig, objective: Objective, student: torch.nn.Module, tokenizer: Any,
-             vision: VisionProcessor | None, train_pool: EnvPool, device: torch.device,
-             ) -> tuple[Teacher | None, torch.nn.Module | None, TeacherCache | None, int | None]:
-    """The teacher's scorer, its live model (self / EMA / in process), the cache it reads from
-    (Lightning OPD), and the vocabulary rows student and teacher distributions compare on."""
-    if not objective.needs_teacher:
-        return None, None, None, None
-    tcfg = cfg.trainer
-    if cfg.teacher.kind == "cache":
-        cache = TeacherCache.load(cfg.teacher.cache)
-        cache.check_fits(tokenizer)
-        return cache, None, cache, None
-    if cfg.teacher.kind == "served":
-        if vision is not None:
-            raise NotImplementedError("teacher.kind=served scores text episodes; VLM teachers "
-                                      "run in process (teacher.kind=model)")
-        return make_served_teacher(cfg, tokenizer), None, None, None
-    if cfg.teacher.kind == "custom":
-        return make_custom_teacher(cfg, tokenizer), None, None, None
-    if cfg.teacher.kind in ("self", "ema"):  # the initial student (EMA: then tracking it)
-        dtype = torch.float32 if cfg.teacher.kind == "ema" else resolve_dtype(cfg.model.dtype)
-        t_model = plain_copy(student).to(dtype)  # LoRA: merged, a plain model
-    else:
-        t_tok = load_tokenizer(cfg.teacher.model, "teacher.model")
-        t_vision = load_vision(cfg.teacher.model, t_tok, "teacher.model")
-        t_model = load_model(cfg.teacher.model, t_tok, "teacher.model", vision=t_vision)
-        check_same_vocab(tokenizer, t_tok, t_model, student)
-        check_same_vision(vision, t_vision)
-        if cfg.teacher.check_template:
-            check_same_rendering(tokenizer, t_tok, _probe_messages(train_pool.take(1)[0]))
-    t_model.requires_grad_(False).to(device)
-    # Output layers are often padded past the tokenizer, differently per model size
-    # (Qwen2.5: 151936 rows at 1.5B, 152064 at 7B); distributions are compared on the rows
-    # both have. Sampled-token log-probs use each model's full output layer.
-    vocab = min(student.get_output_embeddings().weight.shape[0],
-                t_model.get_output_embeddings().weight.shape[0])
-    scorer = HFScorer(t_model, tokenizer.pad_token_id,
-                      view="teacher" if cfg.teacher.view == "privileged" else "student",
-                      micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size,
-                      topk_vocab=vocab)
-    return scorer, t_model, None, vocab
 
 
 def make_vllm_sampler(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
@@ -288,60 +250,3 @@ def make_vllm_sampler(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
                           enforce_eager=v.enforce_eager, cpu_kv_cache_gb=v.cpu_kv_cache_gb)
     sampler.load_weights(model)  # resumed or LoRA-merged weights, not the directory's
     return sampler
-
-
-def make_served_teacher(cfg: TrainConfig, tokenizer: Any) -> Teacher:
-    """The teacher behind a vLLM server, checked (reachable, same tokenizer) before training."""
-    from mmopd.teachers.served import ServedTeacher
-
-    s = cfg.teacher.served
-    assert s.url is not None
-    key = os.environ.get(s.api_key_env) if s.api_key_env else None
-    if s.api_key_env and key is None:
-        raise ValueError(f"teacher.served.api_key_env: environment variable {s.api_key_env!r} "
-                         "is not set")
-    teacher = ServedTeacher(s.url, model=s.model,
-                            view="teacher" if cfg.teacher.view == "privileged" else "student",
-                            batch_size=s.batch_size, concurrency=s.concurrency,
-                            timeout_s=s.timeout_s, max_retries=s.max_retries,
-                            backoff_s=s.backoff_s, max_backoff_s=s.max_backoff_s,
-                            entropy_topk=s.topk, api_key=key)
-    obj = OBJECTIVES[cfg.objective.name]
-    asked = max(cfg.teacher.topk, cfg.objective.topk if obj.kind == "divergence" else 0,
-                cfg.objective.eopd_topk if "teacher_topk" in needed_scores(obj, cfg.objective)
-                else 0)
-    teacher.check(tokenizer, topk=asked)
-    return teacher
-
-
-def make_custom_teacher(cfg: TrainConfig, tokenizer: Any) -> Teacher:
-    """`teacher.kind=custom`: the teacher `teacher.factory` ("module:function") builds from the
-    config and the student's tokenizer."""
-    import importlib
-
-    from mmopd.config import ConfigError
-
-    module, _, name = str(cfg.teacher.factory).partition(":")
-    try:
-        factory = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"teacher.factory: cannot load {cfg.teacher.factory!r} "
-                          f"({type(e).__name__}: {e}); it must name an importable module and a "
-                          "function in it") from None
-    teacher = factory(cfg, tokenizer)
-    if not callable(getattr(teacher, "score", None)):
-        raise ConfigError(f"teacher.factory: {cfg.teacher.factory!r} returned "
-                          f"{type(teacher).__name__}, which has no score(episodes, topk=...) "
-                          "method (the Teacher protocol, mmopd.teachers.scorer)")
-    return teacher
-
-
-def _probe_messages(env: Any) -> list[dict[str, Any]]:
-    """The prompt of the first of a few episodes that starts (a bad data row is skipped; the
-    rollout records such rows as failed episodes)."""
-    for seed in range(8):
-        try:
-            return env.reset(seed=seed)[1]["messages"]
-        except Exception:
-            continue
-    return [{"role": "user", "content": "What is 2+2?"}]

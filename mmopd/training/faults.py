@@ -32,14 +32,16 @@ class NonFiniteError(RuntimeError):
     """Too many optimiser steps in a row were skipped for non-finite values."""
 
 
-def floor_teacher_logprobs(tb: TokenBatch, floor: float) -> int:
-    """Raise the teacher's log-probs below `floor` (-inf included) to it, in place; NaN stays NaN
-    (the guard skips those steps). Returns how many tokens were floored."""
+def floor_teacher_logprobs(tb: TokenBatch, floor: float | torch.Tensor) -> int:
+    """Raise the teacher's log-probs below `floor` (-inf included; one number, or one per token)
+    to it, in place; NaN stays NaN (the guard skips those steps). Returns how many tokens were
+    floored."""
     t = tb.logp_teacher_N
-    low = t < floor
+    f = torch.as_tensor(floor, dtype=t.dtype).expand_as(t)
+    low = t < f
     n = int(low.sum())
     if n:
-        tb.logp_teacher_N = torch.where(low, torch.full_like(t, floor), t)
+        tb.logp_teacher_N = torch.where(low, f, t)
     return n
 
 

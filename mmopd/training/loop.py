@@ -29,6 +29,7 @@ from mmopd.rollout.sampler import HFSampler
 from mmopd.rollout.seeds import PROBLEMS, SAMPLING, SHUFFLE, derived_seed
 from mmopd.rollout.toolcalls import make_parser
 from mmopd.teachers.ema import ema_update
+from mmopd.teachers.router import kept_by_teacher, teacher_metrics
 from mmopd.teachers.scorer import TokenScores
 from mmopd.training.assemble import Run, assemble
 from mmopd.training.checkpoint import checkpoint_problem, newest_checkpoint, save_checkpoint
@@ -88,11 +89,14 @@ def _train(run: Run, signals: StopSignals) -> dict[str, Any]:
             chunk_size=tcfg.chunk_size)
         t_teacher = time.perf_counter() - t0
         gap = check_sync(run, episodes, tb, it)
-        floored = (floor_teacher_logprobs(tb, cfg.teacher.logp_floor)
+        floored = (floor_teacher_logprobs(tb, teacher_floor(run, slices))
                    if run.teacher_scorer is not None else 0)
         stats = batch_stats(run, episodes, tb, flops_total, failed=failed, prefix=prefix,
                             diagnostics=diagnostics, gap=gap, t_rollout=t_rollout,
                             t_teacher=t_teacher)
+        if run.router is not None:
+            stats.update(teacher_metrics(run.router.last_routes, episodes, slices,
+                                         tb.logp_old_N, tb.logp_teacher_N))
         stats["teacher_logp_floored"] = floored
 
         # ---- minibatch updates: several optimiser steps per rollout batch (rho != 1 after one)
@@ -156,7 +160,8 @@ def rollout(run: Run, it: int, step: int) -> tuple[list[Episode], list[Episode],
         episodes = collect_episodes(
             run.train_pool.take(len(starts) * n), starts, run.rollout_sampler, run.renderer,
             dataclasses.replace(run.params, max_new_tokens=prefix),
-            teacher_view=cfg.teacher.view == "privileged" and run.objective.needs_teacher,
+            teacher_view=run.objective.needs_teacher and any(
+                t.view == "privileged" for t in cfg.teacher_list),
             views=("negative",) if run.negative_scorer else (),
             max_turns=_turn_limit(rcfg, step), max_episode_tokens=rcfg.max_episode_tokens,
             parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id,
@@ -206,7 +211,7 @@ def batch_stats(run: Run, episodes: list[Episode], tb: TokenBatch, flops_total: 
         stats["drift/stopped_samples"] = run.rollout_sampler.stopped
         stats["drift/tokens_not_sampled"] = run.rollout_sampler.tokens_saved
     for k, v in step_flops(episodes, run.n_student, run.n_teacher,
-                           int(run.t_model is not None)).items():
+                           int(run.n_teacher > 0)).items():
         flops_total[k] = flops_total.get(k, 0.0) + v
         stats[k] = flops_total[k]
     return stats
@@ -238,14 +243,26 @@ def update(run: Run, episodes: list[Episode], slices: list[torch.Tensor], tb: To
     run.optimizer.zero_grad(set_to_none=True)
     skips.good()
     if run.ema is not None:
-        ema_update(run.ema, run.model, cfg.teacher.ema_decay)
+        ema_update(run.ema, run.model, run.ema_decay)
     t_train = time.perf_counter() - t0
     n_kept = max(int(plan.keep_N[tok].sum()), 1)
-    return {"loss": out.loss, **plan.metrics, "ratio_mean": out.ratio_sum / n_kept,
+    per_teacher = (kept_by_teacher(run.router.last_routes, slices, mb, plan.keep_N)
+                   if run.router is not None else {})
+    return {"loss": out.loss, **plan.metrics, **per_teacher, "ratio_mean": out.ratio_sum / n_kept,
             **({"ratio_clipped_frac": out.clipped / n_kept} if cfg.objective.ratio_clip else {}),
             "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0],
             "train_tokens_per_s": out.tokens / max(t_train, 1e-9), "time_train_s": t_train,
             "skipped_steps": skips.total}
+
+
+def teacher_floor(run: Run, slices: list[torch.Tensor]) -> float | torch.Tensor:
+    """The teacher log-prob floor: one number, or per token the floor of its episode's
+    teacher when several teachers share the batch."""
+    if run.router is None:
+        return run.cfg.teacher.logp_floor
+    floors = {t.name: t.logp_floor for t in run.cfg.teachers}
+    return torch.cat([torch.full((len(s),), floors[name])
+                      for s, name in zip(slices, run.router.last_routes)])
 
 
 def _skipped(run: Run, step: int, skips: SkipCounter, what: list[str]) -> dict[str, float]:

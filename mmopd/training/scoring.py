@@ -9,6 +9,7 @@ import torch
 
 from mmopd.episode import Episode
 from mmopd.objectives import TokenBatch
+from mmopd.teachers.cross import spread_spans
 from mmopd.teachers.scorer import HFScorer, Teacher, TokenScores
 from mmopd.training.losses import Heads, pair_pass
 
@@ -51,12 +52,16 @@ def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: T
                    "diag/entropy_gap": float((stats["entropy_student"]
                                               - stats["entropy_teacher"]).mean()),
                    "diag/kl": float(stats["kl"].mean())}
+    logp_teacher = teach.logp_N
+    if teacher_scorer is not None and teach.span_N is not None:  # a cross-tokenizer teacher
+        logp_teacher = spread_spans(old.logp_N, teach.logp_N, teach.span_N)
+    metrics.update(getattr(teacher_scorer, "last_stats", None) or {})
     slices = token_slices(episodes)
     tb = TokenBatch(
         episode_N=torch.cat([torch.full((len(s),), i) for i, s in enumerate(slices)]),
         step_N=torch.tensor([k for ep in episodes
                              for k, m in zip(ep.step_index, ep.loss_mask) if m], dtype=torch.long),
-        logp_old_N=old.logp_N, logp_teacher_N=teach.logp_N, entropy_N=old.entropy_N,
+        logp_old_N=old.logp_N, logp_teacher_N=logp_teacher, entropy_N=old.entropy_N,
         reward_E=torch.tensor([ep.reward for ep in episodes]),
         group_E=torch.tensor([ep.group for ep in episodes]), logp_negative_N=negative,
         logp_ref_N=ref, teacher_entropy_N=teach.entropy_N if teacher_scorer else None,
