@@ -200,6 +200,7 @@ def test_probe_check_refuses_a_template_that_cannot_render(tokenizer, bpe_teache
 
 @pytest.mark.parametrize("override,match", [
     (["objective.name=rkl"], "shared token ids"),
+    (["objective.name=uld"], "objective.topk"),
     (["objective.name=vopd"], "shared token ids"),
     (["teacher.topk=5"], "another vocabulary"),
     (["teacher.view=privileged"], "view=same"),
@@ -225,6 +226,22 @@ def test_a_cross_tokenizer_run_trains(tiny_overrides, bpe_teacher_dir, tmp_path)
         assert 0 <= row["teacher/unaligned_frac"] < 0.5
         assert row["teacher/spans_per_token"] > 0
         assert torch.isfinite(torch.tensor(row["loss"]))
+
+
+def test_uld_across_tokenizers_trains_on_span_starts(tiny_overrides, bpe_teacher_dir,
+                                                      tmp_path):
+    """ULD needs no shared ids: the teacher's sorted top-k at the first token of each aligned
+    span (what comes next at the same point of the text) against the student's there."""
+    from mmopd.training.loop import train
+
+    cfg = load_config(TrainConfig, None, [
+        *tiny_overrides, f"teacher.model.path={bpe_teacher_dir}", "teacher.cross_tokenizer=true",
+        "objective.name=uld", "objective.topk=16", "trainer.report_to=none"])
+    assert train(cfg)["step"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:  # only span starts carry a teacher distribution
+        assert 0 < row["kept_frac"] <= row["teacher/spans_per_token"] + 1e-6
+        assert row["loss"] > 0
 
 
 def test_a_different_tokenizer_without_cross_tokenizer_is_refused(tiny_overrides,

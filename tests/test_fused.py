@@ -147,6 +147,29 @@ def test_eopd_teacher_topk_forward_kl():
                          * w).sum())
 
 
+def test_uld_sorted_probabilities():
+    """ULD on the top-k of each side (sorted), plus the tails: with K = V it is the L1 distance
+    of the fully sorted distributions; fused and autograd paths agree on value and gradients."""
+    from mmopd.objectives.divergences import uld_distance
+
+    t = _teacher(zeros=False)
+    full = uld_distance(torch.log_softmax(torch.randn(N, V), -1).sort(-1, descending=True)
+                        .values, t.sort(-1, descending=True).values)
+    torch.manual_seed(4)
+    a, b = torch.log_softmax(torch.randn(N, V), -1), t
+    naive = (a.exp().sort(-1, descending=True).values
+             - b.exp().sort(-1, descending=True).values).abs().sum(-1)
+    torch.testing.assert_close(uld_distance(a.topk(V, -1).values, b.topk(V, -1).values), naive,
+                               rtol=1e-5, atol=1e-6)
+    assert (full >= 0).all()
+    tlp, w = t.topk(K, -1).values, torch.rand(N)
+    tlp[0, -2:] = -float("inf")  # a teacher row with fewer than K entries (padded)
+    _compare(lambda: gathered_chunks(lambda s, sl: s.topk(K, -1).indices, lambda lp, sl: (
+        uld_distance(lp, tlp[sl]) * w[sl]).sum()),
+        lambda head, h: (uld_distance(torch.log_softmax(head(h), -1).topk(K, -1).values, tlp)
+                         * w).sum(), accumulate=True)
+
+
 def test_frozen_output_layer_and_frozen_hidden():
     """A LoRA student's output layer is frozen: no buffer is made and no gradient reaches it."""
     layer = _layer(False, 0).requires_grad_(False)
@@ -165,6 +188,7 @@ def test_frozen_output_layer_and_frozen_hidden():
     ["objective.name=fkl", "objective.topk=8", "objective.topk_source=teacher"],
     ["objective.name=eopd", "objective.eopd_topk=8"],  # policy gradient + renormalised top-k
     ["objective.name=aopd"],  # policy gradient + full-vocabulary auxiliary divergence
+    ["objective.name=uld", "objective.topk=8"],  # sorted probabilities, no shared ids
 ])
 def test_training_with_the_fused_path_equals_autograd(tiny_overrides, tmp_path, extra,
                                                      monkeypatch):

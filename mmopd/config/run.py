@@ -57,6 +57,9 @@ class TrainConfig:
             raise ConfigError(f"objective.ratio_clip: clips the importance ratio of "
                               f"policy-gradient objectives; {obj.name!r} is a divergence "
                               "(use opd, reopold or grpo, or drop ratio_clip)")
+        if obj.divergence == "uld":
+            _check(self.objective.topk > 0, "objective.topk", "uld compares the two models' "
+                   "top-k probabilities, sorted; set it (e.g. 32)")
         if self.teachers:
             self._check_routing(obj.name)
         for i, t in enumerate(self.teacher_list):
@@ -122,12 +125,14 @@ class TrainConfig:
                    f"distribution (an in-process teacher); {held}: use a sampled-token "
                    "objective (opd, reopold, gopd, eopd) or topk_source=teacher")
         if t.cross_tokenizer and needs_teacher:
-            shared = live or obj.kind != "pg" or "teacher_topk" in needed_scores(obj, o)
+            shared = (live or (obj.kind != "pg" and obj.divergence != "uld")
+                      or "teacher_topk" in needed_scores(obj, o))
             _check(not shared, f"{w}.cross_tokenizer",
                    f"objective {obj.name!r} with these options compares the two models on "
                    "shared token ids (full-vocabulary or top-k divergences, vOPD, EOPD, AOPD, "
                    "TIP, drift, V-Zero); a teacher with another tokenizer scores the student's "
-                   "text span by span: use opd, reopold, gopd or exopd (SOD weighting works)")
+                   "text span by span: use opd, reopold, gopd or exopd (SOD weighting works), or "
+                   "uld (sorted probabilities)")
             _check(t.topk == 0, f"{w}.topk", "a cross-tokenizer teacher's top-k ids are in "
                    "another vocabulary; set it to 0")
         if needs_teacher and t.kind == "model" and t.model is None:

@@ -66,6 +66,9 @@ class TokenBatch:
     kl_N: torch.Tensor | None = None  # KL(pi_old || pi_T) at each position, full vocabulary
     overlap_N: torch.Tensor | None = None  # |top-k student ∩ top-k teacher| / k at each position
     teacher_entropy_N: torch.Tensor | None = None  # teacher entropy at each position
+    # positions where the teacher gave a distribution (its top-k; a cross-tokenizer teacher: the
+    # first token of each aligned span); None = every position
+    dist_mask_N: torch.Tensor | None = None
 
     @property
     def token_reward_N(self) -> torch.Tensor:
@@ -117,8 +120,8 @@ OBJECTIVES: dict[str, Objective] = {}
 
 def register_objective(obj: Objective) -> Objective:
     """Make an objective selectable as `objective.name` in configs."""
-    if obj.kind == "divergence" and obj.divergence not in KINDS:
-        raise ValueError(f"objective {obj.name}: divergence must be one of {KINDS}")
+    if obj.kind == "divergence" and obj.divergence not in (*KINDS, "uld"):
+        raise ValueError(f"objective {obj.name}: divergence must be one of {(*KINDS, 'uld')}")
     OBJECTIVES[obj.name] = obj
     return obj
 
@@ -224,8 +227,10 @@ def _grpo_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> P
 
 
 def _all_tokens_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> Plan:
-    keep = torch.ones_like(tb.logp_old_N, dtype=torch.bool)
-    return Plan(keep, torch.zeros_like(tb.logp_old_N), {**_common_metrics(tb), "kept_frac": 1.0})
+    keep = (torch.ones_like(tb.logp_old_N, dtype=torch.bool) if tb.dist_mask_N is None
+            else tb.dist_mask_N.bool())
+    return Plan(keep, torch.zeros_like(tb.logp_old_N),
+                {**_common_metrics(tb), "kept_frac": masked_mean(keep.float())})
 
 
 def _gopd_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig,
@@ -292,6 +297,9 @@ register_objective(Objective(
 register_objective(Objective(
     "jsd", "divergence", _all_tokens_plan, divergence="jsd",
     doc="generalised JSD_beta per position (beta=0: forward KL, beta=1: reverse KL)"))
+register_objective(Objective(
+    "uld", "divergence", _all_tokens_plan, divergence="uld",
+    doc="ULD: L1 distance of the sorted top-k probabilities (+ tail), no shared vocabulary"))
 register_objective(Objective(
     "opsd", "divergence", _all_tokens_plan, divergence="fkl",
     doc="OPSD: forward KL to the frozen initial student reading the reference solution "
@@ -379,5 +387,7 @@ def needed_scores(obj: Objective, cfg: ObjectiveConfig) -> frozenset[str]:
 def needs_teacher_hidden(obj: Objective, cfg: ObjectiveConfig) -> bool:
     """Full-vocabulary objectives (and top-k over the student's ids, and AOPD's full divergence
     term) rebuild teacher logits from its hidden states: they need a live teacher."""
+    if obj.divergence == "uld":  # sorted probabilities: the teacher's top-k log-probs only
+        return False
     return obj.aux == "divergence" or (obj.kind == "divergence" and (
         cfg.topk == 0 or cfg.topk_source == "student"))

@@ -69,3 +69,13 @@ def topk_divergence(kind: str, s_logp_NK: torch.Tensor, t_logp_NK: torch.Tensor,
     """
     return divergence_from_logp(kind, with_tail(s_logp_NK.float()), with_tail(t_logp_NK.float()),
                                 beta)
+
+
+def uld_distance(s_logp_NK: torch.Tensor, t_logp_NK: torch.Tensor) -> torch.Tensor:
+    """ULD's cross-vocabulary distance (Boizard et al., 2024): the L1 distance between the two
+    distributions' probabilities sorted in decreasing order, which needs no shared token ids.
+    Inputs are each model's top-K log-probs in decreasing order (-inf pads a teacher with fewer);
+    the mass outside the top K is one more sorted entry on each side: [N, K] -> [N]."""
+    s, t = s_logp_NK.float().exp(), t_logp_NK.float().exp()
+    tails = (s.sum(-1) - t.sum(-1)).abs()  # |(1 - sum s) - (1 - sum t)|
+    return (s - t).abs().sum(-1) + tails

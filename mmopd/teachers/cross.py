@@ -179,9 +179,13 @@ class CrossTokenizerTeacher:
 
     def score(self, episodes: list[Episode], *, topk: int = 0,
               keep_hidden: bool = False) -> TokenScores:
-        if topk or keep_hidden:
-            raise ValueError("a cross-tokenizer teacher returns span log-probs only (its top-k "
-                             "ids and logits are in another vocabulary)")
+        """Span totals (`span_N`, see the module doc) and, with `topk`, the teacher's top-k
+        log-probs (sorted; its own ids, meaningless on the student's side) at the first token of
+        each span, NaN elsewhere: the distribution of what comes next at the same point of the
+        text, which ULD compares by sorted probabilities."""
+        if keep_hidden:
+            raise ValueError("a cross-tokenizer teacher returns span log-probs and sorted top-k "
+                             "only (its logits are over another vocabulary)")
         stats: Counter[str] = Counter()
         plans, pseudo = [], []
         for ep in episodes:
@@ -194,34 +198,33 @@ class CrossTokenizerTeacher:
                     mask[k] = 1
                 pseudo.append(Episode(t_ids, mask, [0] * len(t_ids), [0.0] * len(t_ids),
                                       prompt_len=min(need)))
-        scored = self.scorer.score(pseudo) if pseudo else None
-        logp, ent, span = [], [], []
-        cursor, next_span = 0, 0
+        scored = self.scorer.score(pseudo, topk=topk) if pseudo else None
+        n_all = sum(p["n"] for p in plans)
+        logp, ent = torch.zeros(n_all), torch.zeros(n_all)
+        span = torch.full((n_all,), -1, dtype=torch.long)
+        top = torch.full((n_all, topk), float("nan")) if topk else None
+        row0, cursor, next_span = 0, 0, 0
         for plan in plans:
-            need = plan["need"]
-            t_logp = dict(zip(need, scored.logp_N[cursor: cursor + len(need)].tolist())) \
-                if scored is not None and need else {}
-            t_ent = dict(zip(need, scored.entropy_N[cursor: cursor + len(need)].tolist())) \
-                if scored is not None and need else {}
-            cursor += len(need)
-            n = plan["n"]
-            lp, en, sp = [0.0] * n, [0.0] * n, [-1] * n
+            row = {k: cursor + i for i, k in enumerate(plan["need"])}  # scored row of a token
+            cursor += len(plan["need"])
             for s_idx, t_idx in plan["spans"]:
-                total = sum(t_logp[k] for k in t_idx)
-                mean_ent = sum(t_ent[k] for k in t_idx) / len(t_idx)
-                for j in s_idx:
-                    lp[j], en[j], sp[j] = total, mean_ent, next_span
+                assert scored is not None
+                rows = torch.tensor([row[k] for k in t_idx])
+                pos = torch.tensor(s_idx) + row0
+                logp[pos] = scored.logp_N[rows].sum()
+                ent[pos] = scored.entropy_N[rows].mean()
+                span[pos] = next_span
+                if top is not None and scored.topk_logp_NK is not None:
+                    top[pos[0]] = scored.topk_logp_NK[rows[0]].float()
                 next_span += 1
-            logp += lp
-            ent += en
-            span += sp
-        n_all = max(len(span), 1)
-        unaligned = sum(s < 0 for s in span)
-        self.last_stats = {"teacher/unaligned_frac": unaligned / n_all,
-                           "teacher/spans_per_token": next_span / n_all,
+            row0 += plan["n"]
+        unaligned = int((span < 0).sum())
+        self.last_stats = {"teacher/unaligned_frac": unaligned / max(n_all, 1),
+                           "teacher/spans_per_token": next_span / max(n_all, 1),
                            **{f"teacher/unaligned/{k}": float(v) for k, v in stats.items()}}
-        return TokenScores(logp_N=torch.tensor(logp), entropy_N=torch.tensor(ent),
-                           span_N=torch.tensor(span, dtype=torch.long))
+        return TokenScores(logp_N=logp, entropy_N=ent, span_N=span, topk_logp_NK=top,
+                           topk_ids_NK=torch.zeros((n_all, topk), dtype=torch.long)
+                           if topk else None)
 
     def _plan(self, ep: Episode, stats: Counter[str]) -> dict[str, Any]:
         """One episode: the teacher's token ids, the teacher tokens to score, and spans as

@@ -8,6 +8,7 @@ chunk through the output layers (`Heads`), so no [tokens x vocab] tensor of a wh
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextlib import nullcontext
 from typing import NamedTuple
 
@@ -32,6 +33,7 @@ from mmopd.objectives import (
     ratio_clipped,
     topk_divergence,
 )
+from mmopd.objectives.divergences import uld_distance
 from mmopd.objectives.zoo import pair_stats, teacher_topk_fkl
 from mmopd.teachers.scorer import TokenScores
 from mmopd.training.fused import (
@@ -63,6 +65,8 @@ def divergence_sum(kind: str, k: int, cfg: TrainConfig, s_head: Head, t_head: He
     top-k + tail), times its weight: fused (`s_proj`, fused.py) or chunked and checkpointed."""
     beta = cfg.objective.jsd_beta
     chunk = cfg.trainer.chunk_size
+    if kind == "uld":
+        return _uld_sum(cfg, s_head, h_NH, scores, tok, keep_N, s_proj)
     if s_proj is not None:
         return _fused_divergence(kind, k, cfg, s_proj, t_head, h_NH, scores, tok, keep_N)
     if k == 0:
@@ -113,6 +117,26 @@ def _fused_divergence(kind: str, k: int, cfg: TrainConfig, s_proj: Projection, t
         fn = gathered_chunks(lambda s, sl: t_ids[sl], lambda lp, sl: (
             topk_divergence(kind, lp, t_lp[sl], beta) * w[sl]).sum())
     return fused_loss(s_proj, h_NH, fn, cfg.trainer.chunk_size)
+
+
+def _uld_sum(cfg: TrainConfig, s_head: Head, h_NH: torch.Tensor, scores: TokenScores,
+             tok: torch.Tensor, keep_N: torch.Tensor, s_proj: Projection | None) -> torch.Tensor:
+    """ULD over kept tokens: the student's top-K probabilities (K: the teacher's) against the
+    teacher's, each sorted; no token ids are compared."""
+    if scores.topk_logp_NK is None:
+        raise ValueError("uld needs the teacher's top-k log-probs (objective.topk)")
+    dev = h_NH.device
+    t_lp = torch.nan_to_num(scores.topk_logp_NK[tok].to(dev).float(), nan=-math.inf)
+    k, w = t_lp.shape[1], keep_N.to(dev).float()
+    if s_proj is not None:
+        return fused_loss(s_proj, h_NH, gathered_chunks(
+            lambda s, sl: s.topk(k, -1).indices,
+            lambda lp, sl: (uld_distance(lp, t_lp[sl]) * w[sl]).sum()), cfg.trainer.chunk_size)
+
+    def fn(h, t):
+        return (uld_distance(torch.log_softmax(s_head(h).float(), -1).topk(k, -1).values, t),)
+    (d,) = chunked_map(fn, cfg.trainer.chunk_size, h_NH, t_lp)
+    return (d * w).sum()
 
 
 def aux_sum(objective: Objective, cfg: TrainConfig, heads: Heads, h_NH: torch.Tensor,

@@ -65,7 +65,9 @@ def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: T
         reward_E=torch.tensor([ep.reward for ep in episodes]),
         group_E=torch.tensor([ep.group for ep in episodes]), logp_negative_N=negative,
         logp_ref_N=ref, teacher_entropy_N=teach.entropy_N if teacher_scorer else None,
-        kl_N=stats.get("kl") if pair else None, overlap_N=stats.get("overlap") if pair else None)
+        kl_N=stats.get("kl") if pair else None, overlap_N=stats.get("overlap") if pair else None,
+        dist_mask_N=(~teach.topk_logp_NK[:, 0].isnan() if teacher_scorer is not None
+                     and teach.topk_logp_NK is not None else None))
     return tb, teach, slices, metrics
 
 
