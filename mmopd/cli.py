@@ -22,6 +22,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from mmopd.envs.registration import EnvNotFoundError
     from mmopd.export import ExportError
     from mmopd.models import ModelLoadError
+    from mmopd.plan import PlanError
     from mmopd.rollout.agent_loop import EnvContractError
     from mmopd.rollout.render import RenderError
     from mmopd.teachers.cache import CacheError
@@ -31,7 +32,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from mmopd.training.sft import SFTDataError
 
     return (ConfigError, ModelLoadError, CheckpointError, RenderError, EnvContractError,
-            SFTDataError, DatasetError, EnvNotFoundError, CacheError, DemoPremiseError,
+            SFTDataError, DatasetError, EnvNotFoundError, CacheError, DemoPremiseError, PlanError,
             ServedTeacherError, NonFiniteError, CompareError, ExportError)
 
 
@@ -97,6 +98,18 @@ def _parser() -> argparse.ArgumentParser:
                        "`mmopd eval` files")
     m.add_argument("a", help="the earlier eval JSONL (e.g. before distillation)")
     m.add_argument("b", help="the later one")
+
+    pl = sub.add_parser("plan", help="per-GPU memory of a run under DDP, FSDP2 and LoRA, and "
+                        "which fit")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*", help="dotted.key=value")
+    pl.add_argument("--gpus", type=int, default=8, help="GPUs per node (default 8)")
+    pl.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    pl.add_argument("--prompt-tokens", type=int, default=512,
+                    help="prompt length the activations are estimated for (default 512)")
+    pl.add_argument("--turns", type=int, default=1,
+                    help="assistant turns per episode (multi-turn agents; default 1)")
 
     sub.add_parser("envs", help="list registered environments").add_argument(
         "--import", dest="imports", action="append", default=[],
@@ -191,6 +204,18 @@ def _run(args: argparse.Namespace) -> int:
 
         a, b = read_records(args.a), read_records(args.b)
         print(format_comparison(a, b, compare(a, b), (args.a, args.b)))
+        return 0
+    if args.cmd == "plan":
+        from mmopd.config import TrainConfig, load_config
+        from mmopd.plan import PlanError, estimate, launch_command, render
+
+        if args.gpus < 1 or args.nodes < 1 or args.gpu_memory <= 0:
+            raise PlanError("--gpus and --nodes must be >= 1 and --gpu-memory > 0")
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        world = args.gpus * args.nodes
+        rows, info = estimate(cfg, world, args.gpu_memory, args.prompt_tokens, args.turns)
+        print(render(rows, info, world, args.gpu_memory, args.nodes))
+        print("\n" + launch_command(args.config, args.gpus, args.nodes))
         return 0
     if args.cmd == "demo":
         from mmopd.demo import run_demo

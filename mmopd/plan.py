@@ -1,0 +1,216 @@
+"""`mmopd plan CONFIG --gpus N [--gpu-memory 80]`: the per-GPU memory a run needs under data
+parallelism (DDP), fully sharded data parallelism (FSDP2) and LoRA, and which fit.
+
+Parameters are counted exactly, by building each model on the meta device from its config (a
+local checkpoint's config.json, the config of a known hub model listed below, or the hub). Memory
+per GPU, in GiB:
+
+- student, full training: float32 weights, gradients and AdamW's two moments: 16 bytes per
+  parameter (DDP: on every GPU; FSDP2: divided by the GPUs, plus two gathered decoder layers in
+  flight); LoRA: the frozen base in its load dtype plus 16 bytes per adapter parameter;
+- activations of one micro-batch (micro_batch_size x the longest episode: `--prompt-tokens` +
+  max_new_tokens x `--turns`, at most rollout.max_episode_tokens): about 34 x hidden bytes per
+  token and layer under bf16 autocast with a fused attention kernel (Korthikanti et al., 2022;
+  twice that in float32); with gradient checkpointing 2 x hidden per token and layer plus one
+  layer's full set; plus the loss's logit chunks;
+- an in-process teacher (bf16 weights, sharded too under FSDP2; an EMA teacher float32), the
+  reference model of G-OPD,
+  the teacher's kept hidden states for full-vocabulary objectives; a served teacher: nothing;
+- a colocated vLLM engine: rollout.vllm.gpu_memory_utilization of the card; with sleep mode it is
+  released while the trainer works, so the peak is the larger of the two phases, not their sum;
+- 2 GiB of CUDA context and allocator slack.
+
+These are estimates for planning (activations especially); the measured peak is in metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+GIB = 2**30
+
+
+class PlanError(ValueError):
+    """A config or model the plan cannot estimate."""
+
+OVERHEAD_GIB = 2.0
+
+# Known hub models (their published config.json, the fields that set the parameter count), so
+# `plan` works offline for the recipes in configs/.
+_QWEN25 = {  # hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings
+    "0.5B": (896, 24, 14, 2, 4864, 151936, True), "1.5B": (1536, 28, 12, 2, 8960, 151936, True),
+    "3B": (2048, 36, 16, 2, 11008, 151936, True), "7B": (3584, 28, 28, 4, 18944, 152064, False),
+    "14B": (5120, 48, 40, 8, 13824, 152064, False), "32B": (5120, 64, 40, 8, 27648, 152064, False),
+    "72B": (8192, 80, 64, 8, 29568, 152064, False),
+}
+
+
+def _text(size: str) -> dict[str, Any]:
+    h, n_layers, heads, kv, inter, vocab, tied = _QWEN25[size]
+    return {"hidden_size": h, "num_hidden_layers": n_layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "intermediate_size": inter, "vocab_size": vocab,
+            "tie_word_embeddings": tied}
+
+
+def known_config(name: str) -> Any | None:
+    """The config of a known Qwen2.5 / Qwen2.5-VL hub model, or None."""
+    from transformers import AutoConfig
+
+    base = name.split("/")[-1].removesuffix("-Instruct")
+    for size in _QWEN25:
+        if base in (f"Qwen2.5-{size}", f"Qwen2.5-Math-{size}", f"Qwen2.5-Coder-{size}"):
+            return AutoConfig.for_model("qwen2", **_text(size))
+        if base == f"Qwen2.5-VL-{size}":
+            vision = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "out_hidden_size": _QWEN25[size][0], "patch_size": 14,
+                      "spatial_merge_size": 2, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31]}
+            return AutoConfig.for_model("qwen2_5_vl", text_config=_text(size),
+                                        vision_config=vision, **_text(size))
+    return None
+
+
+def model_config(path: str) -> Any:
+    """A model's config: a local directory, a known hub model, or the hub."""
+    import os
+
+    from transformers import AutoConfig
+
+    if not os.path.isdir(os.path.expanduser(path)):
+        known = known_config(path)
+        if known is not None:
+            return known
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(path))
+    except (OSError, ValueError) as e:
+        raise PlanError(f"cannot read the config of {path!r} ({str(e).splitlines()[0]}); give a "
+                         "local checkpoint directory, or a Qwen2.5 / Qwen2.5-VL hub name") from None
+
+
+@dataclasses.dataclass
+class Shape:
+    """What the estimate needs of one model."""
+
+    params: int
+    hidden: int
+    layers: int
+    vocab: int
+    layer_params: int  # the largest decoder layer
+    lora_params: int  # adapters of the run's LoRA settings (0 without)
+
+
+def shape(config: Any, lora: Any = None) -> Shape:
+    """Parameter counts of a model built on the meta device from `config`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    text = getattr(config, "text_config", None) or config
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError:  # vision-language configs
+            model = AutoModelForImageTextToText.from_config(config)
+    layers = [m for n, m in model.named_modules() if n.endswith(f"layers.{0}")
+              and "visual" not in n]
+    layer_params = sum(p.numel() for p in layers[0].parameters()) if layers else 0
+    adapters = 0
+    if lora is not None:
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in lora.target_modules \
+                    and "visual" not in name:
+                adapters += lora.r * (mod.in_features + mod.out_features)
+    return Shape(sum(p.numel() for p in model.parameters()), text.hidden_size,
+                 text.num_hidden_layers, text.vocab_size, layer_params, adapters)
+
+
+def estimate(cfg: Any, gpus: int, gpu_gib: float, prompt_tokens: int = 512, turns: int = 1,
+             ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Per-GPU GiB of each component under DDP / FSDP2 / LoRA (rows: component -> strategy)."""
+    from mmopd.objectives import OBJECTIVES, needed_scores, needs_teacher_hidden
+
+    if cfg.model.path is None:
+        raise PlanError("model.path: plan estimates real checkpoints (tiny models fit anywhere)")
+    lora = cfg.model.lora or _default_lora()
+    s = shape(model_config(cfg.model.path), lora)
+    t, tr, r = cfg.teacher, cfg.trainer, cfg.rollout
+    obj = OBJECTIVES[cfg.objective.name]
+    w_bytes = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
+    seq = prompt_tokens + r.max_new_tokens * min(turns, r.max_turns)
+    if r.max_episode_tokens:
+        seq = min(seq, r.max_episode_tokens)
+    tokens = tr.micro_batch_size * seq
+    act_scale = 1 if tr.bf16 else 2
+    full_act = 34 * s.hidden * tokens * act_scale
+    act = (2 * s.hidden * tokens * act_scale * s.layers + full_act if tr.gradient_checkpointing
+           else full_act * s.layers)
+    logits = 3 * tr.chunk_size * s.vocab * 4
+    teacher = 0.0
+    t_shape = None
+    if obj.needs_teacher and t.kind == "model" and t.model is not None and t.model.path:
+        t_shape = shape(model_config(t.model.path))
+        teacher = t_shape.params * (4 if t.model.dtype == "float32" else 2)
+    elif obj.needs_teacher and t.kind in ("self", "ema"):
+        teacher = s.params * (4 if t.kind == "ema" else 2)
+    if needs_teacher_hidden(obj, cfg.objective) and t_shape is not None:
+        teacher += tr.micro_batch_size * (seq - prompt_tokens) * t_shape.hidden * 2
+    ref = s.params * 2 if "ref" in needed_scores(obj, cfg.objective) else 0
+    vllm = r.vllm.gpu_memory_utilization * gpu_gib * GIB if r.backend == "vllm" else 0.0
+    states = {"DDP": 16 * s.params,
+              "FSDP2": 16 * s.params / gpus + 2 * 2 * s.layer_params,
+              "LoRA": w_bytes * s.params + 16 * s.lora_params}
+    rows: dict[str, dict[str, float]] = {}
+    for name, st in states.items():
+        t_rank = teacher / gpus if name == "FSDP2" else teacher  # FSDP2 shards the teacher too
+        train = st + act + logits + t_rank + ref
+        total = (max(train, vllm) if r.vllm.sleep else train + vllm) + OVERHEAD_GIB * GIB
+        rows[name] = {"weights + grads + optimizer": st / GIB, "activations": act / GIB,
+                      "loss chunks": logits / GIB, "teacher": t_rank / GIB,
+                      "reference model": ref / GIB, "vLLM engine": vllm / GIB,
+                      "context": OVERHEAD_GIB, "total": total / GIB}
+    info = {"student_params": s.params, "lora_params": s.lora_params,
+            "teacher_params": t_shape.params if t_shape else 0, "tokens_per_micro_batch": tokens,
+            "episode_tokens": seq,
+            "lora_is_default": cfg.model.lora is None}
+    return rows, info
+
+
+def _default_lora() -> Any:
+    from mmopd.config import LoraSettings
+
+    return LoraSettings()
+
+
+def render(rows: dict[str, dict[str, float]], info: dict[str, Any], gpus: int, gpu_gib: float,
+           nodes: int = 1) -> str:
+    """The plan as a Markdown table plus a verdict per strategy."""
+    names = list(rows)
+    lines = [f"student {info['student_params'] / 1e9:.2f} B parameters"
+             + (f", in-process teacher {info['teacher_params'] / 1e9:.2f} B"
+                if info["teacher_params"] else "")
+             + f"; {gpus} GPU(s) x {gpu_gib:g} GiB" + (f" on {nodes} nodes" if nodes > 1 else "")
+             + f"; {info['tokens_per_micro_batch']:,} tokens per micro-batch (episodes of "
+             f"{info['episode_tokens']:,})", "",
+             "| GiB per GPU | " + " | ".join(names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for comp in rows[names[0]]:
+        lines.append(f"| {comp} | " + " | ".join(f"{rows[n][comp]:.1f}" for n in names) + " |")
+    lines.append("| fits | " + " | ".join(
+        "yes" if rows[n]["total"] <= gpu_gib else "no" for n in names) + " |")
+    lora = (f"LoRA: r={16} on every attention and MLP projection (model.lora unset)"
+            if info["lora_is_default"] else "LoRA: the config's model.lora")
+    lines += ["", f"{lora}, {info['lora_params'] / 1e6:.1f} M adapter parameters. FSDP2 (the "
+              "student and an in-process teacher sharded over all GPUs) is estimated for "
+              "planning: `mmopd train` refuses FSDP today (docs/scale-out.md)."]
+    return "\n".join(lines)
+
+
+def launch_command(config: str, gpus: int, nodes: int) -> str:
+    """How to start the run on that many GPUs (DDP through accelerate)."""
+    head = "accelerate launch --config_file configs/accelerate/ddp.yaml"
+    if nodes == 1:
+        return f"{head} --num_processes {gpus} -m mmopd train {config} trainer.bf16=true"
+    return (f"# on each of the {nodes} nodes (NODE_RANK 0..{nodes - 1}; MAIN: node 0's address)\n"
+            f"{head} --num_machines {nodes} --num_processes {gpus * nodes} \\\n"
+            "    --machine_rank $NODE_RANK --main_process_ip $MAIN --main_process_port 29500 \\\n"
+            f"    -m mmopd train {config} trainer.bf16=true")
