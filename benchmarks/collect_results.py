@@ -34,6 +34,9 @@ BENCHMARKS = (
      "final accuracy and collapse over lr and optimiser steps per rollout batch, 2 seeds"),
     ("smollm2_teacher", "A real pretrained teacher: SmolLM2-135M-Instruct",
      "a layer-pruned student distilled with REOPOLD on arithmetic"),
+    ("cross_tokenizer", "Cross-tokenizer distillation with real models: SmolLM2-135M and "
+     "Gemma-3-270M", "the stronger of two pretrained models with different vocabularies and chat "
+     "templates distils the other on its own samples"),
     ("rollout_throughput", "Rollout throughput: HF generate vs vLLM",
      "generated tokens/s of the two samplers on the same checkpoint"),
     ("train_step", "Training-step throughput", "rollout / scoring / update split of one step"),

