@@ -78,7 +78,6 @@ class Run:
     negative_scorer: HFScorer | None  # V-Zero: the teacher reading the negative view
     ema: torch.nn.Module | None  # teacher.kind=ema: the teacher the loop updates
     ema_decay: float
-    router: RoutedTeacher | None  # several teachers: which one scored each episode
     sampler: Sampler  # the engine that receives the new weights after each update
     rollout_sampler: Sampler  # what rolls out (the sampler, or it behind a drift stop)
     params: SamplingParams
@@ -93,6 +92,11 @@ class Run:
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def router(self) -> RoutedTeacher | None:
+        """Several teachers: the router, which records the teacher of each episode."""
+        return self.teacher_scorer if isinstance(self.teacher_scorer, RoutedTeacher) else None
 
     @property
     def rank(self) -> int:
@@ -208,7 +212,7 @@ def assemble(cfg: TrainConfig) -> Run:
         ema=ema, sampler=sampler, rollout_sampler=rollout_sampler, params=params,
         need_hidden=need_hidden, teacher_topk=teacher_topk,
         n_student=sum(p.numel() for p in model.parameters()),
-        n_teacher=teachers.n_params, router=teachers.router, ema_decay=teachers.ema_decay,
+        n_teacher=teachers.n_params, ema_decay=teachers.ema_decay,
         start_step=start_step,
         metrics_log=JsonlLog(out / "metrics.jsonl", resumed_at, enabled=main,
                              mirror=_tracked(accelerator, "") if trackers else None),

@@ -44,7 +44,6 @@ class Teachers:
     ema: torch.nn.Module | None = None  # kind=ema: the teacher the loop moves after each step
     ema_decay: float = 0.0
     n_params: int = 0  # parameters of the largest live teacher, for the FLOPs estimate
-    router: RoutedTeacher | None = None
 
 
 def build_teachers(cfg: TrainConfig, objective: Objective, student: torch.nn.Module,
@@ -71,8 +70,7 @@ def build_teachers(cfg: TrainConfig, objective: Objective, student: torch.nn.Mod
             ema, decay = model, t.ema_decay
     r = cfg.routing
     router = RoutedTeacher(scorers, r.key, r.routes, r.default, env_id=cfg.env.id)
-    return Teachers(router, None, None, None, ema=ema, ema_decay=decay, n_params=n,
-                    router=router)
+    return Teachers(router, None, None, None, ema=ema, ema_decay=decay, n_params=n)
 
 
 def _params(model: torch.nn.Module | None) -> int:
