@@ -200,13 +200,16 @@ def test_probe_check_refuses_a_template_that_cannot_render(tokenizer, bpe_teache
 
 @pytest.mark.parametrize("override,match", [
     (["objective.name=rkl"], "shared token ids"),
-    (["objective.name=uld"], "objective.topk"),
     (["objective.name=vopd"], "shared token ids"),
     (["teacher.topk=5"], "another vocabulary"),
     (["teacher.view=privileged"], "view=same"),
     (["teacher.kind=served", "teacher.served.url=http://x:1"], "kind=model"),
 ])
 def test_config_refuses_what_needs_a_shared_vocabulary(override, match):
+    """(uld is allowed: it compares sorted probabilities, no ids; its top-k defaults to 32.)"""
+    cfg = load_config(TrainConfig, None, ["model.path=s", "teacher.model.path=t",
+                                          "teacher.cross_tokenizer=true", "objective.name=uld"])
+    assert cfg.objective.topk == 32
     with pytest.raises(ConfigError, match=match):
         load_config(TrainConfig, None, ["model.path=s", "teacher.model.path=t",
                                         "teacher.cross_tokenizer=true", *override])

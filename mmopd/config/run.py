@@ -57,9 +57,8 @@ class TrainConfig:
             raise ConfigError(f"objective.ratio_clip: clips the importance ratio of "
                               f"policy-gradient objectives; {obj.name!r} is a divergence "
                               "(use opd, reopold or grpo, or drop ratio_clip)")
-        if obj.divergence == "uld":
-            _check(self.objective.topk > 0, "objective.topk", "uld compares the two models' "
-                   "top-k probabilities, sorted; set it (e.g. 32)")
+        if obj.divergence == "uld" and self.objective.topk == 0:
+            self.objective.topk = 32  # ULD compares top-k probabilities; the resolved config says
         if self.teachers:
             self._check_routing(obj.name)
         for i, t in enumerate(self.teacher_list):
