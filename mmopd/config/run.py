@@ -106,14 +106,13 @@ class TrainConfig:
 
     def _check_teacher(self, t: TeacherConfig, w: str, obj: Any) -> None:
         """The checks of one teacher against the objective (`w`: where it is in the config)."""
-        from mmopd.objectives import needed_scores, needs_teacher_hidden
+        from mmopd.objectives import needed_scores
 
         needs_teacher, o = obj.needs_teacher, self.objective
         if t.kind == "served" and needs_teacher:
             _check(t.served.url is not None, f"{w}.served.url",
                    "teacher.kind=served needs the server's URL (http://HOST:PORT)")
-        live = needs_teacher_hidden(obj, o) or bool({"kl", "overlap"} & needed_scores(obj, o))
-        live = live or o.episode_gating != "none"
+        live = _rebuilds_teacher_logits(obj, o) or o.episode_gating != "none"
         if t.kind in SCORES_ONLY and needs_teacher:
             _check(t.kind != "cache" or t.cache is not None, f"{w}.cache",
                    "teacher.kind=cache needs the directory `mmopd cache-teacher` wrote")
@@ -163,17 +162,24 @@ class TrainConfig:
                "episodes; it cannot share a run with other teachers")
         _check(kinds.count("ema") <= 1, "teachers", "at most one EMA teacher per run")
         o = self.objective
-        from mmopd.objectives import OBJECTIVES, needed_scores, needs_teacher_hidden
+        from mmopd.objectives import OBJECTIVES
 
-        obj = OBJECTIVES[objective]
-        _check(not (needs_teacher_hidden(obj, o) or {"kl", "overlap"} & needed_scores(obj, o)),
-               "teachers", f"objective {objective!r} with these options rebuilds one teacher's "
+        _check(not _rebuilds_teacher_logits(OBJECTIVES[objective], o), "teachers",
+               f"objective {objective!r} with these options rebuilds one teacher's "
                "logits; routed teachers give per-token log-probs (and top-k): use a "
                "sampled-token objective (opd, reopold, gopd, eopd) or topk_source=teacher")
         _check(not (o.drift_stop or o.episode_gating != "none" or self.warmup.steps
                     or objective == "opsd"), "teachers",
                "drift stop, V-Zero gating, the off-policy warm-up and OPSD use one teacher; "
                "with several, use a sampled-token objective (opd, reopold, gopd, exopd)")
+
+
+def _rebuilds_teacher_logits(obj: Any, o: ObjectiveConfig) -> bool:
+    """Does the objective with these options need one live teacher's logits (full-vocabulary
+    or student-id top-k divergences, AOPD, the per-token KL or top-k overlap)?"""
+    from mmopd.objectives import needed_scores, needs_teacher_hidden
+
+    return needs_teacher_hidden(obj, o) or bool({"kl", "overlap"} & needed_scores(obj, o))
 
 
 @dataclass
