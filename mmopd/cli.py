@@ -215,7 +215,8 @@ def _run(args: argparse.Namespace) -> int:
         world = args.gpus * args.nodes
         rows, info = estimate(cfg, world, args.gpu_memory, args.prompt_tokens, args.turns)
         print(render(rows, info, world, args.gpu_memory, args.nodes))
-        print("\n" + launch_command(args.config, args.gpus, args.nodes))
+        print("\n" + launch_command(args.config, args.gpus, args.nodes, rows, args.gpu_memory,
+                                    cfg.rollout.backend == "vllm", cfg.model.lora is not None))
         return 0
     if args.cmd == "demo":
         from mmopd.demo import run_demo

@@ -274,12 +274,16 @@ def plain_copy(model: torch.nn.Module) -> PreTrainedModel:
     return copy.deepcopy(model).merge_and_unload()
 
 
-def save_merged(model: torch.nn.Module, out_dir: str | os.PathLike) -> None:
+def save_merged(model: torch.nn.Module, out_dir: str | os.PathLike,
+                state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """save_pretrained of the plain model; for a LoRA student the merged weights (loadable by
-    path anywhere) and the adapter alone in `out_dir/adapter` (to resume training it)."""
+    path anywhere) and the adapter alone in `out_dir/adapter` (to resume training it).
+    `state_dict`: the weights to write instead of the model's own (a sharded model's, gathered)."""
     if not is_lora(model):
-        model.save_pretrained(out_dir, safe_serialization=True)
+        model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
         return
+    if state_dict is not None:
+        raise NotImplementedError("saving a sharded LoRA student")
     model.get_base_model().save_pretrained(out_dir, state_dict=merged_state_dict(model),
                                            safe_serialization=True)
     model.save_pretrained(os.path.join(out_dir, "adapter"), safe_serialization=True)

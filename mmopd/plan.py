@@ -8,13 +8,16 @@ per GPU, in GiB:
 - student, full training: float32 weights, gradients and AdamW's two moments: 16 bytes per
   parameter (DDP: on every GPU; FSDP2: divided by the GPUs, plus two gathered decoder layers in
   flight); LoRA: the frozen base in its load dtype plus 16 bytes per adapter parameter;
+- FSDP2 rollouts: the student gathered whole on every GPU while it generates and is scored
+  (2 bytes per parameter under bf16, else 4) beside its weight and optimizer shards; FSDP2 rolls
+  out with HF generate (no vLLM engine), so its peak is the larger of that and training;
 - activations of one micro-batch (micro_batch_size x the longest episode: `--prompt-tokens` +
   max_new_tokens x `--turns`, at most rollout.max_episode_tokens): about 34 x hidden bytes per
   token and layer under bf16 autocast with a fused attention kernel (Korthikanti et al., 2022;
   twice that in float32); with gradient checkpointing 2 x hidden per token and layer plus one
   layer's full set; plus the loss's logit chunks;
-- an in-process teacher (bf16 weights, sharded too under FSDP2; an EMA teacher float32), the
-  reference model of G-OPD,
+- an in-process teacher (bf16 weights, on every GPU: it is not sharded; an EMA teacher float32),
+  the reference model of G-OPD,
   the teacher's kept hidden states for full-vocabulary objectives; a served teacher: nothing;
 - a colocated vLLM engine: rollout.vllm.gpu_memory_utilization of the card; with sleep mode it is
   released while the trainer works, so the peak is the larger of the two phases, not their sum;
@@ -161,13 +164,18 @@ def estimate(cfg: Any, gpus: int, gpu_gib: float, prompt_tokens: int = 512, turn
               "LoRA": w_bytes * s.params + 16 * s.lora_params}
     rows: dict[str, dict[str, float]] = {}
     for name, st in states.items():
-        t_rank = teacher / gpus if name == "FSDP2" else teacher  # FSDP2 shards the teacher too
-        train = st + act + logits + t_rank + ref
-        total = (max(train, vllm) if r.vllm.sleep else train + vllm) + OVERHEAD_GIB * GIB
+        train = st + act + logits + teacher + ref
+        gathered, engine = 0.0, vllm
+        if name == "FSDP2":  # HF generate on the gathered student beside its shards
+            gathered, engine = s.params * (2 if tr.bf16 else 4), 0.0
+            total = max(train, 12 * s.params / gpus + gathered + teacher + ref)
+        else:
+            total = max(train, engine) if r.vllm.sleep else train + engine
         rows[name] = {"weights + grads + optimizer": st / GIB, "activations": act / GIB,
-                      "loss chunks": logits / GIB, "teacher": t_rank / GIB,
-                      "reference model": ref / GIB, "vLLM engine": vllm / GIB,
-                      "context": OVERHEAD_GIB, "total": total / GIB}
+                      "loss chunks": logits / GIB, "teacher": teacher / GIB,
+                      "reference model": ref / GIB, "vLLM engine": engine / GIB,
+                      "gathered for rollout": gathered / GIB, "context": OVERHEAD_GIB,
+                      "total": (total + OVERHEAD_GIB * GIB) / GIB}
     info = {"student_params": s.params, "lora_params": s.lora_params,
             "teacher_params": t_shape.params if t_shape else 0, "tokens_per_micro_batch": tokens,
             "episode_tokens": seq,
@@ -199,18 +207,27 @@ def render(rows: dict[str, dict[str, float]], info: dict[str, Any], gpus: int, g
         "yes" if rows[n]["total"] <= gpu_gib else "no" for n in names) + " |")
     lora = (f"LoRA: r={16} on every attention and MLP projection (model.lora unset)"
             if info["lora_is_default"] else "LoRA: the config's model.lora")
-    lines += ["", f"{lora}, {info['lora_params'] / 1e6:.1f} M adapter parameters. FSDP2 (the "
-              "student and an in-process teacher sharded over all GPUs) is estimated for "
-              "planning: `mmopd train` refuses FSDP today (docs/scale-out.md)."]
+    lines += ["", f"{lora}, {info['lora_params'] / 1e6:.1f} M adapter parameters. FSDP2: the "
+              "student sharded over all GPUs and gathered whole to roll out with HF generate "
+              "(configs/accelerate/fsdp.yaml; docs/scale-out.md); an in-process teacher is on "
+              "every GPU."]
     return "\n".join(lines)
 
 
-def launch_command(config: str, gpus: int, nodes: int) -> str:
-    """How to start the run on that many GPUs (DDP through accelerate)."""
-    head = "accelerate launch --config_file configs/accelerate/ddp.yaml"
+def launch_command(config: str, gpus: int, nodes: int, rows: dict[str, dict[str, float]] | None
+                   = None, gpu_gib: float = 80.0, vllm: bool = False, lora: bool = False,
+                   ) -> str:
+    """How to start the run on that many GPUs: DDP through accelerate (a LoRA student always),
+    or FSDP2 where the plan says DDP does not fit and FSDP2 does (its rollouts use HF
+    generate)."""
+    fsdp = (rows is not None and not lora
+            and rows["DDP"]["total"] > gpu_gib >= rows["FSDP2"]["total"])
+    head = f"accelerate launch --config_file configs/accelerate/{'fsdp' if fsdp else 'ddp'}.yaml"
+    tail = f"-m mmopd train {config} trainer.bf16=true" + (
+        " rollout.backend=hf" if fsdp and vllm else "")
     if nodes == 1:
-        return f"{head} --num_processes {gpus} -m mmopd train {config} trainer.bf16=true"
+        return f"{head} --num_processes {gpus} {tail}"
     return (f"# on each of the {nodes} nodes (NODE_RANK 0..{nodes - 1}; MAIN: node 0's address)\n"
             f"{head} --num_machines {nodes} --num_processes {gpus * nodes} \\\n"
             "    --machine_rank $NODE_RANK --main_process_ip $MAIN --main_process_port 29500 \\\n"
-            f"    -m mmopd train {config} trainer.bf16=true")
+            f"    {tail}")

@@ -25,13 +25,14 @@ from mmopd.objectives import OBJECTIVES
 HERE = Path(__file__).parent
 
 
-def _torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, timeout: int = 300,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Two local processes on gloo. `accelerate launch` cannot start several CPU processes
     without MPI, and torchrun alone leaves accelerate on one process per rank unless
     ACCELERATE_USE_CPU is set. On a time-out the launcher is sent SIGTERM, on which it ends
     the ranks (each runs in a session of its own), so a hung rank fails the test instead of
     outliving it."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", *args]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -181,8 +182,9 @@ def test_accelerate_configs_load(name):
 
 
 def test_launch_mistakes_are_refused(monkeypatch):
-    """torchrun without ACCELERATE_USE_CPU (ranks that would each train alone) and sharded
-    launches (FSDP, ZeRO-3: per-rank forwards would deadlock) fail with one clear error."""
+    """torchrun without ACCELERATE_USE_CPU (ranks that would each train alone), FSDP version 1
+    and DeepSpeed ZeRO-3 (sharded, with no gathered path for per-rank forwards: they would
+    deadlock) fail with one clear error."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -194,9 +196,12 @@ def test_launch_mistakes_are_refused(monkeypatch):
     with pytest.raises(ConfigError, match="ACCELERATE_USE_CPU=true"):
         make_accelerator()
     monkeypatch.delenv("WORLD_SIZE")
-    fsdp = SimpleNamespace(num_processes=2, distributed_type=DistributedType.FSDP, state=None)
-    with pytest.raises(ConfigError, match="FSDP / DeepSpeed ZeRO-3.*deadlock"):
-        check_launch(fsdp)
+    fsdp1 = SimpleNamespace(num_processes=2, distributed_type=DistributedType.FSDP, state=None,
+                            is_fsdp2=False)
+    with pytest.raises(ConfigError, match="FSDP version 1 is not supported"):
+        check_launch(fsdp1)
+    check_launch(SimpleNamespace(num_processes=2, distributed_type=DistributedType.FSDP,
+                                 state=None, is_fsdp2=True))  # FSDP2: trains (tests/test_fsdp.py)
     zero3 = SimpleNamespace(num_processes=2, distributed_type=DistributedType.DEEPSPEED,
                             state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
     with pytest.raises(ConfigError, match="ZeRO-3"):

@@ -39,6 +39,15 @@ def test_strategies_add_up():
     train = sum(v for k, v in ddp.items() if k not in ("vLLM engine", "context", "total"))
     assert ddp["total"] == pytest.approx(max(train, ddp["vLLM engine"]) + ddp["context"])
     assert ddp["total"] > 80 and rows["FSDP2"]["total"] < 80 and rows["LoRA"]["total"] < 80
+    # FSDP2 rolls out with HF generate on the whole student, gathered in bf16, beside its shards
+    fsdp = rows["FSDP2"]
+    assert fsdp["vLLM engine"] == 0 and fsdp["gathered for rollout"] == pytest.approx(2 * p / GIB)
+    assert fsdp["total"] >= fsdp["gathered for rollout"] + 12 * p / 8 / GIB + fsdp["context"]
+    from mmopd.plan import launch_command
+
+    assert "fsdp.yaml" in launch_command("c.yaml", 8, 1, rows, 80.0, vllm=True)
+    assert "rollout.backend=hf" in launch_command("c.yaml", 8, 1, rows, 80.0, vllm=True)
+    assert "ddp.yaml" in launch_command("c.yaml", 8, 1, rows, 80.0, lora=True)
 
 
 def test_cli_prints_the_table_and_a_launch_command(capsys):

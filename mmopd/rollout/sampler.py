@@ -134,6 +134,9 @@ class HFSampler:
             res = self.model.generate(
                 input_ids=ids, attention_mask=att.to(device),
                 generation_config=gen_cfg, logits_processor=LogitsProcessorList(processors),
+                # each rank samples its own episodes alone: a sharded (FSDP) student is gathered
+                # around rollouts (mmopd.training.sharding), never stepped with the other ranks
+                synced_gpus=False,
                 tokenizer=self.tokenizer if params.stop else None,
                 **forward_kwargs(self.model, ids, VisionInputs.cat(vision)))
         finally:

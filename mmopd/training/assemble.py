@@ -37,11 +37,19 @@ from mmopd.rollout.sampler import HFSampler, Sampler, SamplingParams
 from mmopd.teachers.cache import TeacherCache
 from mmopd.teachers.router import RoutedTeacher
 from mmopd.teachers.scorer import HFScorer, Teacher
-from mmopd.training.checkpoint import load_state, load_student, resolve_resume, set_rng_state
+from mmopd.training.checkpoint import (
+    OPTIMIZER_DIR,
+    check_resumable,
+    load_state,
+    load_student,
+    resolve_resume,
+    set_rng_state,
+)
 from mmopd.training.fused import projection
 from mmopd.training.losses import Heads
 from mmopd.training.metrics import JsonlLog
 from mmopd.training.optim import make_accelerator, make_optimizer, make_scheduler
+from mmopd.training.sharding import check_sharded_run, is_sharded, load_optimizer
 from mmopd.training.teachers import (  # noqa: F401  (make_*_teacher: importable from here)
     build_teachers,
     make_custom_teacher,
@@ -110,6 +118,8 @@ def assemble(cfg: TrainConfig) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     trackers = resolve_report_to(tcfg.report_to)
     accelerator = make_accelerator(tcfg.bf16, trackers, str(out))
+    if accelerator.is_fsdp2:
+        check_sharded_run(cfg)
     device = accelerator.device
     set_seed(tcfg.seed)
     objective = OBJECTIVES[cfg.objective.name]
@@ -153,17 +163,24 @@ def assemble(cfg: TrainConfig) -> Run:
     student.train()  # from_pretrained returns eval mode, which also disables grad checkpointing
     student, optimizer = accelerator.prepare(student, optimizer)
     model = accelerator.unwrap_model(student)
+    if is_sharded(model) and accelerator.is_main_process:
+        print(f"student sharded with FSDP2 across {accelerator.num_processes} processes")
     start_step = 0
     ema = teachers.ema
     if resume_dir is not None:
         state = load_state(resume_dir)
+        check_resumable(state, resume_dir, accelerator.num_processes, is_sharded(model))
         if ema is not None:
             ema.load_state_dict(state["ema_teacher"])
-        optimizer.load_state_dict(state["optimizer"])
+        if is_sharded(model):
+            load_optimizer(model, optimizer, resume_dir / OPTIMIZER_DIR)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step = state["step"]
-        print(f"resumed from {resume_dir} at step {start_step}")
+        if accelerator.is_main_process:
+            print(f"resumed from {resume_dir} at step {start_step}")
     # Under `accelerate launch` every rank rolls out its own problems; rank 0 writes the run
     # directory (its metrics describe its share of the batch) and evaluates.
     main = accelerator.is_main_process

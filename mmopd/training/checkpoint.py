@@ -26,6 +26,7 @@ import torch
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
+OPTIMIZER_DIR = "optimizer"  # a sharded student's optimiser state (torch.distributed.checkpoint)
 
 
 class CheckpointError(ValueError):
@@ -49,18 +50,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any,
-                    state: dict[str, Any], keep_last: int, processor: Any = None) -> Path:
+                    state: dict[str, Any], keep_last: int, processor: Any = None,
+                    state_dict: dict[str, Any] | None = None,
+                    optimizer_dir: Path | None = None) -> Path:
     """Atomically write checkpoints/step-N and prune older complete ones beyond `keep_last`
-    (`processor`: a VLM's image processor, saved beside the tokenizer)."""
+    (`processor`: a VLM's image processor, saved beside the tokenizer). A sharded student
+    passes its gathered weights (`state_dict`) and the directory its ranks wrote the optimiser
+    shards to, which becomes `step-N/optimizer`."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     for stale in root.glob(".step-*.tmp"):  # left by a writer that was killed
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        _write(tmp, step, model, tokenizer, state, processor)
+        _write(tmp, step, model, tokenizer, state, processor, state_dict, optimizer_dir)
     except Exception as e:  # ENOSPC, EFBIG, a quota: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
+        if optimizer_dir is not None:
+            shutil.rmtree(optimizer_dir, ignore_errors=True)
         newest = newest_checkpoint(root, report=False)
         kept = f"the newest complete checkpoint is {newest}" if newest else \
             "no earlier checkpoint exists"
@@ -83,10 +90,12 @@ def save_checkpoint(root: Path, step: int, model: Any, tokenizer: Any,
 
 
 def _write(tmp: Path, step: int, model: Any, tokenizer: Any, state: dict[str, Any],
-           processor: Any) -> None:
+           processor: Any, state_dict: dict[str, Any] | None, optimizer_dir: Path | None) -> None:
     from mmopd.models import save_merged
 
-    save_merged(model, tmp)
+    save_merged(model, tmp, state_dict)
+    if optimizer_dir is not None:
+        os.replace(optimizer_dir, tmp / OPTIMIZER_DIR)
     tokenizer.save_pretrained(tmp)
     if processor is not None:
         processor.save_pretrained(tmp)
@@ -169,6 +178,23 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
         raise CheckpointError(f"trainer.resume: {resume!r} is not a complete checkpoint: "
                               f"{problem}. Use 'auto' to take the newest complete one")
     return path
+
+
+def check_resumable(state: dict[str, Any], path: Path, world_size: int, sharded: bool) -> None:
+    """Refuse a resume whose launch differs from the one that wrote checkpoint `path`: each rank
+    rolls out its own share of problems, and a sharded optimiser state is one shard per rank."""
+    saved = state.get("world_size")  # absent: written before checkpoints recorded it
+    if saved is not None and saved != world_size:
+        raise CheckpointError(
+            f"trainer.resume: {path} was written by {saved} processes, this launch has "
+            f"{world_size}; resume with {saved} (the ranks' rollout streams and optimiser state "
+            "belong to that number)")
+    has_shards = (path / OPTIMIZER_DIR).is_dir()
+    if has_shards != sharded:
+        raise CheckpointError(
+            f"trainer.resume: {path} holds the optimiser state of a "
+            f"{'sharded (FSDP2)' if has_shards else 'not sharded (one process or DDP)'} student, "
+            f"this launch {'shards' if sharded else 'does not shard'} it; launch it as before")
 
 
 def load_state(path: Path) -> dict[str, Any]:

@@ -45,6 +45,13 @@ from mmopd.training.faults import (
 from mmopd.training.losses import accumulate_gradients
 from mmopd.training.metrics import episode_stats, plot_curves, step_flops, summary_line
 from mmopd.training.scoring import logprob_gap, score_batch
+from mmopd.training.sharding import (
+    full_state_dict,
+    full_weights,
+    is_sharded,
+    save_optimizer,
+    staged_optimizer,
+)
 from mmopd.training.warmup import off_policy_warmup
 
 
@@ -73,21 +80,24 @@ def _train(run: Run, signals: StopSignals) -> dict[str, Any]:
     for it in range(run.start_step // mbs, total // mbs):
         if signals.stop_now(run.accelerator):  # before this batch's rollout: nothing is lost
             return stop_early(run, step, signals, last_eval, bar)
-        # ---- rollout: the student's own episodes under its current weights
+        # ---- rollout: the student's own episodes under its current weights (a sharded
+        # student gathered on every rank until they are scored: forwards differ per rank)
         t0 = time.perf_counter()
-        episodes, failed, prefix = rollout(run, it, step)
-        t_rollout = time.perf_counter() - t0
-        if signals.stop_now(run.accelerator):  # the batch is abandoned; a resume redoes it
+        with full_weights(run.model):
+            episodes, failed, prefix = rollout(run, it, step)
+            t_rollout = time.perf_counter() - t0
+            stop = signals.stop_now(run.accelerator)
+            # ---- scoring: log pi_old and entropy from the student, log pi_T from the teacher
+            t0 = time.perf_counter()
+            if not stop:
+                tb, teach, slices, diagnostics = score_batch(
+                    episodes, run.old_scorer, run.teacher_scorer, run.teacher_topk,
+                    run.need_hidden, run.negative_scorer, ref_scorer=run.ref_scorer,
+                    heads=run.heads, needs=run.needs, diag_tokens=tcfg.diagnostics_tokens,
+                    overlap_k=cfg.objective.overlap_topk, chunk_size=tcfg.chunk_size)
+            t_teacher = time.perf_counter() - t0
+        if stop:  # the batch is abandoned; a resume redoes it
             return stop_early(run, step, signals, last_eval, bar)
-
-        # ---- scoring: log pi_old and entropy from the student, log pi_T from the teacher
-        t0 = time.perf_counter()
-        tb, teach, slices, diagnostics = score_batch(
-            episodes, run.old_scorer, run.teacher_scorer, run.teacher_topk, run.need_hidden,
-            run.negative_scorer, ref_scorer=run.ref_scorer, heads=run.heads, needs=run.needs,
-            diag_tokens=tcfg.diagnostics_tokens, overlap_k=cfg.objective.overlap_topk,
-            chunk_size=tcfg.chunk_size)
-        t_teacher = time.perf_counter() - t0
         gap = check_sync(run, episodes, tb, it)
         floored = (floor_teacher_logprobs(tb, teacher_floor(run, slices))
                    if run.teacher_scorer is not None else 0)
@@ -119,7 +129,7 @@ def _train(run: Run, signals: StopSignals) -> dict[str, Any]:
         # ---- periodic eval and checkpoint (at rollout-batch boundaries)
         if _crossed(step, mbs, cfg.eval.every) or step == total:
             last_eval = run_eval(run, step)
-        if (_crossed(step, mbs, tcfg.save_every) or step == total) and run.main:
+        if _crossed(step, mbs, tcfg.save_every) or step == total:
             checkpoint(run, step)
         run.accelerator.wait_for_everyone()
     bar.close()
@@ -134,7 +144,8 @@ def stop_early(run: Run, step: int, signals: StopSignals, last_eval: dict[str, A
     (unless that checkpoint exists already) so `trainer.resume=auto` continues from there."""
     bar.close()
     ckpt = run.out / "checkpoints" / f"step-{step}"
-    if run.main and step > 0 and (not ckpt.is_dir() or checkpoint_problem(ckpt) is not None):
+    missing = step > 0 and (not ckpt.is_dir() or checkpoint_problem(ckpt) is not None)
+    if agreed(run.accelerator, [missing])[0]:  # every rank saves a sharded student
         checkpoint(run, step)
     run.accelerator.wait_for_everyone()
     if run.main:
@@ -233,6 +244,9 @@ def update(run: Run, episodes: list[Episode], slices: list[torch.Tensor], tb: To
         plan, teach, run.objective, cfg, run.heads, run.tokenizer.pad_token_id)
     grad_norm = float(run.accelerator.clip_grad_norm_(run.student.parameters(),
                                                       cfg.optim.max_grad_norm))
+    # each rank's share of the token mean, summed: the minibatch's loss over all ranks
+    out = out._replace(loss=float(run.accelerator.reduce(
+        torch.tensor(out.loss, device=run.accelerator.device), "sum")))
     bad = agreed(run.accelerator, [not math.isfinite(out.loss), not math.isfinite(grad_norm)])
     if any(bad):
         run.optimizer.zero_grad(set_to_none=True)
@@ -273,16 +287,13 @@ def _skipped(run: Run, step: int, skips: SkipCounter, what: list[str]) -> dict[s
 
 
 def run_eval(run: Run, step: int) -> dict[str, Any] | None:
-    """Held-out evaluation on rank 0, logged to eval.jsonl and the console."""
-    if not run.main:
+    """Held-out evaluation on rank 0, logged to eval.jsonl and the console (a sharded student is
+    gathered on every rank; the others wait)."""
+    with full_weights(run.model):
+        res = _evaluate(run) if run.main else None
+        run.accelerator.wait_for_everyone()
+    if res is None:
         return None
-    cfg, ecfg, rcfg = run.cfg, run.cfg.eval, run.cfg.rollout
-    res = evaluate(run.model, run.tokenizer, run.eval_pool, num_problems=ecfg.num_problems,
-                   pass_k=ecfg.pass_k, temperature=ecfg.temperature,
-                   max_new_tokens=ecfg.max_new_tokens or rcfg.max_new_tokens,
-                   batch_size=rcfg.batch_size, seed=cfg.trainer.seed, stop=rcfg.stop,
-                   max_turns=rcfg.max_turns, max_episode_tokens=rcfg.max_episode_tokens,
-                   env_id=cfg.env.id, vision=run.vision, env_timeout_s=rcfg.env_timeout_s)
     row = {"step": step, **res}
     run.eval_log.write(row)
     tqdm.write(f"eval step {step}: " + ", ".join(
@@ -290,13 +301,35 @@ def run_eval(run: Run, step: int) -> dict[str, Any] | None:
     return row
 
 
+def _evaluate(run: Run) -> dict[str, Any]:
+    cfg, ecfg, rcfg = run.cfg, run.cfg.eval, run.cfg.rollout
+    return evaluate(run.model, run.tokenizer, run.eval_pool, num_problems=ecfg.num_problems,
+                   pass_k=ecfg.pass_k, temperature=ecfg.temperature,
+                   max_new_tokens=ecfg.max_new_tokens or rcfg.max_new_tokens,
+                   batch_size=rcfg.batch_size, seed=cfg.trainer.seed, stop=rcfg.stop,
+                   max_turns=rcfg.max_turns, max_episode_tokens=rcfg.max_episode_tokens,
+                   env_id=cfg.env.id, vision=run.vision, env_timeout_s=rcfg.env_timeout_s)
+
+
 def checkpoint(run: Run, step: int) -> None:
-    """The student (a `save_pretrained` folder), optimiser, scheduler and EMA teacher state."""
-    extra = {"ema_teacher": run.ema.state_dict()} if run.ema is not None else {}
-    save_checkpoint(run.out / "checkpoints", step, run.model, run.tokenizer,
-                    {"optimizer": run.optimizer.state_dict(),
-                     "scheduler": run.scheduler.state_dict(), **extra}, run.cfg.trainer.keep_last,
-                    processor=run.vision)
+    """The student (a `save_pretrained` folder), optimiser, scheduler and EMA teacher state,
+    written by rank 0. Every rank calls it: a sharded student's weights are gathered to rank 0
+    and its optimiser state written in shards by every rank."""
+    root, state = run.out / "checkpoints", {"scheduler": run.scheduler.state_dict(),
+                                            "world_size": run.accelerator.num_processes}
+    weights = shards = None
+    if is_sharded(run.model):
+        weights = full_state_dict(run.model)
+        shards = staged_optimizer(root, step, run.accelerator)
+        save_optimizer(run.model, run.optimizer, shards)
+    else:
+        state["optimizer"] = run.optimizer.state_dict()
+    if run.ema is not None:
+        state["ema_teacher"] = run.ema.state_dict()
+    if run.main:
+        save_checkpoint(root, step, run.model, run.tokenizer, state, run.cfg.trainer.keep_last,
+                        processor=run.vision, state_dict=weights, optimizer_dir=shards)
+    run.accelerator.wait_for_everyone()
 
 
 def warm_up(run: Run) -> None:

@@ -42,6 +42,7 @@ from mmopd.training.fused import (
     fused_loss,
     gathered_chunks,
 )
+from mmopd.training.sharding import lockstep_count
 from mmopd.vision import VisionInputs, forward_kwargs
 
 
@@ -203,13 +204,17 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
     denom = max(float(n_keep), 1.0)
     mb = cfg.trainer.micro_batch_size
     loss_total, ratio_sum, seq_tokens, clipped = 0.0, 0.0, 0, 0
-    parts = range(0, len(episodes), mb)
-    for j, s in enumerate(parts):
+    parts = list(range(0, len(episodes), mb))
+    # FSDP: every rank runs as many sharded passes as the rank with the most micro-batches; the
+    # extra ones repeat the first at zero weight (the same modules gather in the same order)
+    n_parts = lockstep_count(len(parts), accelerator, unwrapped)
+    for j in range(n_parts):
+        idle = j >= len(parts)
+        s = parts[0] if idle else parts[j]
         eps, tok = episodes[s: s + mb], torch.cat(slices[s: s + mb])
         batch = pad_right([e.input_ids for e in eps], [e.loss_mask for e in eps], pad_id, device)
-        seq_tokens += int(batch.attention_mask.sum())
         keep = plan.keep_N[tok]
-        sync = j == len(parts) - 1
+        sync = j == n_parts - 1
         vision = VisionInputs.cat(e.vision for e in eps)
         with accelerator.no_sync(student) if not sync else nullcontext():
             hidden = final_hidden(student, batch.input_ids, batch.attention_mask,
@@ -227,10 +232,9 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                     logp = target_logprobs(heads.sampled, h, y, cfg.trainer.chunk_size)
                     loss_sum = policy_loss_sum(logp, logp_old, adv, keep.to(device), clip)
                 with torch.no_grad():
-                    ratio_sum += float((torch.exp(logp - logp_old) * keep.to(device)).sum())
-                    if clip is not None:
-                        clipped += int((ratio_clipped(logp, logp_old, adv, clip)
-                                        & keep.to(device)).sum())
+                    ratio = float((torch.exp(logp - logp_old) * keep.to(device)).sum())
+                    n_clipped = 0 if clip is None else int(
+                        (ratio_clipped(logp, logp_old, adv, clip) & keep.to(device)).sum())
                 if plan.aux_N is not None:
                     loss_sum = loss_sum + aux_sum(objective, cfg, heads, h, teach, tok,
                                                    plan.aux_N[tok])
@@ -239,10 +243,13 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                 loss_sum = divergence_sum(objective.divergence, cfg.objective.topk, cfg,
                                            heads.student, heads.teacher, h, teach, tok, weight,
                                            heads.student_proj)
-                ratio_sum += float(keep.sum())
+                ratio, n_clipped = float(keep.sum()), 0
             loss = loss_sum / denom * world  # DDP averages over ranks; undo it for a token mean
-            accelerator.backward(loss)
-        loss_total += loss_sum.item() / denom
+            accelerator.backward(loss * 0.0 if idle else loss)
+        if not idle:
+            loss_total += loss_sum.item() / denom
+            ratio_sum, clipped = ratio_sum + ratio, clipped + n_clipped
+            seq_tokens += int(batch.attention_mask.sum())
     return UpdateStats(loss_total, ratio_sum, seq_tokens, clipped)
 
 

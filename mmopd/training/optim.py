@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, ProjectConfiguration
 from transformers import get_scheduler
 
 from mmopd.config import ConfigError, OptimConfig
+from mmopd.training.sharding import fsdp_requested
 
 
 def make_accelerator(bf16: bool = False, log_with: list[str] | None = None,
@@ -23,8 +24,22 @@ def make_accelerator(bf16: bool = False, log_with: list[str] | None = None,
         mixed_precision="bf16" if bf16 else "no", log_with=log_with or None,
         project_config=ProjectConfiguration(project_dir, os.path.join(project_dir, "tensorboard"))
         if project_dir else None)
+    if fsdp_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        shard_on_cpu(accelerator)
     check_launch(accelerator)
     return accelerator
+
+
+def shard_on_cpu(accelerator: Accelerator) -> None:
+    """accelerate takes FSDP only on accelerators and ignores it on CPU processes (gloo). Set the
+    state it would have there, with the plugin read from the same environment (FSDP_VERSION,
+    FSDP_TRANSFORMER_CLS_TO_WRAP, ...), so that `prepare` shards the student with accelerate's
+    own FSDP2 code: the sharded run is testable on CPU."""
+    plugin = FullyShardedDataParallelPlugin()
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def check_launch(accelerator: Accelerator) -> None:
@@ -32,11 +47,9 @@ def check_launch(accelerator: Accelerator) -> None:
 
     torchrun on a machine without GPUs starts several processes, but accelerate treats each as a
     lone process unless ACCELERATE_USE_CPU is set: they would train separately and overwrite one
-    run directory. FSDP and DeepSpeed ZeRO-3 shard the student's weights, so every forward of it
-    is a collective that all ranks must join in step; the trainer runs forwards that differ per
-    rank (HF generate of each rank's own episodes, log pi_old scoring, evaluation and checkpoints
-    on rank 0 only), which would deadlock. The losses themselves are FSDP2-ready (see
-    tests/test_distributed.py)."""
+    run directory. The student may be sharded with FSDP2 (mmopd.training.sharding runs every
+    per-rank forward on gathered weights); FSDP1 and DeepSpeed ZeRO-3 shard it too but have no
+    such path, and every per-rank forward would deadlock."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.num_processes == 1:
         raise ConfigError(
@@ -45,13 +58,16 @@ def check_launch(accelerator: Accelerator) -> None:
             "one run directory")
     ds = accelerator.state.deepspeed_plugin if accelerator.distributed_type == \
         DistributedType.DEEPSPEED else None
-    if accelerator.distributed_type == DistributedType.FSDP or (ds and ds.zero_stage == 3):
+    if ds and ds.zero_stage == 3:
         raise ConfigError(
-            "launch: FSDP / DeepSpeed ZeRO-3 shard the student, making every forward a "
-            "collective, but mmopd runs per-rank forwards (HF generate, log pi_old scoring, "
-            "rank-0 evaluation and checkpoints) that would deadlock; use DDP "
-            "(configs/accelerate/ddp.yaml), with model.lora or "
-            "trainer.gradient_checkpointing=true to save memory")
+            "launch: DeepSpeed ZeRO-3 shards the student, making every forward a collective, but "
+            "mmopd runs per-rank forwards (HF generate, log pi_old scoring, rank-0 evaluation) "
+            "on gathered weights only under FSDP2; use configs/accelerate/fsdp.yaml (FSDP2), or "
+            "DDP with model.lora or trainer.gradient_checkpointing=true")
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ConfigError(
+            "launch: FSDP version 1 is not supported; set fsdp_version: 2 in the accelerate "
+            "config (configs/accelerate/fsdp.yaml)")
 
 
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:

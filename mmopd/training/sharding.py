@@ -1,0 +1,159 @@
+"""Fully sharded students (FSDP2 through accelerate): what runs sharded, what runs gathered.
+
+Under FSDP2 every forward of a sharded module all-gathers that module's weights, a collective
+that all ranks must join in the same order. The trainer keeps to two rules:
+
+- The training forward and backward run sharded, in lock-step: every rank runs the same number
+  of micro-batches (`lockstep_count`; a rank with fewer repeats its first one at zero weight,
+  so the same modules, a VLM's vision tower included, gather in the same order).
+- Everything that differs per rank (generating its own episodes, scoring log pi_old on them,
+  evaluation on rank 0) runs inside `full_weights`. It gathers the student once on every rank and
+  keeps it gathered, so the forwards inside are local (no collective, any number per rank). It
+  frees the gathered weights on leaving. A rollout engine holds full weights the same way.
+
+Checkpoints stay `save_pretrained` folders: `full_state_dict` gathers the weights to rank 0,
+which writes them. The optimiser state is written sharded by every rank with
+torch.distributed.checkpoint (`optimizer/` in the checkpoint) and read back sharded on resume.
+The in-process teacher is not sharded: it is replicated on every rank, frozen, in its dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmopd.config import ConfigError, TrainConfig
+
+
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules FSDP2 sharded in `model` (empty: not sharded)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return bool(fsdp_modules(model))
+
+
+@contextlib.contextmanager
+def full_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: `model`'s parameters are whole on this rank and stay so across forwards, which are
+    then local computations. Entering is a collective (every rank must enter, in the same order);
+    leaving frees the gathered copies. A model that is not sharded passes through unchanged."""
+    mods = fsdp_modules(model)
+    if not mods:
+        yield
+        return
+    # FSDP2 takes the first module to run forward as its root; a VLM's generate may call the
+    # vision tower alone first, so the outermost module is made the root before anything runs
+    mods[0]._get_fsdp_state()._lazy_init()
+    # each module's own setting, to restore (the root's differs: FSDP2 keeps it unsharded)
+    was = [any(g.post_forward_mesh_info is not None
+               for g in m._get_fsdp_state()._fsdp_param_groups) for m in mods]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m, reshard in zip(mods, was):
+            m.set_reshard_after_forward(reshard, recurse=False)
+            m.reshard()
+
+
+def lockstep_count(n: int, accelerator: Any, model: torch.nn.Module) -> int:
+    """How many sharded forward-backward passes every rank runs when this rank has `n`: the
+    largest over ranks under FSDP (a collective), else `n`."""
+    if accelerator.num_processes == 1 or not is_sharded(model):
+        return n
+    t = torch.tensor(n, device=accelerator.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on rank 0 (CPU; empty on other ranks). Every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    # a tied weight (lm_head = embed_tokens) gathers as a copy of its own; save_pretrained
+    # writes it once when it is the same tensor, as from an unsharded model
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name:
+            state.pop(name, None)
+    return state
+
+
+def staged_optimizer(root: Path, step: int, accelerator: Any) -> Path:
+    """An empty directory beside the checkpoints for step `step`'s optimiser shards; the
+    checkpoint writer moves it into the checkpoint (rank 0 makes it, every rank gets its path)."""
+    path = root / f".optimizer-step-{step}.tmp"
+    if accelerator.is_main_process:
+        for stale in root.glob(".optimizer-step-*.tmp"):  # left by a run that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        path.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Every rank writes its shard of the optimiser state under `path` (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper: the torch one
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path))
+
+
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Every rank reads its shard of the optimiser state written by `save_optimizer`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper: the torch one
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def check_sharded_run(cfg: TrainConfig) -> None:
+    """Refuse, before any model loads, what does not run with a sharded student."""
+    refused = []
+    if cfg.model.lora is not None:
+        refused.append("model.lora (LoRA students train under DDP: their frozen base needs no "
+                       "optimiser state and fits where a full student does not)")
+    if cfg.rollout.backend == "vllm":
+        refused.append("rollout.backend=vllm (the engine's weight sync reads an unsharded "
+                       "student; use rollout.backend=hf)")
+    if any(t.kind == "ema" for t in cfg.teacher_list):
+        refused.append("teacher.kind=ema (the EMA copy tracks unsharded weights; use "
+                       "teacher.kind=self for a frozen copy of the initial student)")
+    if cfg.warmup.steps:
+        refused.append("warmup.steps > 0 (the off-policy warm-up's micro-batches are not run "
+                       "in lock-step)")
+    if cfg.objective.drift_stop:
+        refused.append("objective.drift_stop (Prune-OPD's stop scores the student outside "
+                       "the gathered rollout)")
+    if refused:
+        raise ConfigError("FSDP: this run shards the student (FSDP2), which does not support: "
+                          + "; ".join(refused))
+
+
+def fsdp_requested() -> bool:
+    """Did the launcher ask for FSDP (`accelerate launch` with an FSDP config, or the
+    environment it sets)?"""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
