@@ -16,11 +16,14 @@ per GPU, in GiB:
   token and layer under bf16 autocast with a fused attention kernel (Korthikanti et al., 2022;
   twice that in float32); with gradient checkpointing 2 x hidden per token and layer plus one
   layer's full set; plus the loss's logit chunks;
-- an in-process teacher (bf16 weights, on every GPU: it is not sharded; an EMA teacher float32),
-  the reference model of G-OPD,
+- an in-process teacher (bf16 weights, on every GPU; an EMA teacher float32; under FSDP2 with
+  teacher.shard its blocks divided by the GPUs plus two in flight and its root gathered), the
+  reference model of G-OPD,
   the teacher's kept hidden states for full-vocabulary objectives; a served teacher: nothing;
 - a colocated vLLM engine: rollout.vllm.gpu_memory_utilization of the card; with sleep mode it is
   released while the trainer works, so the peak is the larger of the two phases, not their sum;
+  HF generate instead: its KV cache for rollout.batch_size episodes (2 x layers x KV heads x head
+  dim per token), during rollouts, when there are no gradients;
 - 2 GiB of CUDA context and allocator slack.
 
 These are estimates for planning (activations especially); the measured peak is in metrics.
@@ -101,6 +104,7 @@ class Shape:
     vocab: int
     layer_params: int  # the largest decoder layer
     lora_params: int  # adapters of the run's LoRA settings (0 without)
+    kv_per_token: int = 0  # key and value entries one token adds to the cache, all layers
 
 
 def shape(config: Any, lora: Any = None) -> Shape:
@@ -123,8 +127,12 @@ def shape(config: Any, lora: Any = None) -> Shape:
             if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in lora.target_modules \
                     and "visual" not in name:
                 adapters += lora.r * (mod.in_features + mod.out_features)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv = 2 * text.num_hidden_layers * (getattr(text, "num_key_value_heads", None) or heads)
     return Shape(sum(p.numel() for p in model.parameters()), text.hidden_size,
-                 text.num_hidden_layers, text.vocab_size, layer_params, adapters)
+                 text.num_hidden_layers, text.vocab_size, layer_params, adapters,
+                 kv * head_dim)
 
 
 def estimate(cfg: Any, gpus: int, gpu_gib: float, prompt_tokens: int = 512, turns: int = 1,
@@ -155,26 +163,39 @@ def estimate(cfg: Any, gpus: int, gpu_gib: float, prompt_tokens: int = 512, turn
         teacher = t_shape.params * (4 if t.model.dtype == "float32" else 2)
     elif obj.needs_teacher and t.kind in ("self", "ema"):
         teacher = s.params * (4 if t.kind == "ema" else 2)
+    t_bytes = 4 if (t.model is not None and t.model.dtype == "float32") else 2
+    # teacher.shard under FSDP2: its blocks divided over the GPUs (two gathered in flight), its
+    # root (embeddings and output layer) gathered
+    ts = t_shape or (s if t.kind == "self" else None)
+    t_sharded = (teacher if not (t.shard and ts is not None) else
+                 teacher / gpus + t_bytes * (2 * ts.layer_params + 2 * ts.vocab * ts.hidden))
+    kept = 0
     if needs_teacher_hidden(obj, cfg.objective) and t_shape is not None:
-        teacher += tr.micro_batch_size * (seq - prompt_tokens) * t_shape.hidden * 2
+        kept = tr.micro_batch_size * (seq - prompt_tokens) * t_shape.hidden * 2
     ref = s.params * 2 if "ref" in needed_scores(obj, cfg.objective) else 0
     vllm = r.vllm.gpu_memory_utilization * gpu_gib * GIB if r.backend == "vllm" else 0.0
     states = {"DDP": 16 * s.params,
               "FSDP2": 16 * s.params / gpus + 2 * 2 * s.layer_params,
               "LoRA": w_bytes * s.params + 16 * s.lora_params}
+    # HF generate's KV cache: one rollout batch of episodes, in the compute dtype
+    kv_cache = r.batch_size * seq * s.kv_per_token * (2 if tr.bf16 else 4)
     rows: dict[str, dict[str, float]] = {}
     for name, st in states.items():
-        train = st + act + logits + teacher + ref
-        gathered, engine = 0.0, vllm
+        teacher_here = (t_sharded if name == "FSDP2" else teacher) + kept
+        train = st + act + logits + teacher_here + ref
+        gathered, engine, kv = 0.0, vllm, kv_cache if r.backend == "hf" else 0.0
         if name == "FSDP2":  # HF generate on the gathered student beside its shards
-            gathered, engine = s.params * (2 if tr.bf16 else 4), 0.0
-            total = max(train, 12 * s.params / gpus + gathered + teacher + ref)
+            gathered, engine, kv = s.params * (2 if tr.bf16 else 4), 0.0, kv_cache
+            total = max(train, 12 * s.params / gpus + gathered + teacher_here + ref + kv)
+        elif r.backend == "hf":  # no gradients while generating: weights and AdamW state
+            total = max(train, st * 12 / 16 + teacher_here + ref + kv)
         else:
             total = max(train, engine) if r.vllm.sleep else train + engine
         rows[name] = {"weights + grads + optimizer": st / GIB, "activations": act / GIB,
-                      "loss chunks": logits / GIB, "teacher": teacher / GIB,
+                      "loss chunks": logits / GIB, "teacher": teacher_here / GIB,
                       "reference model": ref / GIB, "vLLM engine": engine / GIB,
-                      "gathered for rollout": gathered / GIB, "context": OVERHEAD_GIB,
+                      "gathered for rollout": gathered / GIB, "KV cache (HF generate)": kv / GIB,
+                      "context": OVERHEAD_GIB,
                       "total": (total + OVERHEAD_GIB * GIB) / GIB}
     info = {"student_params": s.params, "lora_params": s.lora_params,
             "teacher_params": t_shape.params if t_shape else 0, "tokens_per_micro_batch": tokens,
@@ -210,7 +231,7 @@ def render(rows: dict[str, dict[str, float]], info: dict[str, Any], gpus: int, g
     lines += ["", f"{lora}, {info['lora_params'] / 1e6:.1f} M adapter parameters. FSDP2: the "
               "student sharded over all GPUs and gathered whole to roll out with HF generate "
               "(configs/accelerate/fsdp.yaml; docs/scale-out.md); an in-process teacher is on "
-              "every GPU."]
+              "every GPU unless teacher.shard=true."]
     return "\n".join(lines)
 
 

@@ -51,24 +51,31 @@ def _common(student_dir: Path, teacher_dir: Path, out: Path, prompts: int) -> li
     return [f"model.path={student_dir}", f"teacher.model.path={teacher_dir}",
             "env.kwargs={level: 1}", f"rollout.prompts_per_batch={prompts}",
             "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8", "rollout.minibatches=1",
-            "rollout.temperature=0.001", "objective.name=opd", "trainer.steps=3",
+            "rollout.temperature=0.001", "trainer.steps=3",
             "trainer.micro_batch_size=3", f"trainer.output_dir={out}", "eval.num_problems=4",
             "eval.pass_k=0", "optim.lr=1e-3"]
 
 
-def test_two_sharded_ranks_train_as_one_process(student_dir, teacher_dir, tmp_path):
+@pytest.mark.parametrize("objective, shard", [("opd", "false"), ("rkl", "true")],
+                         ids=["opd", "rkl-sharded-teacher"])
+def test_two_sharded_ranks_train_as_one_process(objective, shard, student_dir, teacher_dir,
+                                                tmp_path):
     """3 steps on 2 FSDP2 ranks (4 problems each) against one process on all 8: the same
-    losses (relative 1e-5) and final weights (1e-6 absolute; training moves them by ~3e-3)."""
+    losses (relative 1e-5) and final weights (1e-6 absolute; training moves them by ~3e-3).
+    Sampled-token opd, and the full-vocabulary rkl with the teacher sharded too (its output
+    layer applied to its kept hidden states in the loss)."""
     one, two = tmp_path / "one", tmp_path / "two"
+    extra = [f"objective.name={objective}"]
     p = subprocess.run([sys.executable, "-m", "mmopd", "train", CONFIG,
-                        *_common(student_dir, teacher_dir, one, 8)],
+                        *_common(student_dir, teacher_dir, one, 8), *extra],
                        capture_output=True, text=True, timeout=300, cwd=HERE.parent,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     p = _torchrun("-m", "mmopd", "train", CONFIG, *_common(student_dir, teacher_dir, two, 4),
-                  env=FSDP_ENV)
+                  *extra, f"teacher.shard={shard}", env=FSDP_ENV)
     assert p.returncode == 0, p.stderr[-3000:]
     assert SHARDED in p.stdout
+    assert ("teacher sharded with FSDP2" in p.stdout) == (shard == "true")
     a, b = _rows(one), _rows(two)
     assert [r["step"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b):
@@ -126,16 +133,21 @@ def test_killed_sharded_run_resumes_as_if_uninterrupted(tiny_overrides, tmp_path
 
 
 CHAT_ENV = '''
+import os
+
 import gymnasium as gym
 from mmopd.envs import register_env, text_space
 
 
 class TurnsEnv(gym.Env):
-    """1 to 3 turns by seed: the ranks run different numbers of generate calls."""
+    """1 to 3 turns by seed: the ranks run different numbers of generate calls; on rank 1 about
+    half the resets fail, so it also trains and scores fewer micro-batches than rank 0."""
 
     observation_space = action_space = text_space()
 
     def reset(self, *, seed=None, options=None):
+        if os.environ.get("RANK") == "1" and (seed or 0) % 2:
+            raise RuntimeError("this problem failed to load")
         super().reset(seed=seed)
         self.n, self.turns = 0, 1 + (seed or 0) % 3
         return "start", {"messages": [{"role": "user", "content": f"task {seed}"}]}
@@ -164,7 +176,7 @@ def test_worlds_train_sharded(world, tiny_overrides, tmp_path):
         (tmp_path / "fsdp_turns_env.py").write_text(CHAT_ENV)
         env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
         args += ['env={"id": "fsdptest/Turns-v0", "kwargs": {}, "eval_kwargs": {}, '
-                 '"imports": ["fsdp_turns_env"]}', "rollout.max_turns=3"]
+                 '"imports": ["fsdp_turns_env"]}', "rollout.max_turns=3", "teacher.shard=true"]
     else:
         from test_vision import _save_vlm
 
@@ -184,6 +196,7 @@ def test_worlds_train_sharded(world, tiny_overrides, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] > 0 for r in rows)
     if world == "turns":
         assert max(r["turns"] for r in rows) > 1
+        assert "teacher sharded with FSDP2" in p.stdout
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -216,3 +229,20 @@ def test_resume_under_another_launch_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="sharded \\(FSDP2\\) student, this launch does not"):
         check_resumable({"world_size": 2}, tmp_path, 2, False)
     check_resumable({"world_size": 2}, tmp_path, 2, True)
+
+
+def test_teacher_shard_is_checked(tiny_overrides):
+    """teacher.shard: an in-process teacher of the student's tokenizer, one teacher, and a
+    sharded student beside it."""
+    from mmopd.config import ConfigError, TrainConfig, load_config
+    from mmopd.training.loop import train
+
+    with pytest.raises(ConfigError, match="teacher.shard.*not kind=served"):
+        load_config(TrainConfig, None, tiny_overrides + [
+            "teacher.kind=served", "teacher.served.url=http://x:1", "teacher.shard=true"])
+    with pytest.raises(ConfigError, match="routed teachers are not sharded"):
+        load_config(TrainConfig, None, [o for o in tiny_overrides if "teacher." not in o] + [
+            "teachers=[{name: a, model: {path: t}, shard: true}, {name: b, kind: self, "
+            "view: privileged}]", "routing={default: a}"])
+    with pytest.raises(ConfigError, match="launch with FSDP2"):
+        train(load_config(TrainConfig, None, tiny_overrides + ["teacher.shard=true"]))

@@ -161,6 +161,10 @@ class TrainConfig:
         _check("cache" not in kinds, "teachers", "a teacher cache replays its own fixed "
                "episodes; it cannot share a run with other teachers")
         _check(kinds.count("ema") <= 1, "teachers", "at most one EMA teacher per run")
+        _check(not any(t.shard for t in self.teachers), "teachers",
+               "routed teachers are not sharded (each rank may route no episode to one of "
+               "them, and a sharded teacher's forwards run on all ranks together): set "
+               "shard: false")
         o = self.objective
         from mmopd.objectives import OBJECTIVES
 

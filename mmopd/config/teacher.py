@@ -85,6 +85,9 @@ class TeacherConfig:
     # (sampled-token objectives only; see docs/teachers.md)
     cross_tokenizer: bool = False
     name: str = "teacher"  # in `teachers:` lists, routes and per-teacher metrics
+    # under an FSDP2 launch: shard the in-process teacher's blocks over all ranks too (its
+    # scoring forwards then run in lock-step); off, every rank holds the whole teacher
+    shard: bool = False
 
     def __post_init__(self) -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)), "teacher.name",
@@ -94,6 +97,10 @@ class TeacherConfig:
                f"kind={self.kind}")
         _check(not self.cross_tokenizer or self.view == "same", "teacher.view",
                "a cross-tokenizer teacher reads the student's own conversation (view=same)")
+        _check(not self.shard or (self.kind in ("model", "self") and not self.cross_tokenizer),
+               "teacher.shard", "shards an in-process teacher of the student's tokenizer "
+               f"(kind=model or self), not kind={self.kind}"
+               + (" with cross_tokenizer" if self.cross_tokenizer else ""))
         _check(self.topk >= 0, "teacher.topk", "must be >= 0")
         _check(self.logp_floor < 0, "teacher.logp_floor", "must be a negative log-prob")
         if self.kind == "custom":

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from mmopd.episode import Episode, pad_right
 from mmopd.logprobs import final_hidden, lm_head_fn, predicting_positions, token_logprobs
+from mmopd.training.sharding import lockstep_count
 from mmopd.vision import VisionInputs, forward_kwargs
 
 
@@ -65,8 +66,13 @@ class HFScorer:
         self.model.eval()
         parts: dict[str, list[torch.Tensor]] = {}
         device = self.model.device
+        starts = list(range(0, len(episodes), self.micro_batch_size))
+        # a sharded model (FSDP2) runs as many forwards on every rank as the busiest rank has
+        # micro-batches; the extra ones repeat the first and are dropped
+        n_runs = lockstep_count(len(starts), self.model) if starts else 0
         try:
-            for s in range(0, len(episodes), self.micro_batch_size):
+            for j in range(n_runs):
+                s = starts[j] if j < len(starts) else starts[0]
                 views = [ep.view(self.view) for ep in episodes[s: s + self.micro_batch_size]]
                 batch = pad_right([v[0] for v in views], [v[1] for v in views], self.pad_id,
                                   device)
@@ -77,6 +83,8 @@ class HFScorer:
                 h = hidden[rows, cols - 1]
                 res = token_logprobs(self.head, h, batch.input_ids[rows, cols], self.chunk_size,
                                      topk, self.topk_vocab)
+                if j >= len(starts):
+                    continue
                 if keep_hidden:
                     res["hidden"] = h
                 for k, v in res.items():

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from mmopd.config import TrainConfig, dump_yaml, to_dict
+from mmopd.config import ConfigError, TrainConfig, dump_yaml, to_dict
 from mmopd.envs import import_env_modules, make_env
 from mmopd.logprobs import lm_head_fn
 from mmopd.models import (
@@ -49,7 +49,12 @@ from mmopd.training.fused import projection
 from mmopd.training.losses import Heads
 from mmopd.training.metrics import JsonlLog
 from mmopd.training.optim import make_accelerator, make_optimizer, make_scheduler
-from mmopd.training.sharding import check_sharded_run, is_sharded, load_optimizer
+from mmopd.training.sharding import (
+    check_sharded_run,
+    is_sharded,
+    load_optimizer,
+    shard_frozen,
+)
 from mmopd.training.teachers import (  # noqa: F401  (make_*_teacher: importable from here)
     build_teachers,
     make_custom_teacher,
@@ -165,6 +170,14 @@ def assemble(cfg: TrainConfig) -> Run:
     model = accelerator.unwrap_model(student)
     if is_sharded(model) and accelerator.is_main_process:
         print(f"student sharded with FSDP2 across {accelerator.num_processes} processes")
+    if cfg.teacher.shard and t_model is not None:
+        if not is_sharded(model):
+            raise ConfigError("teacher.shard: the teacher is sharded beside a sharded student; "
+                              "launch with FSDP2 (configs/accelerate/fsdp.yaml) or set "
+                              "teacher.shard=false")
+        shard_frozen(t_model, device)
+        if accelerator.is_main_process:
+            print(f"teacher sharded with FSDP2 across {accelerator.num_processes} processes")
     start_step = 0
     ema = teachers.ema
     if resume_dir is not None:

@@ -207,7 +207,7 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
     parts = list(range(0, len(episodes), mb))
     # FSDP: every rank runs as many sharded passes as the rank with the most micro-batches; the
     # extra ones repeat the first at zero weight (the same modules gather in the same order)
-    n_parts = lockstep_count(len(parts), accelerator, unwrapped)
+    n_parts = lockstep_count(len(parts), unwrapped)
     for j in range(n_parts):
         idle = j >= len(parts)
         s = parts[0] if idle else parts[j]

@@ -70,14 +70,34 @@ def full_weights(model: torch.nn.Module) -> Iterator[None]:
             m.reshard()
 
 
-def lockstep_count(n: int, accelerator: Any, model: torch.nn.Module) -> int:
-    """How many sharded forward-backward passes every rank runs when this rank has `n`: the
-    largest over ranks under FSDP (a collective), else `n`."""
-    if accelerator.num_processes == 1 or not is_sharded(model):
+def lockstep_count(n: int, model: torch.nn.Module) -> int:
+    """How many forwards of a sharded `model` every rank runs when this rank has `n` to run:
+    the largest over ranks (a collective); `n` when the model is not sharded."""
+    if not is_sharded(model):
         return n
-    t = torch.tensor(n, device=accelerator.device)
+    t = torch.tensor(n, device=next(model.parameters()).device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t)
+
+
+def shard_frozen(model: torch.nn.Module, device: torch.device) -> None:
+    """Shard a frozen in-process teacher over all ranks (`teacher.shard`): each block of its
+    `_no_split_modules` classes and the root, as accelerate shards the student. Its blocks are
+    gathered for each forward and freed after; the root (embeddings, final norm, output layer)
+    stays gathered after the first forward, so the losses can apply the output layer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    if not blocks:
+        raise ConfigError(f"teacher.shard: {type(model).__name__} names no blocks to shard "
+                          "(_no_split_modules); set teacher.shard=false")
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for m in list(model.modules()):
+        if type(m).__name__ in blocks:
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    model._get_fsdp_state()._lazy_init()  # the root, before a block could claim it
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
