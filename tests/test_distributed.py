@@ -153,7 +153,7 @@ def test_train_two_processes_end_to_end(extra, tiny_overrides, tmp_path):
                   f"trainer.output_dir={run}", *extra)
     assert p.returncode == 0, p.stderr[-3000:]
     results = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith('{"run_dir"')]
-    assert len(results) == 2  # one per rank; only rank 0 evaluates
+    assert len(results) == 2  # one per rank; the evaluation is gathered to rank 0
     assert sorted(r["eval"] is None for r in results) == [False, True]
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # rank 0's rows only, once each

@@ -82,6 +82,9 @@ def test_two_sharded_ranks_train_as_one_process(objective, shard, student_dir, t
         assert ra["response_tokens"] == rb["response_tokens"]
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5), ra["step"]
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-5), ra["step"]
+    # evaluation split across the ranks (2 problems each) and gathered: one process's numbers
+    evals = [json.loads((run / "eval.jsonl").read_text().splitlines()[-1]) for run in (one, two)]
+    assert evals[0] == evals[1] and evals[0]["num_problems"] == 4
     start = load_file(student_dir / "model.safetensors")
     assert _max_diff(_weights(one, 3), start) > 1e-3  # it trained
     assert _max_diff(_weights(two, 3), _weights(one, 3)) < 1e-6

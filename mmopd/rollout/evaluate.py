@@ -40,20 +40,28 @@ def evaluation_episodes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
                         seed: int = 0, stop: list[str] | None = None, max_turns: int = 8,
                         max_episode_tokens: int = 0, env_id: str = "env",
                         vision: VisionProcessor | None = None, env_timeout_s: float = 0.0,
+                        share: tuple[int, int] = (0, 1),
                         ) -> tuple[list[Episode], list[Episode]]:
     """The episodes `evaluate` scores: one greedy episode for each of problems
     0..num_problems-1 (fewer when the env has fewer), and with pass_k > 0 also pass_k sampled
     ones per problem, in problem order. Sampling uses its own RNG stream, so an evaluation never
-    changes the training run's random state."""
-    num = num_problems
+    changes the training run's random state. `share` (rank, ranks): only the problems whose
+    index is rank modulo ranks (each rank's part of an evaluation split across processes; its
+    sampling stream is seeded per rank)."""
     probe = pool.take(1)[0].unwrapped
+    total = num_problems
     if getattr(probe, "num_problems", None) is not None:
-        num = min(num, probe.num_problems)
+        total = min(total, probe.num_problems)
+    rank, ranks = share
+    indices = list(range(rank, total, ranks))
+    num = len(indices)
+    if not num:
+        return [], []
     renderer = ChatRenderer(tokenizer, vision)
     sampler = HFSampler(model, tokenizer, batch_size=batch_size,
                         stop_token_ids=renderer.stop_token_ids,
                         suppress_token_ids=vision.special_ids if vision else None)
-    starts = [{"options": {"index": i}} for i in range(num)]
+    starts = [{"options": {"index": i}} for i in indices]
     stop = stop or []
     limits = {"max_turns": max_turns, "max_episode_tokens": max_episode_tokens, "env_id": env_id,
               "env_timeout_s": env_timeout_s}
@@ -64,7 +72,7 @@ def evaluation_episodes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     if pass_k:
         cuda = [model.device.index or 0] if model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
+            torch.manual_seed(seed + 7919 * rank)
             sampled = collect_episodes(
                 pool.take(num * pass_k), starts, sampler, renderer,
                 SamplingParams(pass_k, temperature, 1.0, max_new_tokens, stop),
@@ -95,16 +103,32 @@ def majority(samples: list[Episode]) -> tuple[str | None, bool]:
     return answer, next(is_correct(e) for e in samples if str(e.metadata.get("pred")) == answer)
 
 
+def outcomes(greedy: list[Episode], sampled: list[Episode], pass_k: int) -> list[dict[str, Any]]:
+    """What `summarise` needs of each problem, small enough to gather across processes: the
+    greedy episode's correctness and length, and the samples' correctness and majority vote."""
+    rows = []
+    for i, ep in enumerate(greedy):
+        row: dict[str, Any] = {"correct": is_correct(ep), "tokens": ep.num_generated}
+        if pass_k:
+            group = sampled[i * pass_k:(i + 1) * pass_k]
+            row["hits"] = [is_correct(e) for e in group]
+            row["majority"] = majority(group)[1]
+        rows.append(row)
+    return rows
+
+
 def summarise(greedy: list[Episode], sampled: list[Episode], pass_k: int) -> dict[str, float]:
-    num = len(greedy)
-    out = {"accuracy": sum(map(is_correct, greedy)) / max(num, 1), "num_problems": float(num),
-           "mean_response_tokens": sum(e.num_generated for e in greedy) / max(num, 1)}
+    return summarise_outcomes(outcomes(greedy, sampled, pass_k), pass_k)
+
+
+def summarise_outcomes(rows: list[dict[str, Any]], pass_k: int) -> dict[str, float]:
+    num = len(rows)
+    out = {"accuracy": sum(r["correct"] for r in rows) / max(num, 1), "num_problems": float(num),
+           "mean_response_tokens": sum(r["tokens"] for r in rows) / max(num, 1)}
     if pass_k:
-        groups = [sampled[i * pass_k:(i + 1) * pass_k] for i in range(num)]
-        hits = [[is_correct(e) for e in g] for g in groups]
-        out[f"pass@{pass_k}"] = sum(any(h) for h in hits) / max(num, 1)
-        out[f"maj@{pass_k}"] = sum(majority(g)[1] for g in groups) / max(num, 1)
-        out["sample_accuracy"] = sum(sum(h) for h in hits) / max(num * pass_k, 1)
+        out[f"pass@{pass_k}"] = sum(any(r["hits"]) for r in rows) / max(num, 1)
+        out[f"maj@{pass_k}"] = sum(r["majority"] for r in rows) / max(num, 1)
+        out["sample_accuracy"] = sum(sum(r["hits"]) for r in rows) / max(num * pass_k, 1)
     return out
 
 

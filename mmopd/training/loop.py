@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from mmopd.config import RolloutConfig, TrainConfig
@@ -24,7 +25,12 @@ from mmopd.episode import STOP_TIMEOUT, Episode
 from mmopd.objectives import TokenBatch, make_plan
 from mmopd.rollout.agent_loop import collect_episodes
 from mmopd.rollout.drift import DriftStopSampler
-from mmopd.rollout.evaluate import evaluate, is_correct
+from mmopd.rollout.evaluate import (
+    evaluation_episodes,
+    is_correct,
+    outcomes,
+    summarise_outcomes,
+)
 from mmopd.rollout.sampler import HFSampler
 from mmopd.rollout.seeds import PROBLEMS, SAMPLING, SHUFFLE, derived_seed
 from mmopd.rollout.toolcalls import make_parser
@@ -287,28 +293,29 @@ def _skipped(run: Run, step: int, skips: SkipCounter, what: list[str]) -> dict[s
 
 
 def run_eval(run: Run, step: int) -> dict[str, Any] | None:
-    """Held-out evaluation on rank 0, logged to eval.jsonl and the console (a sharded student is
-    gathered on every rank; the others wait)."""
+    """Held-out evaluation, split across ranks (each its share of the problems, a sharded student
+    gathered on every rank) and gathered to rank 0, which logs it to eval.jsonl and the
+    console."""
+    cfg, ecfg, rcfg = run.cfg, run.cfg.eval, run.cfg.rollout
+    share = (run.rank, run.accelerator.num_processes)
     with full_weights(run.model):
-        res = _evaluate(run) if run.main else None
-        run.accelerator.wait_for_everyone()
-    if res is None:
+        greedy, sampled = evaluation_episodes(
+            run.model, run.tokenizer, run.eval_pool, num_problems=ecfg.num_problems,
+            pass_k=ecfg.pass_k, temperature=ecfg.temperature,
+            max_new_tokens=ecfg.max_new_tokens or rcfg.max_new_tokens,
+            batch_size=rcfg.batch_size, seed=cfg.trainer.seed, stop=rcfg.stop,
+            max_turns=rcfg.max_turns, max_episode_tokens=rcfg.max_episode_tokens,
+            env_id=cfg.env.id, vision=run.vision, env_timeout_s=rcfg.env_timeout_s, share=share)
+    mine = outcomes(greedy, sampled, ecfg.pass_k)
+    rows = gather_object(mine) if share[1] > 1 else mine
+    if not run.main:
         return None
+    res = summarise_outcomes(rows, ecfg.pass_k)
     row = {"step": step, **res}
     run.eval_log.write(row)
     tqdm.write(f"eval step {step}: " + ", ".join(
         f"{k} {v:.3f}" for k, v in res.items() if k != "num_problems"))
     return row
-
-
-def _evaluate(run: Run) -> dict[str, Any]:
-    cfg, ecfg, rcfg = run.cfg, run.cfg.eval, run.cfg.rollout
-    return evaluate(run.model, run.tokenizer, run.eval_pool, num_problems=ecfg.num_problems,
-                   pass_k=ecfg.pass_k, temperature=ecfg.temperature,
-                   max_new_tokens=ecfg.max_new_tokens or rcfg.max_new_tokens,
-                   batch_size=rcfg.batch_size, seed=cfg.trainer.seed, stop=rcfg.stop,
-                   max_turns=rcfg.max_turns, max_episode_tokens=rcfg.max_episode_tokens,
-                   env_id=cfg.env.id, vision=run.vision, env_timeout_s=rcfg.env_timeout_s)
 
 
 def checkpoint(run: Run, step: int) -> None:

@@ -61,7 +61,7 @@ def check_launch(accelerator: Accelerator) -> None:
     if ds and ds.zero_stage == 3:
         raise ConfigError(
             "launch: DeepSpeed ZeRO-3 shards the student, making every forward a collective, but "
-            "mmopd runs per-rank forwards (HF generate, log pi_old scoring, rank-0 evaluation) "
+            "mmopd runs per-rank forwards (HF generate, log pi_old scoring, evaluation) "
             "on gathered weights only under FSDP2; use configs/accelerate/fsdp.yaml (FSDP2), or "
             "DDP with model.lora or trainer.gradient_checkpointing=true")
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:

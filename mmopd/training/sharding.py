@@ -7,9 +7,10 @@ that all ranks must join in the same order. The trainer keeps to two rules:
   of micro-batches (`lockstep_count`; a rank with fewer repeats its first one at zero weight,
   so the same modules, a VLM's vision tower included, gather in the same order).
 - Everything that differs per rank (generating its own episodes, scoring log pi_old on them,
-  evaluation on rank 0) runs inside `full_weights`. It gathers the student once on every rank and
-  keeps it gathered, so the forwards inside are local (no collective, any number per rank). It
-  frees the gathered weights on leaving. A rollout engine holds full weights the same way.
+  evaluating its share of the held-out problems) runs inside `full_weights`. It gathers the
+  student once on every rank and keeps it gathered, so the forwards inside are local (no
+  collective, any number per rank). It frees the gathered weights on leaving. A rollout engine
+  holds full weights the same way.
 
 Checkpoints stay `save_pretrained` folders: `full_state_dict` gathers the weights to rank 0,
 which writes them. The optimiser state is written sharded by every rank with
