@@ -130,7 +130,8 @@ def demo_configs(out: Path, fast: bool = False, world: str = "math", rollout: st
     w = WORLDS[world]
     if rollout == "vllm":
         if w.vision:
-            raise ValueError("the vLLM rollout backend samples text students; the vision world "
+            raise ValueError("the demo's vLLM rollouts run on CPU, where vLLM cannot run "
+                             "Qwen-VL models (no torchvision for its torch); the vision world "
                              "rolls out with HF generate")
         heads = w.student_model["hidden_size"] // 32
         w = dataclasses.replace(w, student_model={**w.student_model, "num_heads": heads,

@@ -21,7 +21,7 @@ import inspect
 import sys
 import types
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,9 @@ class VisionInputs:
     """[patches, channels x temporal_patch x patch x patch]: every image's patches, in order."""
     image_grid_thw: torch.Tensor
     """[images, 3] long: each image's grid in patches (time, height, width)."""
+    images: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
+    """The resized RGB images the pixel values came from, in order (an engine that runs its own
+    image processor, vLLM, takes these); None where only the tensors are known."""
 
     def __post_init__(self) -> None:
         n = int(self.image_grid_thw.prod(-1).sum()) if len(self.image_grid_thw) else 0
@@ -126,7 +129,8 @@ class VisionInputs:
             return None
         sizes = self.image_grid_thw.prod(-1)
         begin = int(sizes[:start].sum())
-        return VisionInputs(self.pixel_values[begin: begin + int(grid.prod(-1).sum())], grid)
+        return VisionInputs(self.pixel_values[begin: begin + int(grid.prod(-1).sum())], grid,
+                            self.images[start:stop] if self.images is not None else None)
 
     @staticmethod
     def cat(parts: Iterable[VisionInputs | None]) -> VisionInputs | None:
@@ -136,8 +140,10 @@ class VisionInputs:
             return None
         if len(present) == 1:
             return present[0]
+        images = (tuple(im for p in present for im in p.images)  # type: ignore[union-attr]
+                  if all(p.images is not None for p in present) else None)
         return VisionInputs(torch.cat([p.pixel_values for p in present]),
-                            torch.cat([p.image_grid_thw for p in present]))
+                            torch.cat([p.image_grid_thw for p in present]), images)
 
 
 def forward_kwargs(model: PreTrainedModel, input_ids_BT: torch.Tensor,
@@ -246,7 +252,7 @@ class VisionProcessor:
         if not images:
             return None
         out = self.image_processor(images=list(images), do_resize=False, return_tensors="pt")
-        return VisionInputs(out["pixel_values"], out["image_grid_thw"].long())
+        return VisionInputs(out["pixel_values"], out["image_grid_thw"].long(), tuple(images))
 
     def process(self, messages: Sequence[dict[str, Any]]) -> VisionInputs | None:
         """Every image of these messages, in order, as model inputs."""
@@ -272,6 +278,25 @@ class VisionProcessor:
                 k += 1
             else:
                 out.append(t)
+        return out
+
+    def collapse(self, ids: list[int], vision: VisionInputs | None) -> list[int]:
+        """The inverse of `expand`: one placeholder per image, for an engine that expands them
+        itself from the images (vLLM). Each run of placeholders must be exactly its image's."""
+        counts = self.tokens_per_image(vision)
+        out: list[int] = []
+        runs: list[int] = []
+        for t in ids:
+            if t == self.image_token_id and out and out[-1] == t:
+                runs[-1] += 1
+                continue
+            if t == self.image_token_id:
+                runs.append(1)
+            out.append(t)
+        if runs != counts:
+            raise VisionError(f"the prompt holds {len(runs)} image placeholder run(s) of "
+                              f"{runs} token(s) for {len(counts)} image(s) needing {counts}: "
+                              "every image needs exactly one run of its own size")
         return out
 
     def save_pretrained(self, out_dir: str | Path) -> None:

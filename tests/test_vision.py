@@ -132,6 +132,27 @@ def test_render_expands_one_placeholder_per_merged_patch_group(vtok, vtok_dir):
         r.render([{"role": "user", "content": [{"type": "video", "video": "x.mp4"}]}])
 
 
+def test_engine_prompts_collapse_placeholders_and_keep_the_images(vtok, vtok_dir):
+    """What a vLLM engine gets for a VLM prompt: one placeholder per image (it expands them
+    itself) and the resized images the trainer's pixel values came from, kept through
+    select / cat as episodes grow; a run that does not fit its image is an error."""
+    vision = load_vision(ModelConfig(tiny=TinyModelConfig(arch="qwen2_5_vl"),
+                                     tokenizer=str(vtok_dir)), vtok)
+    out = ChatRenderer(vtok, vision).render([_user(_image(100, 70), "what?", _image(30, 30, 1))])
+    pad = vtok.convert_tokens_to_ids("<|image_pad|>")
+    short = vision.collapse(out.ids, out.vision)
+    assert short.count(pad) == 2 and len(short) == len(out.ids) - (8 + 4) + 2
+    assert vision.expand(short, out.vision) == out.ids
+    assert [im.size for im in out.vision.images] == [(112, 56), (56, 56)]  # as resized
+    again = VisionInputs.cat([out.vision.select(0, 1), out.vision.select(1)])
+    assert [im.size for im in again.images] == [(112, 56), (56, 56)]
+    with pytest.raises(VisionError, match=r"2 image placeholder run\(s\) of \[8, 4\].*\[8\]"):
+        vision.collapse(out.ids, out.vision.select(0, 1))
+    with pytest.raises(VisionError, match=r"of \[7, 4\]"):
+        vision.collapse(out.ids[:out.ids.index(pad)] + out.ids[out.ids.index(pad) + 1:],
+                        out.vision)
+
+
 def test_placeholder_count_must_match_images(vtok, vtok_dir):
     vision = load_vision(ModelConfig(tiny=TinyModelConfig(arch="qwen2_vl"),
                                      tokenizer=str(vtok_dir)), vtok)

