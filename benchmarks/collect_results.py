@@ -40,6 +40,8 @@ BENCHMARKS = (
     ("rollout_throughput", "Rollout throughput: HF generate vs vLLM",
      "generated tokens/s of the two samplers on the same checkpoint"),
     ("train_step", "Training-step throughput", "rollout / scoring / update split of one step"),
+    ("gpu_scaleout", "One GPU: HF generate vs colocated vLLM vs FSDP2",
+     "rollout tokens/s, step time, update MFU and peak memory of a bf16 REOPOLD step"),
 )
 # results written by a script of another name
 SCRIPTS = {f"worlds_{w}": f"worlds.py --worlds {w}" for w in ("math", "agent", "vision")}
