@@ -155,8 +155,9 @@ def check_sharded_run(cfg: TrainConfig) -> None:
     """Refuse, before any model loads, what does not run with a sharded student."""
     refused = []
     if cfg.model.lora is not None:
-        refused.append("model.lora (LoRA students train under DDP: their frozen base needs no "
-                       "optimiser state and fits where a full student does not)")
+        refused.append("model.lora (a sharded peft model trains, but generating on its "
+                       "gathered weights fails inside peft's LoRA layers; LoRA students train "
+                       "under DDP, where their frozen base needs no optimiser state)")
     if cfg.rollout.backend == "vllm":
         refused.append("rollout.backend=vllm (the engine's weight sync reads an unsharded "
                        "student; use rollout.backend=hf)")
