@@ -177,3 +177,20 @@ def test_a_mixed_env_two_teacher_run_trains(tiny_overrides, student_dir, teacher
     for n in names:
         assert 0 <= row[f"teacher/{n}/kept_frac"] <= 1
         assert torch.isfinite(torch.tensor(row[f"teacher/{n}/kl"]))
+    # evaluation cycles through the mixture's envs (2 problems: one each) and reports each
+    assert {"accuracy/mmopd/MathText-v0", "accuracy/mmopd/ToolMath-v0",
+            "pass@2/mmopd/ToolMath-v0"} <= set(out["eval"])
+
+
+def test_mixture_evaluation_reports_each_env():
+    from mmopd.rollout.evaluate import summarise_outcomes
+
+    rows = [{"correct": True, "tokens": 4, "env": "a", "hits": [True, False], "majority": True},
+            {"correct": False, "tokens": 6, "env": "b", "hits": [False, False],
+             "majority": False},
+            {"correct": True, "tokens": 2, "env": "b", "hits": [False, True], "majority": False}]
+    out = summarise_outcomes(rows, 2)
+    assert out["accuracy"] == pytest.approx(2 / 3) and out["accuracy/a"] == 1.0
+    assert out["accuracy/b"] == 0.5 and out["pass@2/b"] == 0.5 and out["pass@2/a"] == 1.0
+    single = summarise_outcomes([{k: v for k, v in r.items() if k != "env"} for r in rows], 2)
+    assert not any("/" in k for k in single)  # one env: no breakdown

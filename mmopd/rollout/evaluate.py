@@ -109,6 +109,8 @@ def outcomes(greedy: list[Episode], sampled: list[Episode], pass_k: int) -> list
     rows = []
     for i, ep in enumerate(greedy):
         row: dict[str, Any] = {"correct": is_correct(ep), "tokens": ep.num_generated}
+        if "env" in ep.metadata:  # an env of a mixture (mmopd/Mixture-v0)
+            row["env"] = str(ep.metadata["env"])
         if pass_k:
             group = sampled[i * pass_k:(i + 1) * pass_k]
             row["hits"] = [is_correct(e) for e in group]
@@ -129,6 +131,13 @@ def summarise_outcomes(rows: list[dict[str, Any]], pass_k: int) -> dict[str, flo
         out[f"pass@{pass_k}"] = sum(any(r["hits"]) for r in rows) / max(num, 1)
         out[f"maj@{pass_k}"] = sum(r["majority"] for r in rows) / max(num, 1)
         out["sample_accuracy"] = sum(sum(r["hits"]) for r in rows) / max(num * pass_k, 1)
+    envs = sorted({r["env"] for r in rows if "env" in r})
+    if len(envs) > 1:  # a mixture: each env's own accuracy (and pass@k) beside the overall one
+        for env in envs:
+            mine = [r for r in rows if r.get("env") == env]
+            out[f"accuracy/{env}"] = sum(r["correct"] for r in mine) / len(mine)
+            if pass_k:
+                out[f"pass@{pass_k}/{env}"] = sum(any(r["hits"]) for r in mine) / len(mine)
     return out
 
 
