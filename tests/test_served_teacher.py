@@ -89,6 +89,8 @@ class Stub:
         self.script: dict[str, list[tuple[int, Any]]] = {}
         self.delay: dict[str, float] = {}
         self.drop_position = False  # answer one prompt position too few
+        self.image_token, self.expand = -1, []  # token-in endpoint: placeholder, tokens per image
+        self.generate_bodies: list[dict[str, Any]] = []
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -156,6 +158,16 @@ class Stub:
                                 "prompt_token_ids": ids, "token_ids": None})
             return 200, {"object": "text_completion", "model": body["model"],
                          "choices": choices[::-1]}  # any order: the client sorts by index
+        if path == "/inference/v1/generate":  # vLLM's token-in endpoint, images expanded
+            self.generate_bodies.append(body)
+            ids: list[int] = []
+            for t in body["token_ids"]:
+                ids += [t] * (self.expand.pop(0) if t == self.image_token else 1)
+            plp = self.reply("/v1/completions", {"prompt": [ids], "model": "x",
+                                                 "prompt_logprobs": body["sampling_params"][
+                                                     "prompt_logprobs"]})[1]["choices"][0][
+                                                         "prompt_logprobs"]
+            return 200, {"prompt_token_ids": ids, "prompt_logprobs": plp, "choices": []}
         return 404, {"error": {"message": f"no route {path}", "code": 404}}
 
 
@@ -337,7 +349,7 @@ def test_too_long_episode_fails_before_sending(char_tok, episodes):
         s.close()
 
 
-def test_hidden_states_and_images_are_refused(stub, episodes):
+def test_hidden_states_and_stray_images_are_refused(stub, episodes):
     teacher = quick(stub.url)
     with pytest.raises(ServedTeacherError, match="no hidden states.*in-process teacher"):
         teacher.score(episodes, keep_hidden=True)
@@ -345,9 +357,63 @@ def test_hidden_states_and_images_are_refused(stub, episodes):
                   list(episodes[0].step_index), list(episodes[0].sampled_logprobs),
                   episodes[0].prompt_len,
                   vision=VisionInputs(torch.zeros(4, 8), torch.tensor([[1, 2, 2]])))
-    with pytest.raises(NotImplementedError, match="scores text episodes"):
+    with pytest.raises(ServedTeacherError, match="set up for a text student"):
         teacher.score([vis])
     assert stub.calls["/v1/completions"] == 0
+
+
+def test_episodes_with_images_go_to_the_token_in_endpoint(tmp_path):
+    """A VLM student's episodes: text ones batched to /v1/completions, each one with images
+    alone to /inference/v1/generate with one placeholder per image and the resized images as
+    PNG data URLs; the server's expansion must be the student's. Scores land in episode order."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from mmopd.config import ModelConfig, TinyModelConfig
+    from mmopd.models import load_tokenizer, load_vision
+    from mmopd.rollout.render import ChatRenderer
+    from mmopd.tokenizer import build_char_tokenizer
+
+    build_char_tokenizer(tmp_path, vision=True)
+    cfg = ModelConfig(tiny=TinyModelConfig(arch="qwen2_5_vl"), tokenizer=str(tmp_path))
+    tok = load_tokenizer(cfg)
+    vision = load_vision(cfg, tok)
+    renderer = ChatRenderer(tok, vision)
+
+    def vl_episode(w: int, h: int, reply: str) -> Episode:
+        r = renderer.render([{"role": "user", "content": [
+            {"type": "image", "image": Image.new("RGB", (w, h), (9, 99, 199))},
+            {"type": "text", "text": "colour?"}]}])
+        ep = Episode([], [], [], [], prompt_len=0)
+        ep.append(r.ids, student=False, vision=r.vision)
+        ep.prompt_len = len(ep.input_ids)
+        ep.append(tok(reply + "<|im_end|>", add_special_tokens=False)["input_ids"], student=True)
+        return ep
+
+    eps = [vl_episode(100, 70, "blue"), make_episode(tok, "2+2?", ["4"]),
+           make_episode(tok, "3+3?", ["6"]), vl_episode(30, 30, "sky")]
+    counts = [vision.tokens_per_image(e.vision) for e in (eps[0], eps[3])]
+    s = Stub(lambda text: tok(text, add_special_tokens=False)["input_ids"], len(tok))
+    try:
+        s.image_token = vision.image_token_id
+        teacher = quick(s.url, vision=vision, concurrency=1)
+        s.expand = [n for c in counts for n in c]
+        got = teacher.score(eps, topk=3)
+        want = reference(s.table_VV, eps, "student", 3)
+        assert torch.allclose(got.logp_N, want[0]) and torch.equal(got.topk_ids_NK, want[2])
+        assert s.calls["/v1/completions"] == 1  # the two text episodes, one batch
+        assert len(s.generate_bodies) == 2
+        body = s.generate_bodies[0]
+        assert body["token_ids"].count(vision.image_token_id) == 1  # collapsed
+        png = base64.b64decode(body["content_parts"][0]["url"].split(",", 1)[1])
+        assert Image.open(io.BytesIO(png)).size == (112, 56)  # the resized image, lossless
+        s.expand = [counts[0][0] + 4]  # a server that resizes differently
+        with pytest.raises(ServedTeacherError, match="image processing .* differs"):
+            teacher.score(eps[:1])
+    finally:
+        s.close()
 
 
 # -- against a real vLLM server --------------------------------------------------------------------
@@ -360,7 +426,8 @@ def vllm_server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("served-teacher")
     model_dir = build_tiny_checkpoint(root / "tiny")
-    server = VLLMServer(model_dir, root / "vllm.log")
+    # --enable-scale-out: vLLM's token-in endpoint, which episodes with images go to
+    server = VLLMServer(model_dir, root / "vllm.log", "--enable-scale-out")
     try:
         server.wait_healthy(timeout_s=300)
         print(f"\nvllm serve healthy after {server.startup_s:.1f}s: {' '.join(server.command)}")
@@ -398,6 +465,24 @@ def test_served_scores_match_in_process_hf(vllm_server, episodes):
     again = ServedTeacher(server.url).score(episodes, topk=k)  # prefix-cached prompts: same
     first = ServedTeacher(server.url).score(episodes, topk=k)
     assert torch.equal(again.logp_N, first.logp_N)
+
+
+@pytest.mark.vllm
+def test_the_token_in_endpoint_scores_as_completions_do(vllm_server, episodes):
+    """The request a VLM episode goes out as (here without images: this vLLM env cannot run a
+    Qwen-VL model, as it has no torchvision for its torch), on a real server: the same scores
+    as the /v1/completions path, read the same way."""
+    from mmopd.teachers.served_images import score_generate
+
+    server, model_dir = vllm_server
+    served = ServedTeacher(server.url)
+    served.check(__import__("transformers").AutoTokenizer.from_pretrained(model_dir))
+    for ep in episodes[:3]:
+        ids, mask, _ = ep.view("student")
+        a = served._score_prompts([list(ids)], [list(mask)], 5)
+        b = score_generate(served, list(ids), list(mask), None, 5)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
 
 
 @pytest.mark.vllm

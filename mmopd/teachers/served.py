@@ -16,6 +16,8 @@ What a served teacher gives, and what it cannot:
   It is tight where the teacher is peaked and loose where its mass is spread thin;
 - no hidden states: full-vocabulary objectives (keep_hidden=True) need an in-process teacher.
 
+Episodes with images go one per request to vLLM's token-in endpoint (`served_images`).
+
 Before training, `check(tokenizer)` reaches the server, picks the served model, compares its
 tokenizer with the student's on probe strings and test-scores one probe, so a wrong server fails
 with a clear message instead of scoring garbage. Transient failures (connection errors, timeouts,
@@ -47,6 +49,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mmopd.episode import Episode
 from mmopd.teachers.scorer import TokenScores
+from mmopd.teachers.served_images import image_probe, score_generate
 
 _RETRIED_4XX = (408, 429)  # request timeout / too many requests: the server is busy, not wrong
 _START_HINT = ("start the teacher with `vllm serve MODEL --host 0.0.0.0 --port PORT "
@@ -82,7 +85,8 @@ class ServedTeacher:
     def __init__(self, url: str, *, model: str | None = None, view: str = "student",
                  batch_size: int = 8, concurrency: int = 2, timeout_s: float = 300.0,
                  max_retries: int = 3, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
-                 entropy_topk: int = 20, api_key: str | None = None) -> None:
+                 entropy_topk: int = 20, api_key: str | None = None,
+                 vision: Any = None) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"served teacher url {url!r}: expected http://HOST:PORT")
         for name, value in (("batch_size", batch_size), ("concurrency", concurrency)):
@@ -104,6 +108,7 @@ class ServedTeacher:
         self.max_backoff_s = max_backoff_s
         self.entropy_topk = entropy_topk
         self.api_key = api_key
+        self.vision = vision  # the student's VisionProcessor: episodes with images
         self.max_model_len: int | None = None  # from the server (check / first score)
         self._resolved = False
         self._checked: tuple[PreTrainedTokenizerBase, int] | None = None  # check()'s arguments
@@ -225,6 +230,9 @@ class ServedTeacher:
         if len(probe_ids) >= 2:
             self._score_prompts([probe_ids], [[0] + [1] * (len(probe_ids) - 1)],
                                 max(topk, self.entropy_topk))
+        if self.vision is not None:  # an image the way episodes send them, expanded alike
+            score_generate(self, *image_probe(tokenizer, self.vision),
+                           max(topk, self.entropy_topk))
 
     # -- scoring -----------------------------------------------------------------------------
 
@@ -241,12 +249,13 @@ class ServedTeacher:
         if not self._resolved:
             self._resolve_model()
         k = max(topk, self.entropy_topk)
-        seqs, masks = [], []
+        seqs, masks, images = [], [], []
         for i, ep in enumerate(episodes):
             ids, mask, vision = ep.view(self.view)
-            if vision is not None:
-                raise NotImplementedError("a served teacher scores text episodes; VLM teachers "
-                                          "run in process (teacher.kind: model)")
+            if vision is not None and vision.num_images and self.vision is None:
+                raise ServedTeacherError("episodes with images reached a served teacher set up "
+                                         "for a text student")
+            images.append(vision if vision is not None and vision.num_images else None)
             if mask and mask[0]:
                 raise ValueError("a loss token at position 0 has no context to be predicted from")
             if self.max_model_len is not None and len(ids) + 1 > self.max_model_len:
@@ -257,13 +266,22 @@ class ServedTeacher:
                     "--max-model-len or lower rollout.max_episode_tokens")
             seqs.append(list(ids))
             masks.append(list(mask))
-        starts = list(range(0, len(seqs), self.batch_size))
-        work = [(seqs[s: s + self.batch_size], masks[s: s + self.batch_size]) for s in starts]
+        # in episode order: runs of text episodes in batches, each episode with images alone
+        work: list[Any] = []
+        for seq, mask, im in zip(seqs, masks, images):
+            if im is not None:
+                work.append((score_generate, self, seq, mask, im, k))
+            elif work and work[-1][0] == ServedTeacher._score_prompts \
+                    and len(work[-1][2]) < self.batch_size:
+                work[-1][2].append(seq)
+                work[-1][3].append(mask)
+            else:
+                work.append((ServedTeacher._score_prompts, self, [seq], [mask], k))
         if self.concurrency == 1 or len(work) == 1:
-            parts = [self._score_prompts(s, m, k) for s, m in work]
+            parts = [w[0](*w[1:]) for w in work]
         else:
             with ThreadPoolExecutor(min(self.concurrency, len(work))) as pool:
-                parts = list(pool.map(lambda w: self._score_prompts(w[0], w[1], k), work))
+                parts = list(pool.map(lambda w: w[0](*w[1:]), work))
         if self._reconnected and self._checked is not None:
             # the server went away and something answers again: is it the same teacher?
             self._reconnected = False
@@ -297,14 +315,20 @@ class ServedTeacher:
             raise ServedTeacherError(f"served teacher {self.url}: sent {len(seqs)} prompts, got "
                                      f"{'no' if choices is None else len(choices)} choices back")
         choices = sorted(choices, key=lambda c: c.get("index", 0))
-        logp, ent, ids_k, logp_k = [], [], [], []
-        for j, (choice, ids, mask) in enumerate(zip(choices, seqs, masks)):
+        for j, (choice, ids) in enumerate(zip(choices, seqs)):
             sent = choice.get("prompt_token_ids")
             if sent is not None and list(sent) != ids:
                 raise ServedTeacherError(f"served teacher {self.url}: prompt {j} did not "
                                          f"round-trip: sent {len(ids)} token ids, the server "
                                          f"read {len(sent)} different ones")
-            plp = choice.get("prompt_logprobs")
+        return self._read([c.get("prompt_logprobs") for c in choices], seqs, masks, k)
+
+    def _read(self, plps: list[Any], seqs: list[list[int]], masks: list[list[int]],
+              k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logp, entropy bound, top-k ids, top-k logp) over the loss tokens of these prompts
+        from their `prompt_logprobs`."""
+        logp, ent, ids_k, logp_k = [], [], [], []
+        for j, (plp, ids, mask) in enumerate(zip(plps, seqs, masks)):
             if not isinstance(plp, list) or len(plp) != len(ids):
                 got = "none" if not isinstance(plp, list) else f"{len(plp)} positions"
                 raise ServedTeacherError(f"served teacher {self.url}: prompt {j} has {len(ids)} "

@@ -103,10 +103,7 @@ def one_teacher(cfg: TrainConfig, t: TeacherConfig, student: torch.nn.Module, to
         cache.check_fits(tokenizer)
         return cache, None, cache, None
     if t.kind == "served":
-        if vision is not None:
-            raise NotImplementedError("teacher.kind=served scores text episodes; VLM teachers "
-                                      "run in process (teacher.kind=model)")
-        return make_served_teacher(cfg, tokenizer, t), None, None, None
+        return make_served_teacher(cfg, tokenizer, t, vision), None, None, None
     if t.kind == "custom":
         return make_custom_teacher(cfg, tokenizer, t), None, None, None
     if t.kind in ("self", "ema"):  # the initial student (EMA: then tracking it)
@@ -145,9 +142,10 @@ def one_teacher(cfg: TrainConfig, t: TeacherConfig, student: torch.nn.Module, to
     return scorer, t_model, None, vocab
 
 
-def make_served_teacher(cfg: TrainConfig, tokenizer: Any,
-                        t: TeacherConfig | None = None) -> Teacher:
-    """The teacher behind a vLLM server, checked (reachable, same tokenizer) before training."""
+def make_served_teacher(cfg: TrainConfig, tokenizer: Any, t: TeacherConfig | None = None,
+                        vision: VisionProcessor | None = None) -> Teacher:
+    """The teacher behind a vLLM server, checked (reachable, same tokenizer; for a VLM student
+    the same image processing) before training."""
     from mmopd.teachers.served import ServedTeacher
 
     t = t or cfg.teacher
@@ -162,7 +160,7 @@ def make_served_teacher(cfg: TrainConfig, tokenizer: Any,
                             batch_size=s.batch_size, concurrency=s.concurrency,
                             timeout_s=s.timeout_s, max_retries=s.max_retries,
                             backoff_s=s.backoff_s, max_backoff_s=s.max_backoff_s,
-                            entropy_topk=s.topk, api_key=key)
+                            entropy_topk=s.topk, api_key=key, vision=vision)
     obj = OBJECTIVES[cfg.objective.name]
     asked = max(t.topk, cfg.objective.topk if obj.kind == "divergence" else 0,
                 cfg.objective.eopd_topk if "teacher_topk" in needed_scores(obj, cfg.objective)
