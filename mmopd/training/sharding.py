@@ -73,8 +73,11 @@ def full_weights(model: torch.nn.Module) -> Iterator[None]:
 
 def lockstep_count(n: int, model: torch.nn.Module) -> int:
     """How many forwards of a sharded `model` every rank runs when this rank has `n` to run:
-    the largest over ranks (a collective); `n` when the model is not sharded."""
-    if not is_sharded(model):
+    the largest over ranks (a collective); `n` when the model is not sharded, or is gathered
+    (inside `full_weights`, where its forwards are local)."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
         return n
     t = torch.tensor(n, device=next(model.parameters()).device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
