@@ -167,14 +167,15 @@ register_env("fsdptest/Turns-v0", TurnsEnv)
 
 @pytest.mark.parametrize("world", ["tools", "turns", "vision"])
 def test_worlds_train_sharded(world, tiny_overrides, tmp_path):
-    """The multi-turn tool world, a world whose episodes take 1-3 turns, and a tiny
-    Qwen2.5-VL on the vision world each train 2 steps under FSDP2."""
+    """The multi-turn tool world (bf16, gradient checkpointing), a world whose episodes take
+    1-3 turns, and a tiny Qwen2.5-VL on the vision world each train 2 steps under FSDP2."""
     env: dict[str, str] = dict(FSDP_ENV)
     args = [*tiny_overrides, "rollout.minibatches=1", "eval.num_problems=2", "eval.pass_k=0"]
     if world == "tools":
         args += ['env={"id": "mmopd/ToolMath-v0", "kwargs": {"level": 1, "call_format": '
                  '"react"}, "eval_kwargs": {"split": "test"}}', "rollout.max_turns=3",
-                 "objective.step_weighting=sod"]
+                 "objective.step_weighting=sod", "trainer.bf16=true",
+                 "trainer.gradient_checkpointing=true"]  # as the 7B recipes train
     elif world == "turns":
         (tmp_path / "fsdp_turns_env.py").write_text(CHAT_ENV)
         env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
