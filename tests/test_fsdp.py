@@ -250,3 +250,18 @@ def test_teacher_shard_is_checked(tiny_overrides):
             "view: privileged}]", "routing={default: a}"])
     with pytest.raises(ConfigError, match="launch with FSDP2"):
         train(load_config(TrainConfig, None, tiny_overrides + ["teacher.shard=true"]))
+
+
+def test_sft_refuses_a_sharded_launch(monkeypatch, tmp_path):
+    """`mmopd sft` saves and evaluates unsharded on every rank: an FSDP2 launch is refused."""
+    from mmopd.config import ConfigError, SFTConfig, load_config
+    from mmopd.training import sft as sft_module
+
+    class Sharded:
+        is_fsdp2 = True
+
+    monkeypatch.setattr(sft_module, "make_accelerator", lambda: Sharded())
+    cfg = load_config(SFTConfig, str(HERE.parent / "configs" / "tiny" / "student_sft.yaml"),
+                      [f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="FSDP2 sharding is for mmopd train"):
+        sft_module.sft(cfg)

@@ -16,7 +16,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from mmopd.config import SFTConfig, dump_yaml
+from mmopd.config import ConfigError, SFTConfig, dump_yaml
 from mmopd.envs import import_env_modules, make_env
 from mmopd.episode import pad_right
 from mmopd.logprobs import final_hidden, lm_head_fn, predicting_positions, target_logprobs
@@ -120,6 +120,9 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     (out / "sft_config.yaml").write_text(dump_yaml(cfg))
     set_seed(cfg.seed)
     accelerator = make_accelerator()
+    if accelerator.is_fsdp2:  # its saving and evaluation run unsharded, on every rank
+        raise ConfigError("launch: mmopd sft runs in one process or under DDP "
+                          "(configs/accelerate/ddp.yaml); FSDP2 sharding is for mmopd train")
     import_env_modules(cfg.data.env.imports)
     tokenizer = load_tokenizer(cfg.model)
     vision = load_vision(cfg.model, tokenizer)
