@@ -195,7 +195,8 @@ def assemble(cfg: TrainConfig) -> Run:
         if accelerator.is_main_process:
             print(f"resumed from {resume_dir} at step {start_step}")
     # Under `accelerate launch` every rank rolls out its own problems; rank 0 writes the run
-    # directory (its metrics describe its share of the batch) and evaluates.
+    # directory (its metrics describe its share of the batch, the loss and the evaluation all
+    # ranks').
     main = accelerator.is_main_process
     if main:
         (out / "config.yaml").write_text(dump_yaml(cfg))
