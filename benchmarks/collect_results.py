@@ -40,6 +40,8 @@ BENCHMARKS = (
     ("rollout_throughput", "Rollout throughput: HF generate vs vLLM",
      "generated tokens/s of the two samplers on the same checkpoint"),
     ("train_step", "Training-step throughput", "rollout / scoring / update split of one step"),
+    ("gpu_loss", "One GPU: fused JSD loss vs autograd vs Liger at V = 152k",
+     "time and peak memory of a bf16 full-vocabulary JSD step on 8 x 2048 tokens, hidden 1536"),
     ("gpu_scaleout", "One GPU: HF generate vs colocated vLLM vs FSDP2",
      "rollout tokens/s, step time, update MFU and peak memory of a bf16 REOPOLD step"),
 )
