@@ -265,3 +265,34 @@ def test_sft_refuses_a_sharded_launch(monkeypatch, tmp_path):
                       [f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="FSDP2 sharding is for mmopd train"):
         sft_module.sft(cfg)
+
+
+def test_sigterm_to_the_whole_launch_stops_every_rank_at_a_checkpoint(tiny_overrides, tmp_path):
+    """A scheduler's SIGTERM to the process group, which torchrun also forwards to its ranks a
+    moment later: every rank stops at the same step boundary, the sharded checkpoint is
+    written, and `trainer.resume=auto` finishes the run."""
+    from mmopd.training.checkpoint import list_checkpoints
+
+    common = [*tiny_overrides, "trainer.steps=6", "rollout.minibatches=1",
+              "eval.num_problems=2", "eval.pass_k=0"]
+    run = tmp_path / "run"  # tiny_overrides' output_dir
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **FSDP_ENV}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "mmopd", "train", CONFIG, *common]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=HERE.parent, start_new_session=True)
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)  # torchrun itself exits 1 on the signal
+    stops = [json.loads(ln) for ln in out.splitlines() if ln.startswith('{"run_dir"')]
+    assert [s.get("stopped") for s in stops] == ["SIGTERM", "SIGTERM"], err[-3000:]
+    step = stops[0]["step"]
+    assert stops[1]["step"] == step < 6
+    assert list_checkpoints(run / "checkpoints")[-1].name == f"step-{step}"
+    p = _torchrun("-m", "mmopd", "train", CONFIG, *common, "trainer.resume=auto", env=FSDP_ENV)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["step"] for r in _rows(run)] == list(range(1, 7))

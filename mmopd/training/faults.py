@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import torch
@@ -97,12 +98,16 @@ class SkipCounter:
 class StopSignals:
     """Within `with`: the first SIGTERM / SIGINT sets `received` (the loop stops at its next
     boundary); a second one restores the default handling and is delivered again, so it stops
-    at once. Outside the main thread nothing is installed."""
+    at once. The same signal again within `echo_s` seconds counts as the first: a scheduler
+    signals the whole process group, and a launcher (torchrun, accelerate) forwards the same
+    signal to its ranks milliseconds later. Outside the main thread nothing is installed."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, echo_s: float = 1.0) -> None:
         self.received: str | None = None
+        self.echo_s = echo_s
+        self._first = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -119,10 +124,12 @@ class StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.received is None:
-            self.received = name
+            self.received, self._first = name, time.monotonic()
             tqdm.write(f"received {name}: stopping at the next step boundary with a checkpoint "
                        f"(send it again to stop at once)")
             return
+        if name == self.received and time.monotonic() - self._first < self.echo_s:
+            return  # the launcher's forwarded copy of the signal already being handled
         self.__exit__()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
