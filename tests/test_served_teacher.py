@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from mmopd.episode import Episode
-from mmopd.teachers.served import ServedTeacher, ServedTeacherError, _entropy_lower_bound
+from mmopd.teachers.served import ServedTeacher, ServedTeacherError
+from mmopd.teachers.served_wire import entropy_lower_bound
 from mmopd.vision import VisionInputs
 
 # -- episodes ------------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ def test_entropy_lower_bound_is_a_bound():
         p = torch.softmax(2 * torch.randn(50, generator=gen, dtype=torch.float64), -1)
         full = float(-(p * p.log()).sum())
         srt = p.sort(descending=True).values.tolist()
-        bounds = [_entropy_lower_bound(srt[:k]) for k in (1, 5, 20, 50)]
+        bounds = [entropy_lower_bound(srt[:k]) for k in (1, 5, 20, 50)]
         assert all(b <= full + 1e-9 for b in bounds)
         assert bounds == sorted(bounds)  # more known outcomes, a tighter bound
         assert bounds[-1] == pytest.approx(full, abs=1e-9)
@@ -472,15 +473,13 @@ def test_the_token_in_endpoint_scores_as_completions_do(vllm_server, episodes):
     """The request a VLM episode goes out as (here without images: this vLLM env cannot run a
     Qwen-VL model, as it has no torchvision for its torch), on a real server: the same scores
     as the /v1/completions path, read the same way."""
-    from mmopd.teachers.served_images import score_generate
-
     server, model_dir = vllm_server
     served = ServedTeacher(server.url)
     served.check(__import__("transformers").AutoTokenizer.from_pretrained(model_dir))
     for ep in episodes[:3]:
         ids, mask, _ = ep.view("student")
         a = served._score_prompts([list(ids)], [list(mask)], 5)
-        b = score_generate(served, list(ids), list(mask), None, 5)
+        b = served._score_generate(list(ids), list(mask), None, 5)
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
 

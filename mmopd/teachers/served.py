@@ -16,7 +16,7 @@ What a served teacher gives, and what it cannot:
   It is tight where the teacher is peaked and loose where its mass is spread thin;
 - no hidden states: full-vocabulary objectives (keep_hidden=True) need an in-process teacher.
 
-Episodes with images go one per request to vLLM's token-in endpoint (`served_images`).
+Episodes with images go one per request to vLLM's token-in endpoint (`served_wire`).
 
 Before training, `check(tokenizer)` reaches the server, picks the served model, compares its
 tokenizer with the student's on probe strings and test-scores one probe, so a wrong server fails
@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import math
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -49,7 +47,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mmopd.episode import Episode
 from mmopd.teachers.scorer import TokenScores
-from mmopd.teachers.served_images import image_probe, score_generate
+from mmopd.teachers.served_wire import error_body, generate_body, image_probe, position
 
 _RETRIED_4XX = (408, 429)  # request timeout / too many requests: the server is busy, not wrong
 _START_HINT = ("start the teacher with `vllm serve MODEL --host 0.0.0.0 --port PORT "
@@ -135,7 +133,7 @@ class ServedTeacher:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                     raw = resp.read()
             except urllib.error.HTTPError as e:
-                detail = _error_body(e)
+                detail = error_body(e)
                 if 400 <= e.code < 500 and e.code not in _RETRIED_4XX:
                     raise ServedTeacherError(f"served teacher {url}: HTTP {e.code} (not retried): "
                                              f"{detail}") from None
@@ -231,8 +229,8 @@ class ServedTeacher:
             self._score_prompts([probe_ids], [[0] + [1] * (len(probe_ids) - 1)],
                                 max(topk, self.entropy_topk))
         if self.vision is not None:  # an image the way episodes send them, expanded alike
-            score_generate(self, *image_probe(tokenizer, self.vision),
-                           max(topk, self.entropy_topk))
+            self._score_generate(*image_probe(tokenizer, self.vision),
+                                 max(topk, self.entropy_topk))
 
     # -- scoring -----------------------------------------------------------------------------
 
@@ -270,7 +268,7 @@ class ServedTeacher:
         work: list[Any] = []
         for seq, mask, im in zip(seqs, masks, images):
             if im is not None:
-                work.append((score_generate, self, seq, mask, im, k))
+                work.append((ServedTeacher._score_generate, self, seq, mask, im, k))
             elif work and work[-1][0] == ServedTeacher._score_prompts \
                     and len(work[-1][2]) < self.batch_size:
                 work[-1][2].append(seq)
@@ -323,6 +321,24 @@ class ServedTeacher:
                                          f"read {len(sent)} different ones")
         return self._read([c.get("prompt_logprobs") for c in choices], seqs, masks, k)
 
+    def _score_generate(self, ids: list[int], mask: list[int], vision: Any,
+                        k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One episode through vLLM's token-in endpoint (`vision` None: text only)."""
+        try:
+            res = self._request("/inference/v1/generate", generate_body(self, ids, vision, k))
+        except ServedTeacherError as e:
+            raise ServedTeacherError(f"{e}. Episodes with images are scored through vLLM's "
+                                     "/inference/v1/generate: start the teacher with `vllm "
+                                     "serve ... --enable-scale-out`") from None
+        sent = res.get("prompt_token_ids") if isinstance(res, dict) else None
+        if sent is None or list(sent) != list(ids):
+            raise ServedTeacherError(
+                f"served teacher {self.url}: the server read the episode as "
+                f"{'?' if sent is None else len(sent)} tokens, the student rendered {len(ids)}: "
+                "the teacher's image processing (min_pixels / max_pixels, patch size) differs "
+                "from the student's; serve it with the student's (--mm-processor-kwargs)")
+        return self._read([res.get("prompt_logprobs")], [list(ids)], [list(mask)], k)
+
     def _read(self, plps: list[Any], seqs: list[list[int]], masks: list[list[int]],
               k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logp, entropy bound, top-k ids, top-k logp) over the loss tokens of these prompts
@@ -337,7 +353,7 @@ class ServedTeacher:
             for t in range(1, len(ids)):
                 if not mask[t]:
                     continue
-                lp, top_ids, top_lp, h = _position(plp[t], ids[t], k)
+                lp, top_ids, top_lp, h = position(plp[t], ids[t], k)
                 if lp is None or len(top_ids) != k:
                     raise ServedTeacherError(
                         f"served teacher {self.url}: prompt {j} position {t}: expected the "
@@ -350,42 +366,3 @@ class ServedTeacher:
                 torch.tensor(ent, dtype=torch.float32).reshape(-1),
                 torch.tensor(ids_k, dtype=torch.long).reshape(-1, k),
                 torch.tensor(logp_k, dtype=torch.float32).reshape(-1, k))
-
-
-def _position(entry: Any, token: int, k: int
-              ) -> tuple[float | None, list[int], list[float], float]:
-    """(log p(token), top-k ids, top-k log-probs, entropy lower bound) from one position's
-    `{str(id): {"logprob", "rank", ...}}`."""
-    if not isinstance(entry, dict):
-        return None, [], [], 0.0
-    own = entry.get(str(token))
-    lp = float(own["logprob"]) if isinstance(own, dict) else None
-    # the prompt token comes first with its true rank; the top-k follow with ranks 1..k
-    top = sorted((int(v["rank"]), -float(v["logprob"]), int(tid)) for tid, v in entry.items()
-                 if isinstance(v, dict) and v.get("rank") is not None and v["rank"] <= k)[:k]
-    top_ids, top_lp = [t[2] for t in top], [-t[1] for t in top]
-    probs = [math.exp(x) for x in top_lp]
-    if lp is not None and token not in top_ids:
-        probs.append(math.exp(lp))  # the sampled token is one more known outcome
-    return lp, top_ids, top_lp, _entropy_lower_bound(probs)
-
-
-def _entropy_lower_bound(probs: Sequence[float]) -> float:
-    """Entropy of the known probabilities plus one bucket for the remaining mass: a lower
-    bound on the entropy of the full distribution (merging outcomes never raises entropy)."""
-    h = -sum(p * math.log(p) for p in probs if p > 0)
-    rest = 1.0 - sum(probs)
-    return h - rest * math.log(rest) if rest > 1e-12 else h
-
-
-def _error_body(e: urllib.error.HTTPError) -> str:
-    """The server's error message (vLLM: {"error": {"message": ...}}), or its raw body."""
-    try:
-        raw = e.read().decode(errors="replace")
-    except Exception:  # a body that cannot be read still leaves the status code
-        return e.reason if isinstance(e.reason, str) else ""
-    try:
-        err = json.loads(raw).get("error", raw)
-        return str(err.get("message", err)) if isinstance(err, dict) else str(err)
-    except (ValueError, AttributeError):
-        return raw[:500]
