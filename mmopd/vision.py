@@ -299,5 +299,14 @@ class VisionProcessor:
                               "every image needs exactly one run of its own size")
         return out
 
+    def engine_prompt(self, ids: list[int], vision: VisionInputs) -> tuple[list[int], list[Any]]:
+        """(ids with one placeholder per image, the resized images): what an engine that runs
+        its own image processor (vLLM, in process or served) is given for a rendered prompt."""
+        if vision.images is None:
+            raise VisionError("the episode's images were kept as tensors only; an engine that "
+                              "processes images itself needs the resized images "
+                              "(VisionProcessor.encode keeps them)")
+        return self.collapse(list(ids), vision), list(vision.images)
+
     def save_pretrained(self, out_dir: str | Path) -> None:
         self.image_processor.save_pretrained(str(out_dir))

@@ -227,11 +227,8 @@ class VLLMSampler:
             return TokensPrompt(prompt_token_ids=list(ids))
         if self.vision is None:
             raise VisionError("images reached a vLLM engine built for a text student")
-        if vision.images is None:
-            raise VisionError("the episode's images were kept as tensors only; the vLLM engine "
-                              "needs the resized images (VisionProcessor.encode keeps them)")
-        return TokensPrompt(prompt_token_ids=self.vision.collapse(list(ids), vision),
-                            multi_modal_data={"image": list(vision.images)})
+        short, images = self.vision.engine_prompt(ids, vision)
+        return TokensPrompt(prompt_token_ids=short, multi_modal_data={"image": images})
 
     def _sample(self, c: Any) -> Sample:
         ids = list(c.token_ids)

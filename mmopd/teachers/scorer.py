@@ -72,7 +72,8 @@ class HFScorer:
         n_runs = lockstep_count(len(starts), self.model) if starts else 0
         try:
             for j in range(n_runs):
-                s = starts[j] if j < len(starts) else starts[0]
+                repeat = j >= len(starts)
+                s = starts[0] if repeat else starts[j]
                 views = [ep.view(self.view) for ep in episodes[s: s + self.micro_batch_size]]
                 batch = pad_right([v[0] for v in views], [v[1] for v in views], self.pad_id,
                                   device)
@@ -83,7 +84,7 @@ class HFScorer:
                 h = hidden[rows, cols - 1]
                 res = token_logprobs(self.head, h, batch.input_ids[rows, cols], self.chunk_size,
                                      topk, self.topk_vocab)
-                if j >= len(starts):
+                if repeat:
                     continue
                 if keep_hidden:
                     res["hidden"] = h

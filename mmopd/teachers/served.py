@@ -250,10 +250,10 @@ class ServedTeacher:
         seqs, masks, images = [], [], []
         for i, ep in enumerate(episodes):
             ids, mask, vision = ep.view(self.view)
-            if vision is not None and vision.num_images and self.vision is None:
+            images.append(vision if vision is not None and vision.num_images else None)
+            if images[-1] is not None and self.vision is None:
                 raise ServedTeacherError("episodes with images reached a served teacher set up "
                                          "for a text student")
-            images.append(vision if vision is not None and vision.num_images else None)
             if mask and mask[0]:
                 raise ValueError("a loss token at position 0 has no context to be predicted from")
             if self.max_model_len is not None and len(ids) + 1 > self.max_model_len:
@@ -264,22 +264,25 @@ class ServedTeacher:
                     "--max-model-len or lower rollout.max_episode_tokens")
             seqs.append(list(ids))
             masks.append(list(mask))
-        # in episode order: runs of text episodes in batches, each episode with images alone
-        work: list[Any] = []
-        for seq, mask, im in zip(seqs, masks, images):
-            if im is not None:
-                work.append((ServedTeacher._score_generate, self, seq, mask, im, k))
-            elif work and work[-1][0] == ServedTeacher._score_prompts \
-                    and len(work[-1][2]) < self.batch_size:
-                work[-1][2].append(seq)
-                work[-1][3].append(mask)
+        # requests in episode order: runs of text episodes batched, each one with images alone
+        work: list[list[int]] = []
+        for i, im in enumerate(images):
+            if im is None and work and images[work[-1][0]] is None \
+                    and len(work[-1]) < self.batch_size:
+                work[-1].append(i)
             else:
-                work.append((ServedTeacher._score_prompts, self, [seq], [mask], k))
+                work.append([i])
+
+        def request(group: list[int]) -> tuple[torch.Tensor, ...]:
+            if images[group[0]] is not None:
+                return self._score_generate(seqs[group[0]], masks[group[0]], images[group[0]], k)
+            return self._score_prompts([seqs[i] for i in group], [masks[i] for i in group], k)
+
         if self.concurrency == 1 or len(work) == 1:
-            parts = [w[0](*w[1:]) for w in work]
+            parts = [request(g) for g in work]
         else:
             with ThreadPoolExecutor(min(self.concurrency, len(work))) as pool:
-                parts = list(pool.map(lambda w: w[0](*w[1:]), work))
+                parts = list(pool.map(request, work))
         if self._reconnected and self._checked is not None:
             # the server went away and something answers again: is it the same teacher?
             self._reconnected = False

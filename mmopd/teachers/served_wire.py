@@ -18,8 +18,6 @@ import urllib.error
 from collections.abc import Sequence
 from typing import Any
 
-from mmopd.vision import VisionError
-
 
 def data_url(image: Any) -> str:
     """A PIL image as a PNG data URL (lossless: the server decodes the very pixels)."""
@@ -36,11 +34,8 @@ def generate_body(teacher: Any, ids: list[int], vision: Any, k: int) -> dict[str
         "sampling_params": {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}}
     if vision is None:
         return body
-    if vision.images is None:
-        raise VisionError("the episode's images were kept as tensors only; a served teacher "
-                          "needs the resized images")
-    body["token_ids"] = teacher.vision.collapse(list(ids), vision)
-    body["content_parts"] = [{"type": "image_url", "url": data_url(im)} for im in vision.images]
+    body["token_ids"], images = teacher.vision.engine_prompt(ids, vision)
+    body["content_parts"] = [{"type": "image_url", "url": data_url(im)} for im in images]
     return body
 
 
@@ -59,8 +54,7 @@ def image_probe(tokenizer: Any, vision: Any) -> tuple[list[int], list[int], Any]
     return r.ids, [int(i > last + 1) for i in range(len(r.ids))], r.vision
 
 
-def position(entry: Any, token: int, k: int
-              ) -> tuple[float | None, list[int], list[float], float]:
+def position(entry: Any, token: int, k: int) -> tuple[float | None, list[int], list[float], float]:
     """(log p(token), top-k ids, top-k log-probs, entropy lower bound) from one position's
     `{str(id): {"logprob", "rank", ...}}`."""
     if not isinstance(entry, dict):

@@ -15,7 +15,8 @@ that all ranks must join in the same order. The trainer keeps to two rules:
 Checkpoints stay `save_pretrained` folders: `full_state_dict` gathers the weights to rank 0,
 which writes them. The optimiser state is written sharded by every rank with
 torch.distributed.checkpoint (`optimizer/` in the checkpoint) and read back sharded on resume.
-The in-process teacher is not sharded: it is replicated on every rank, frozen, in its dtype.
+An in-process teacher is replicated on every rank, frozen, in its dtype, unless `teacher.shard`
+shards it too (`shard_frozen`; its scoring forwards then run in lock-step).
 """
 
 from __future__ import annotations
