@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from mmopd.episode import Episode, pad_right
 from mmopd.logprobs import chunked_map, final_hidden, lm_head_fn, token_logprobs
 from mmopd.rollout.render import ChatRenderer
-from mmopd.rollout.sampler import HFSampler, SamplingParams
+from mmopd.rollout.sampler import HFSampler, SamplingParams, sample_rows
 from mmopd.teachers.scorer import HFScorer
 
 
@@ -128,6 +130,77 @@ def test_sampler_stop_strings_and_length(model, tokenizer):
     [[greedy]] = sampler.generate([prompt], SamplingParams(n=1, temperature=0.0,
                                                            max_new_tokens=3))
     assert greedy.stop_reason in ("length", "eos") and len(greedy.token_ids) <= 3
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic of `counts` against `probs` (ids of probability 0 excluded), dof."""
+    expected = probs / probs.sum() * counts.sum()
+    live = expected > 0
+    return float(((counts - expected)[live] ** 2 / expected[live]).sum()), int(live.sum()) - 1
+
+
+def test_sample_rows_follows_the_probabilities():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 600) * 2, -1)
+    probs[0, 256:512] = 0  # a whole block of zeros
+    probs[1, [0, 255, 256, 599]] = 0  # zeros at block edges and the last id
+    probs[2, :] = 0
+    probs[2, 300] = 1e-3  # unnormalised rows are fine
+    draws = sample_rows(probs.repeat(20000, 1)).view(20000, 3)
+    for r in range(3):
+        counts = torch.bincount(draws[:, r], minlength=600).float()
+        assert counts[probs[r] == 0].sum() == 0, "an id of probability 0 was drawn"
+        stat, dof = _chi2(counts, probs[r])
+        assert stat < dof + 6 * (2 * max(dof, 1)) ** 0.5, (r, stat, dof)
+
+
+def test_sample_rows_draws_tiny_tail_tokens_at_their_rate():
+    # one token holds 0.9; 150k others share 0.1, each ~7e-7: far below a float32 running sum's
+    # resolution near 1, so a flat float32 inverse CDF would misplace their mass
+    v = 151_936
+    z = torch.full((v,), -1e4)
+    z[7] = 0.0
+    z[1000:] = math.log(0.1 / (v - 1000)) - math.log(0.9)
+    probs = torch.softmax(z, -1)
+    torch.manual_seed(1)
+    n, tail = 40_000, 0
+    for _ in range(n // 2000):
+        tail += int((sample_rows(probs.expand(2000, -1).contiguous()) >= 1000).sum())
+    expected = float(probs[1000:].sum())
+    assert abs(tail / n - expected) < 4 * (expected * (1 - expected) / n) ** 0.5
+
+
+def test_sample_rows_refuses_rows_with_nothing_to_draw():
+    with pytest.raises(RuntimeError, match="not finite or sums to 0"):
+        sample_rows(torch.zeros(2, 10))
+    with pytest.raises(RuntimeError, match="not finite"):
+        sample_rows(torch.full((1, 10), float("nan")))
+
+
+def test_sampler_draws_from_the_tempered_nucleus(model, tokenizer):
+    """HFSampler's first sampled token across many samples of one prompt: the model's
+    next-token distribution at temperature 0.7, cut to the top-p 0.8 nucleus."""
+    r = ChatRenderer(tokenizer)
+    prompt = r.prompt([{"role": "user", "content": "12+3="}])
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].float()
+    probs = torch.softmax(logits / 0.7, -1)
+    order = probs.argsort(descending=True)
+    inside = torch.zeros_like(probs, dtype=torch.bool)
+    inside[order[: int((probs[order].cumsum(0) < 0.8).sum()) + 1]] = True
+    nucleus = torch.where(inside, probs, 0.0)
+    sampler = HFSampler(model, tokenizer, batch_size=1000)
+    torch.manual_seed(2)
+    [samples] = sampler.generate([prompt], SamplingParams(n=4000, temperature=0.7, top_p=0.8,
+                                                          max_new_tokens=1))
+    first = torch.tensor([s.token_ids[0] for s in samples])
+    counts = torch.bincount(first, minlength=probs.numel()).float()
+    assert counts[~inside].sum() == 0, "a token outside the nucleus was sampled"
+    stat, dof = _chi2(counts, nucleus)
+    assert dof >= 2 and stat < dof + 6 * (2 * dof) ** 0.5, (stat, dof)
+    # the recorded log-prob is the model's own (temperature 1, no top-p) log-prob
+    full = torch.log_softmax(logits, -1)
+    assert all(abs(s.logprobs[0] - float(full[s.token_ids[0]])) < 1e-4 for s in samples[:50])
 
 
 def test_pad_right():
