@@ -79,6 +79,10 @@ class TrainerConfig:
     # losses computed with their gradients in one pass over each chunk's logits (closed-form
     # backward, one output-layer gradient buffer); false: autograd through checkpointed chunks
     fused_loss: bool = True
+    # with one optimiser step per rollout batch (rollout.minibatches 1, so rho = 1), take
+    # log pi_old and the entropy from the training forward instead of a separate student pass,
+    # where the objective's plan reads them token by token (mmopd.objectives.tokenwise)
+    old_from_forward: bool = True
 
     def __post_init__(self) -> None:
         _check(self.steps > 0, "trainer.steps", "must be positive")

@@ -26,12 +26,14 @@ from mmopd.objectives.divergences import (
     topk_divergence,
     with_tail,
 )
+from mmopd.objectives.surrogate import policy_loss_sum, ratio_clipped
 from mmopd.objectives.weighting import sod_weights, vzero_weights
 from mmopd.objectives.zoo import (
     aopd_split,
     drift_weights,
     eopd_mask,
     gopd_advantage,
+    grpo_advantages,
     tip_scores,
     top_fraction,
     vopd_advantage,
@@ -94,6 +96,10 @@ class Plan:
 
 
 PlanFn = Callable[[TokenBatch, int, int, "ObjectiveConfig"], Plan]
+# (advantage, keep) of each token from that token's own quantities, or None at a step where the
+# plan needs the whole batch (an entropy quantile, say)
+TokensFn = Callable[[TokenBatch, int, int, "ObjectiveConfig"],
+                    "tuple[torch.Tensor, torch.Tensor] | None"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,10 @@ class Objective:
     # An auxiliary divergence added to a policy-gradient loss where plan.aux_N > 0:
     # "teacher_topk_fkl" (EOPD) or "divergence" (AOPD: objective.aopd_divergence)
     aux: str | None = None
+    # The plan's advantage and keep mask token by token (`plan` gives the same on the whole
+    # batch): such a plan can be made inside the loss's chunks from the training forward's own
+    # log pi_old when one optimiser step trains the rollout batch (mmopd.objectives.tokenwise)
+    tokens: TokensFn | None = None
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -130,32 +140,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     if mask is not None:
         x = x[mask]
     return float(x.float().mean()) if x.numel() else 0.0
-
-
-def policy_loss_sum(logp_new_N: torch.Tensor, logp_old_N: torch.Tensor,
-                    advantage_N: torch.Tensor, keep_N: torch.Tensor,
-                    ratio_clip: tuple[float, float] | None = None) -> torch.Tensor:
-    """sum_t -rho_t * A_t over kept tokens, rho_t = exp(log pi_theta - log pi_old).
-
-    With `ratio_clip` = (low, high), the PPO surrogate
-    -min(rho_t * A_t, clip(rho_t, low, high) * A_t): a token whose ratio has already moved past
-    the bound in the direction its advantage pushes gets no gradient.
-    The caller divides by the kept-token count of the whole optimisation batch.
-    """
-    rho = torch.exp(logp_new_N - logp_old_N.detach())
-    adv = advantage_N.detach()
-    surrogate = rho * adv
-    if ratio_clip is not None:
-        surrogate = torch.minimum(surrogate, rho.clamp(*ratio_clip) * adv)
-    return -(surrogate * keep_N).sum()
-
-
-def ratio_clipped(logp_new_N: torch.Tensor, logp_old_N: torch.Tensor, advantage_N: torch.Tensor,
-                  ratio_clip: tuple[float, float]) -> torch.Tensor:
-    """bool: tokens whose clipped term is the smaller one, so they get no gradient."""
-    rho = torch.exp(logp_new_N - logp_old_N)
-    low, high = ratio_clip
-    return ((rho > high) & (advantage_N > 0)) | ((rho < low) & (advantage_N < 0))
 
 
 def reopold_floor(lam: float) -> float:
@@ -178,9 +162,24 @@ def _common_metrics(tb: TokenBatch) -> dict[str, float]:
     }
 
 
+def _opd_tokens(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    return tb.token_reward_N, torch.ones_like(tb.logp_old_N, dtype=torch.bool)
+
+
 def _opd_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> Plan:
-    keep = torch.ones_like(tb.logp_old_N, dtype=torch.bool)
-    return Plan(keep, tb.token_reward_N, {**_common_metrics(tb), "kept_frac": 1.0})
+    adv, keep = _opd_tokens(tb, step, total, cfg)
+    return Plan(keep, adv, {**_common_metrics(tb), "kept_frac": 1.0})
+
+
+def _reopold_tokens(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exploration: drop tokens below the floor (from the sum and the normaliser). Refinement
+    reads the batch's entropy quantile: None."""
+    if step >= reopold_switch_step(cfg, total):
+        return None
+    r = tb.token_reward_N
+    return r, ~(r < reopold_floor(cfg.lam))
 
 
 def _reopold_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> Plan:
@@ -189,9 +188,8 @@ def _reopold_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -
     below = r < floor
     refine = step >= reopold_switch_step(cfg, total)
     tau = float("nan")
-    if not refine:  # exploration: drop tokens below the floor from the sum and the normaliser
-        keep = ~below
-        adv = r
+    if not refine:
+        adv, keep = _reopold_tokens(tb, step, total, cfg)
     else:  # refinement: high-entropy tokens only, rewards clipped at the floor
         h = tb.entropy_N.float()
         tau = float(torch.quantile(h, 1.0 - cfg.beta)) if h.numel() else float("nan")
@@ -208,18 +206,6 @@ def _reopold_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -
     return Plan(keep, adv, metrics)
 
 
-def grpo_advantages(reward_E: torch.Tensor, group_E: torch.Tensor,
-                    eps: float = 1e-6) -> torch.Tensor:
-    """(r - mean of its group) / (std of its group + eps); population std over the group."""
-    reward_E = reward_E.float()
-    adv = torch.zeros_like(reward_E)
-    for g in group_E.unique():
-        idx = group_E == g
-        r = reward_E[idx]
-        adv[idx] = (r - r.mean()) / (r.std(correction=0) + eps)
-    return adv
-
-
 def _grpo_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> Plan:
     adv_E = grpo_advantages(tb.reward_E, tb.group_E, cfg.grpo_eps)
     keep = torch.ones_like(tb.logp_old_N, dtype=torch.bool)
@@ -233,15 +219,26 @@ def _all_tokens_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig
                 {**_common_metrics(tb), "kept_frac": masked_mean(keep.float())})
 
 
-def _gopd_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig,
-               lam: float = 1.0) -> Plan:
+def _gopd_tokens(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig,
+                 lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     if tb.logp_ref_N is None:
         raise ValueError("G-OPD needs log pi_ref of the frozen initial student")
     scale = lam if cfg.reward_scale is None else cfg.reward_scale
     adv = gopd_advantage(tb.logp_teacher_N, tb.logp_old_N, tb.logp_ref_N, scale)
     if tb.weight_N is not None:
         adv = adv * tb.weight_N
-    keep = torch.ones_like(adv, dtype=torch.bool)
+    return adv, torch.ones_like(adv, dtype=torch.bool)
+
+
+def _exopd_tokens(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gopd_tokens(tb, step, total, cfg, lam=1.25)
+
+
+def _gopd_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig,
+               lam: float = 1.0) -> Plan:
+    adv, keep = _gopd_tokens(tb, step, total, cfg, lam)
+    scale = lam if cfg.reward_scale is None else cfg.reward_scale
     return Plan(keep, adv, {**_common_metrics(tb), "kept_frac": 1.0, "reward_scale": scale,
                             "ref_gap": masked_mean(tb.logp_old_N - tb.logp_ref_N)})
 
@@ -280,10 +277,10 @@ def _aopd_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> P
 
 
 register_objective(Objective(
-    "opd", "pg", _opd_plan,
+    "opd", "pg", _opd_plan, tokens=_opd_tokens,
     doc="sampled-token reverse KL as a dense reward: L = -mean(rho * sg(R))"))
 register_objective(Objective(
-    "reopold", "pg", _reopold_plan,
+    "reopold", "pg", _reopold_plan, tokens=_reopold_tokens,
     doc="REOPOLD: mixture reward clip, entropy top-beta selection, exploration->refinement"))
 register_objective(Objective(
     "grpo", "pg", _grpo_plan, needs_teacher=False,
@@ -305,10 +302,10 @@ register_objective(Objective(
     doc="OPSD: forward KL to the frozen initial student reading the reference solution "
         "(teacher.kind=self, teacher.view=privileged)"))
 register_objective(Objective(
-    "gopd", "pg", _gopd_plan, needs=frozenset({"ref"}),
+    "gopd", "pg", _gopd_plan, needs=frozenset({"ref"}), tokens=_gopd_tokens,
     doc="G-OPD: A = lam*(log pi_T - log pi_ref) - (log pi_old - log pi_ref), lam = reward_scale"))
 register_objective(Objective(
-    "exopd", "pg", _exopd_plan, needs=frozenset({"ref"}),
+    "exopd", "pg", _exopd_plan, needs=frozenset({"ref"}), tokens=_exopd_tokens,
     doc="ExOPD: G-OPD with reward_scale 1.25 (extrapolating past the teacher)"))
 register_objective(Objective(
     "vopd", "pg", _vopd_plan, needs=frozenset({"kl"}),
@@ -322,12 +319,9 @@ register_objective(Objective(
         "the rest"))
 
 
-def make_plan(obj: Objective, tb: TokenBatch, step: int, total: int,
-              cfg: ObjectiveConfig) -> Plan:
-    """The objective's plan with the composable options applied: step weighting (SOD) and
-    episode gating (V-Zero) scale the token rewards (and divergence losses) before the objective
-    sees them, and an optional episode-level GRPO advantage is added to policy-gradient
-    advantages."""
+def reward_weights(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[TokenBatch, dict[str, float]]:
+    """`tb` with the composable reward weights set (SOD step weighting, V-Zero episode gating,
+    drift control; their product) and their metrics."""
     extra: dict[str, float] = {}
     if cfg.step_weighting == "sod":
         if tb.step_N is None:
@@ -353,6 +347,16 @@ def make_plan(obj: Objective, tb: TokenBatch, step: int, total: int,
         extra = {**extra, "drift/episodes_frac": masked_mean(drifted.float()),
                  "drift/start_mean": masked_mean(start_E.float(), drifted),
                  "drift/tokens_down_frac": masked_mean((w_N < 1).float())}
+    return tb, extra
+
+
+def make_plan(obj: Objective, tb: TokenBatch, step: int, total: int,
+              cfg: ObjectiveConfig) -> Plan:
+    """The objective's plan with the composable options applied: step weighting (SOD) and
+    episode gating (V-Zero) scale the token rewards (and divergence losses) before the objective
+    sees them, and an optional episode-level GRPO advantage is added to policy-gradient
+    advantages."""
+    tb, extra = reward_weights(tb, cfg)
     plan = obj.plan(tb, step, total, cfg)
     if cfg.token_selection != "none":
         if cfg.token_selection == "tip":

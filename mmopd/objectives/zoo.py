@@ -229,3 +229,15 @@ def drift_weights(overlap_N: torch.Tensor, episode_N: torch.Tensor, threshold: f
     w = torch.where(down, torch.full((n,), down_weight, dtype=w_dtype, device=dev),
                     torch.ones(n, dtype=w_dtype, device=dev))
     return w.detach(), drift_start_E
+
+
+def grpo_advantages(reward_E: torch.Tensor, group_E: torch.Tensor,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """(r - mean of its group) / (std of its group + eps); population std over the group."""
+    reward_E = reward_E.float()
+    adv = torch.zeros_like(reward_E)
+    for g in group_E.unique():
+        idx = group_E == g
+        r = reward_E[idx]
+        adv[idx] = (r - r.mean()) / (r.std(correction=0) + eps)
+    return adv

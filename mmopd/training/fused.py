@@ -212,10 +212,12 @@ def full_divergence_chunks(kind: str, beta: float, teacher_logp: Callable[[slice
 
 def gathered_chunks(ids_NK: Callable[[torch.Tensor, slice], torch.Tensor],
                     loss: Callable[[torch.Tensor, slice], torch.Tensor],
-                    keep: list[torch.Tensor] | None = None) -> ChunkGrad:
+                    keep: list[torch.Tensor] | None = None,
+                    entropy: list[torch.Tensor] | None = None) -> ChunkGrad:
     """Chunk gradients of sum over tokens of `loss(logp_nK, rows)`, a function of the student's
     log-probs at K ids per token (`ids_NK(student_logp, rows)` picks them, e.g. the sampled
-    token or a top-k). `keep`, when given, receives each chunk's detached log-probs."""
+    token or a top-k). `keep`, when given, receives each chunk's detached log-probs, and
+    `entropy` each chunk's entropies of the student's distribution."""
     def fn(z: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
         s = _log_softmax_(z)
         ids = ids_NK(s, sl)
@@ -225,6 +227,12 @@ def gathered_chunks(ids_NK: Callable[[torch.Tensor, slice], torch.Tensor],
             (g,) = torch.autograd.grad(value, lp)
         if keep is not None:
             keep.append(lp.detach())
-        g_z = s.exp_().mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids, g)  # s is spent
+        if entropy is not None:
+            p = s.exp()
+            entropy.append(torch.mul(p, s).sum(-1).neg_())
+            s = p
+        else:
+            s = s.exp_()  # the log-probs are spent
+        g_z = s.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids, g)
         return value.detach(), g_z
     return fn

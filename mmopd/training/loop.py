@@ -35,7 +35,7 @@ from mmopd.rollout.sampler import HFSampler
 from mmopd.rollout.seeds import PROBLEMS, SAMPLING, SHUFFLE, derived_seed
 from mmopd.rollout.toolcalls import make_parser
 from mmopd.teachers.ema import ema_update
-from mmopd.teachers.router import kept_by_teacher, teacher_metrics
+from mmopd.teachers.router import kept_by_teacher
 from mmopd.teachers.scorer import TokenScores
 from mmopd.training.assemble import Run, assemble
 from mmopd.training.checkpoint import checkpoint_problem, newest_checkpoint, save_checkpoint
@@ -50,7 +50,8 @@ from mmopd.training.faults import (
 )
 from mmopd.training.losses import accumulate_gradients
 from mmopd.training.metrics import episode_stats, plot_curves, step_flops, summary_line
-from mmopd.training.scoring import logprob_gap, score_batch
+from mmopd.training.old_policy import old_in_forward, old_metrics, update_in_forward
+from mmopd.training.scoring import score_batch
 from mmopd.training.sharding import (
     full_state_dict,
     full_weights,
@@ -93,33 +94,34 @@ def _train(run: Run, signals: StopSignals) -> dict[str, Any]:
             episodes, failed, prefix = rollout(run, it, step)
             t_rollout = time.perf_counter() - t0
             stop = signals.stop_now(run.accelerator)
-            # ---- scoring: log pi_old and entropy from the student, log pi_T from the teacher
+            # ---- scoring: log pi_old and entropy from the student (or, trained by one step,
+            # from the training forward: tokenwise), log pi_T from the teacher
             t0 = time.perf_counter()
+            one = old_in_forward(run, step)
             if not stop:
                 tb, teach, slices, diagnostics = score_batch(
-                    episodes, run.old_scorer, run.teacher_scorer, run.teacher_topk,
+                    episodes, None if one else run.old_scorer, run.teacher_scorer,
+                    run.teacher_topk,
                     run.need_hidden, run.negative_scorer, ref_scorer=run.ref_scorer,
                     heads=run.heads, needs=run.needs, diag_tokens=tcfg.diagnostics_tokens,
                     overlap_k=cfg.objective.overlap_topk, chunk_size=tcfg.chunk_size)
             t_teacher = time.perf_counter() - t0
         if stop:  # the batch is abandoned; a resume redoes it
             return stop_early(run, step, signals, last_eval, bar)
-        gap = check_sync(run, episodes, tb, it)
         floored = (floor_teacher_logprobs(tb, teacher_floor(run, slices))
                    if run.teacher_scorer is not None else 0)
         stats = batch_stats(run, episodes, tb, flops_total, failed=failed, prefix=prefix,
-                            diagnostics=diagnostics, gap=gap, t_rollout=t_rollout,
-                            t_teacher=t_teacher)
-        if run.router is not None:
-            stats.update(teacher_metrics(run.router.last_routes, episodes, slices,
-                                         tb.logp_old_N, tb.logp_teacher_N))
+                            diagnostics=diagnostics, t_rollout=t_rollout, t_teacher=t_teacher)
+        if not one:
+            stats.update(old_metrics(run, episodes, slices, tb, it))
         stats["teacher_logp_floored"] = floored
 
         # ---- minibatch updates: several optimiser steps per rollout batch (rho != 1 after one)
         shuffle = torch.Generator().manual_seed(derived_seed(tcfg.seed, it, SHUFFLE, run.rank))
         for mb in torch.randperm(len(episodes), generator=shuffle).chunk(mbs):
             row = {"step": step + 1, **stats,
-                   **update(run, episodes, slices, tb, teach, mb.tolist(), step, skips)}
+                   **update(run, episodes, slices, tb, teach, mb.tolist(), step, skips,
+                            it if one else None)}
             step += 1
             run.metrics_log.write(row)
             bar.update(1)
@@ -190,25 +192,9 @@ def rollout(run: Run, it: int, step: int) -> tuple[list[Episode], list[Episode],
     return [ep for ep in episodes if ep.input_ids], failed, prefix
 
 
-def check_sync(run: Run, episodes: list[Episode], tb: TokenBatch, it: int) -> dict[str, float]:
-    """The sampler's log-probs of its own tokens against the trainer's log pi_old: a vLLM engine
-    that drifted from the student's weights stops the run before it trains on its samples."""
-    if run.cache is not None:
-        return {}
-    gap, v = logprob_gap(episodes, tb.logp_old_N), run.cfg.rollout.vllm
-    if run.cfg.rollout.backend == "vllm" and gap["rollout/logprob_gap"] > v.max_logprob_gap:
-        raise RuntimeError(
-            f"rollout batch {it}: the vLLM engine's sampled-token log-probs differ from the "
-            f"trainer's by {gap['rollout/logprob_gap']:.4f} per token on average (max "
-            f"{gap['rollout/logprob_gap_max']:.4f}; rollout.vllm.max_logprob_gap "
-            f"{v.max_logprob_gap}): the engine is not sampling from the student's "
-            "weights (a failed weight sync, or a dtype / kernel mismatch)")
-    return gap
-
-
 def batch_stats(run: Run, episodes: list[Episode], tb: TokenBatch, flops_total: dict[str, float],
                 *, failed: list[Episode], prefix: int, diagnostics: dict[str, float],
-                gap: dict[str, float], t_rollout: float, t_teacher: float) -> dict[str, float]:
+                t_rollout: float, t_teacher: float) -> dict[str, float]:
     """The rollout batch's metrics, logged with each of its optimiser steps (times per step);
     FLOPs cumulative, so runs compare at equal compute."""
     mbs = run.cfg.rollout.minibatches
@@ -222,7 +208,7 @@ def batch_stats(run: Run, episodes: list[Episode], tb: TokenBatch, flops_total: 
         **diagnostics,
         "rollout_tokens_per_s": gen_tokens / max(t_rollout, 1e-9),
         "time_rollout_s": t_rollout / mbs, "time_teacher_s": t_teacher / mbs,
-        "prefix_len": prefix, **gap,
+        "prefix_len": prefix,
     }
     if isinstance(run.rollout_sampler, DriftStopSampler):  # cumulative early stops
         stats["drift/stopped_samples"] = run.rollout_sampler.stopped
@@ -235,19 +221,27 @@ def batch_stats(run: Run, episodes: list[Episode], tb: TokenBatch, flops_total: 
 
 
 def update(run: Run, episodes: list[Episode], slices: list[torch.Tensor], tb: TokenBatch,
-           teach: TokenScores, mb: list[int], step: int, skips: SkipCounter) -> dict[str, float]:
+           teach: TokenScores, mb: list[int], step: int, skips: SkipCounter,
+           one: int | None = None) -> dict[str, float]:
     """One optimiser step on the minibatch `mb` (episode indices); returns its metrics. A
-    minibatch with non-finite log-probs, loss or gradient norm is skipped (see faults)."""
+    minibatch with non-finite log-probs, loss or gradient norm is skipped (see faults). With
+    `one` (the rollout batch's index), the batch is the minibatch and the training forward
+    gives log pi_old: the plan is made inside the loss, and the metrics reading log pi_old
+    after it (a drifted vLLM engine still stops the run before the optimiser steps)."""
     cfg = run.cfg
     t0 = time.perf_counter()
     tok = torch.cat([slices[i] for i in mb])
-    bad = agreed(run.accelerator, nonfinite_inputs(tb, tok))
+    bad = nonfinite_inputs(tb, tok)
+    bad = agreed(run.accelerator, bad[:1] + [False] if one is not None else bad)
     if any(bad):  # nothing to learn from: no forward, no backward
         return _skipped(run, step, skips, [n for n, b in zip(INPUTS, bad) if b])
-    plan = make_plan(run.objective, tb, step, cfg.trainer.steps, cfg.objective)
-    out = accumulate_gradients(
-        run.student, run.accelerator, [episodes[i] for i in mb], [slices[i] for i in mb], tb,
-        plan, teach, run.objective, cfg, run.heads, run.tokenizer.pad_token_id)
+    eps, sl, extra = [episodes[i] for i in mb], [slices[i] for i in mb], {}
+    if one is None:
+        plan = make_plan(run.objective, tb, step, cfg.trainer.steps, cfg.objective)
+        out = accumulate_gradients(run.student, run.accelerator, eps, sl, tb, plan, teach,
+                                   run.objective, cfg, run.heads, run.tokenizer.pad_token_id)
+    else:
+        out, plan, extra = update_in_forward(run, episodes, slices, tb, teach, mb, step, one)
     grad_norm = float(run.accelerator.clip_grad_norm_(run.student.parameters(),
                                                       cfg.optim.max_grad_norm))
     # each rank's share of the token mean, summed: the minibatch's loss over all ranks
@@ -268,7 +262,8 @@ def update(run: Run, episodes: list[Episode], slices: list[torch.Tensor], tb: To
     n_kept = max(int(plan.keep_N[tok].sum()), 1)
     per_teacher = (kept_by_teacher(run.router.last_routes, slices, mb, plan.keep_N)
                    if run.router is not None else {})
-    return {"loss": out.loss, **plan.metrics, **per_teacher, "ratio_mean": out.ratio_sum / n_kept,
+    return {"loss": out.loss, **plan.metrics, **extra, **per_teacher,
+            "ratio_mean": out.ratio_sum / n_kept,
             **({"ratio_clipped_frac": out.clipped / n_kept} if cfg.objective.ratio_clip else {}),
             "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0],
             "train_tokens_per_s": out.tokens / max(t_train, 1e-9), "time_train_s": t_train,

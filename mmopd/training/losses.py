@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import NamedTuple
 
@@ -34,6 +35,7 @@ from mmopd.objectives import (
     topk_divergence,
 )
 from mmopd.objectives.divergences import uld_distance
+from mmopd.objectives.tokenwise import TokenPlanner
 from mmopd.objectives.zoo import pair_stats, teacher_topk_fkl
 from mmopd.teachers.scorer import TokenScores
 from mmopd.training.fused import (
@@ -188,20 +190,38 @@ class UpdateStats(NamedTuple):
     ratio_sum: float  # sum of rho over kept tokens (policy gradient; the kept count otherwise)
     tokens: int  # non-padding tokens through the student
     clipped: int  # kept tokens that the ratio clip took out of the gradient
+    # planned inside the loss (`planner`): the training forward's log pi_old and entropy of the
+    # minibatch's tokens
+    scores: dict[str, torch.Tensor] | None = None
 
 
 def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                          episodes: list[Episode], slices: list[torch.Tensor], tb: TokenBatch,
-                         plan: Plan, teach: TokenScores, objective: Objective, cfg: TrainConfig,
-                         heads: Heads, pad_id: int) -> UpdateStats:
-    """Accumulate gradients of one minibatch."""
+                         plan: Plan | None, teach: TokenScores, objective: Objective,
+                         cfg: TrainConfig, heads: Heads, pad_id: int,
+                         planner: TokenPlanner | None = None,
+                         on_hidden: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+                         ) -> UpdateStats:
+    """Accumulate gradients of one minibatch, with `plan`'s advantages and keep mask, or with
+    `planner`'s, made inside the loss from the training forward's log-probs as log pi_old
+    (rho = 1; mmopd.objectives.tokenwise), whose log pi_old and entropy are then returned.
+    `on_hidden(h, tok)` sees each micro-batch's detached final hidden states and their token
+    indices while the output layers are gathered (FSDP2)."""
     device, world = accelerator.device, accelerator.num_processes
     unwrapped = accelerator.unwrap_model(student)
     tok_all = torch.cat(slices)
-    # Token mean over the whole minibatch (and all ranks): the divisor is known before any
-    # micro-batch runs, so accumulation gives exactly the full-batch gradient.
-    n_keep = accelerator.reduce(plan.counted_N[tok_all].sum().to(device), "sum")
-    denom = max(float(n_keep), 1.0)
+    if planner is not None:  # the divisor is known after the last micro-batch: applied then
+        if objective.kind != "pg" or heads.sampled_proj is None:
+            raise ValueError("a plan made inside the loss needs a policy-gradient objective "
+                             "and the fused loss path")
+        denom, kept = 1.0, torch.zeros((), dtype=torch.long, device=device)
+        found: dict[str, list[torch.Tensor]] = {"logp": [], "entropy": []}
+    else:
+        # Token mean over the whole minibatch (and all ranks): the divisor is known before any
+        # micro-batch runs, so accumulation gives exactly the full-batch gradient.
+        assert plan is not None
+        n_keep = accelerator.reduce(plan.counted_N[tok_all].sum().to(device), "sum")
+        denom = max(float(n_keep), 1.0)
     mb = cfg.trainer.micro_batch_size
     loss_total, ratio_sum, seq_tokens, clipped = 0.0, 0.0, 0, 0
     parts = list(range(0, len(episodes), mb))
@@ -213,7 +233,7 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
         s = parts[0] if idle else parts[j]
         eps, tok = episodes[s: s + mb], torch.cat(slices[s: s + mb])
         batch = pad_right([e.input_ids for e in eps], [e.loss_mask for e in eps], pad_id, device)
-        keep = plan.keep_N[tok]
+        keep = plan.keep_N[tok] if plan is not None else None
         sync = j == n_parts - 1
         vision = VisionInputs.cat(e.vision for e in eps)
         with accelerator.no_sync(student) if not sync else nullcontext():
@@ -221,7 +241,19 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                                   **forward_kwargs(unwrapped, batch.input_ids, vision))
             rows, cols = predicting_positions(batch.loss_mask)
             h = hidden[rows, cols - 1]
-            if objective.kind == "pg":
+            if on_hidden is not None and not idle:
+                on_hidden(h.detach(), tok)
+            if planner is not None:
+                y = batch.input_ids[rows, cols]
+                loss_sum, logp, ent, keep = _planned_policy_loss(
+                    heads.sampled_proj, h, y, tok.to(device), planner, cfg.trainer.chunk_size)
+                ratio, n_clipped = float(keep.sum()), 0  # rho = 1 on every token
+                if not idle:
+                    kept += keep.sum()
+                    found["logp"].append(logp.cpu())
+                    found["entropy"].append(ent.cpu())
+            elif objective.kind == "pg":
+                assert plan is not None and keep is not None
                 y = batch.input_ids[rows, cols]
                 logp_old = tb.logp_old_N[tok].to(device)
                 adv, clip = plan.advantage_N[tok].to(device), cfg.objective.ratio_clip
@@ -239,6 +271,7 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                     loss_sum = loss_sum + aux_sum(objective, cfg, heads, h, teach, tok,
                                                    plan.aux_N[tok])
             else:
+                assert plan is not None and keep is not None
                 weight = keep if plan.weight_N is None else keep * plan.weight_N[tok]
                 loss_sum = divergence_sum(objective.divergence, cfg.objective.topk, cfg,
                                            heads.student, heads.teacher, h, teach, tok, weight,
@@ -250,7 +283,38 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
             loss_total += loss_sum.item() / denom
             ratio_sum, clipped = ratio_sum + ratio, clipped + n_clipped
             seq_tokens += int(batch.attention_mask.sum())
-    return UpdateStats(loss_total, ratio_sum, seq_tokens, clipped)
+    if planner is None:
+        return UpdateStats(loss_total, ratio_sum, seq_tokens, clipped)
+    denom = max(float(accelerator.reduce(kept, "sum")), 1.0)
+    for p in student.parameters():  # the token mean, now that every rank's kept count is known
+        if p.grad is not None:
+            p.grad.div_(denom)
+    scores = {k: torch.cat(v) for k, v in found.items() if v}
+    return UpdateStats(loss_total / denom, ratio_sum, seq_tokens, clipped, scores)
+
+
+def _planned_policy_loss(proj: Projection, h: torch.Tensor, y: torch.Tensor, tok: torch.Tensor,
+                         planner: TokenPlanner, chunk: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The policy-gradient loss sum with each chunk planned from its own log-probs as
+    log pi_old (rho = 1, so a ratio clip has no effect); (loss, log-probs, entropies, keep)."""
+    got: list[torch.Tensor] = []
+    ent: list[torch.Tensor] = []
+    kept: list[torch.Tensor] = []
+
+    def loss(lp: torch.Tensor, sl: slice) -> torch.Tensor:
+        lp = lp.squeeze(-1)
+        old = lp.detach()
+        adv, keep = planner(tok[sl], old)
+        kept.append(keep)
+        return policy_loss_sum(lp, old, adv, keep)
+
+    total = fused_loss(proj, h, gathered_chunks(lambda s, sl: y[sl, None], loss, keep=got,
+                                                entropy=ent), chunk)
+    if not got:
+        empty = h.new_zeros(0, dtype=torch.float32)
+        return total, empty, empty, empty.bool()
+    return total, torch.cat(got).squeeze(-1), torch.cat(ent), torch.cat(kept)
 
 
 def _fused_policy_loss(proj: Projection, h: torch.Tensor, y: torch.Tensor,

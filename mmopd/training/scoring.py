@@ -21,7 +21,8 @@ def token_slices(episodes: list[Episode]) -> list[torch.Tensor]:
     return [torch.arange(int(offsets[i]), int(offsets[i + 1])) for i in range(len(episodes))]
 
 
-def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: Teacher | None,
+def score_batch(episodes: list[Episode], old_scorer: HFScorer | None,
+                teacher_scorer: Teacher | None,
                 teacher_topk: int = 0, keep_hidden: bool = False,
                 negative_scorer: HFScorer | None = None, *, ref_scorer: HFScorer | None = None,
                 heads: Heads | None = None, needs: frozenset[str] = frozenset(),
@@ -29,29 +30,35 @@ def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: T
                 ) -> tuple[TokenBatch, TokenScores, list[torch.Tensor], dict[str, float]]:
     """log pi_old and entropy from the student, log pi_T (and its entropy) from the teacher, and
     what the objective needs besides (log pi_ref, the teacher under a negative view, per-token
-    KL and top-k overlap), flat over tokens; plus teacher-student diagnostics on a sample."""
+    KL and top-k overlap), flat over tokens; plus teacher-student diagnostics on a sample.
+
+    Without `old_scorer` (the training forward gives log pi_old: mmopd.objectives.tokenwise)
+    log pi_old and the entropy are NaN until the caller fills them in, and the diagnostics wait
+    for the training forward's hidden states (the teacher's are kept for them)."""
     pair = bool({"kl", "overlap"} & needs) and teacher_scorer is not None
     diag = (diag_tokens > 0 and teacher_scorer is not None and heads is not None
             and heads.teacher is not None)
-    old = old_scorer.score(episodes, keep_hidden=pair or diag)
+    if old_scorer is None and (pair or teacher_scorer is None):
+        raise ValueError("log pi_old from the training forward needs a teacher and no "
+                         "per-token KL or overlap before the update")
+    old = old_scorer.score(episodes, keep_hidden=pair or diag) if old_scorer else None
     teach = (teacher_scorer.score(episodes, topk=teacher_topk,
                                   keep_hidden=keep_hidden or pair or diag)
              if teacher_scorer else old)
+    assert teach is not None
+    if old is None:  # filled in from the training forward
+        nan = torch.full_like(teach.logp_N, float("nan"))
+        old = TokenScores(logp_N=nan, entropy_N=nan.clone())
     negative = negative_scorer.score(episodes).logp_N if negative_scorer else None
     ref = ref_scorer.score(episodes).logp_N if ref_scorer else None
     stats: dict[str, torch.Tensor] = {}
     metrics: dict[str, float] = {}
     n = old.logp_N.numel()
-    if (pair or diag) and n:
+    if (pair or diag) and n and old.hidden_NH is not None:
         assert heads is not None and heads.teacher is not None
-        idx = (torch.arange(n) if pair else
-               torch.linspace(0, n - 1, min(n, diag_tokens)).round().long().unique())
+        idx = torch.arange(n) if pair else diagnostic_positions(n, diag_tokens)
         stats = pair_pass(heads, old.hidden_NH, teach.hidden_NH, idx, overlap_k, chunk_size)
-        metrics = {"diag/topk_overlap": float(stats["overlap"].mean()),
-                   "diag/teacher_mass_on_student_topk": float(stats["teacher_mass"].mean()),
-                   "diag/entropy_gap": float((stats["entropy_student"]
-                                              - stats["entropy_teacher"]).mean()),
-                   "diag/kl": float(stats["kl"].mean())}
+        metrics = diagnostic_metrics(stats)
     logp_teacher = teach.logp_N
     if teacher_scorer is not None and teach.span_N is not None:  # a cross-tokenizer teacher
         logp_teacher = spread_spans(old.logp_N, teach.logp_N, teach.span_N)
@@ -69,6 +76,21 @@ def score_batch(episodes: list[Episode], old_scorer: HFScorer, teacher_scorer: T
         dist_mask_N=(~teach.topk_logp_NK[:, 0].isnan() if teacher_scorer is not None
                      and teach.topk_logp_NK is not None else None))
     return tb, teach, slices, metrics
+
+
+def diagnostic_positions(n: int, diag_tokens: int) -> torch.Tensor:
+    """The tokens (of n) the teacher-student diagnostics look at: at most `diag_tokens`, evenly
+    spread."""
+    return torch.linspace(0, n - 1, min(n, diag_tokens)).round().long().unique()
+
+
+def diagnostic_metrics(stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Teacher-student diagnostics from `pair_pass` statistics."""
+    return {"diag/topk_overlap": float(stats["overlap"].mean()),
+            "diag/teacher_mass_on_student_topk": float(stats["teacher_mass"].mean()),
+            "diag/entropy_gap": float((stats["entropy_student"]
+                                       - stats["entropy_teacher"]).mean()),
+            "diag/kl": float(stats["kl"].mean())}
 
 
 def logprob_gap(episodes: list[Episode], logp_old_N: torch.Tensor) -> dict[str, float]:

@@ -1,0 +1,112 @@
+"""Log pi_old, the student's log-probs under the weights that sampled the rollout batch: from
+the separate scoring pass, or, when one optimiser step trains the batch, from the training forward
+itself (mmopd.objectives.tokenwise); and what reads it besides the plan."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from mmopd.episode import Episode
+from mmopd.objectives import Plan, TokenBatch, make_plan
+from mmopd.objectives.tokenwise import plannable, token_planner
+from mmopd.teachers.router import teacher_metrics
+from mmopd.teachers.scorer import TokenScores
+from mmopd.training.assemble import Run
+from mmopd.training.losses import UpdateStats, accumulate_gradients, pair_pass
+from mmopd.training.scoring import diagnostic_metrics, diagnostic_positions, logprob_gap
+
+
+def old_in_forward(run: Run, step: int) -> bool:
+    """Does the training forward give log pi_old for the rollout batch starting at `step`? One
+    optimiser step per batch (rho = 1), the fused loss, a plan made token by token at this step
+    (mmopd.objectives.tokenwise), a teacher on the student's tokens and a student without
+    dropout (whose training forward would differ from its rollout)."""
+    cfg = run.cfg
+    return (cfg.trainer.old_from_forward and cfg.rollout.minibatches == 1
+            and run.heads.sampled_proj is not None and run.teacher_scorer is not None
+            and not any(t.cross_tokenizer for t in cfg.teacher_list)
+            and not has_dropout(run.model)
+            and plannable(run.objective, step, cfg.trainer.steps, cfg.objective) is None)
+
+
+def old_metrics(run: Run, episodes: list[Episode], slices: list[torch.Tensor],
+                tb: TokenBatch, it: int) -> dict[str, float]:
+    """What reads log pi_old besides the plan: the sampler's agreement (stops a drifted vLLM
+    engine) and the per-teacher KL of a routed run."""
+    stats = check_sync(run, episodes, tb, it)
+    if run.router is not None:
+        stats.update(teacher_metrics(run.router.last_routes, episodes, slices, tb.logp_old_N,
+                                     tb.logp_teacher_N))
+    return stats
+
+
+def check_sync(run: Run, episodes: list[Episode], tb: TokenBatch, it: int) -> dict[str, float]:
+    """The sampler's log-probs of its own tokens against the trainer's log pi_old: a vLLM engine
+    that drifted from the student's weights stops the run before it trains on its samples."""
+    if run.cache is not None:
+        return {}
+    gap, v = logprob_gap(episodes, tb.logp_old_N), run.cfg.rollout.vllm
+    if run.cfg.rollout.backend == "vllm" and gap["rollout/logprob_gap"] > v.max_logprob_gap:
+        raise RuntimeError(
+            f"rollout batch {it}: the vLLM engine's sampled-token log-probs differ from the "
+            f"trainer's by {gap['rollout/logprob_gap']:.4f} per token on average (max "
+            f"{gap['rollout/logprob_gap_max']:.4f}; rollout.vllm.max_logprob_gap "
+            f"{v.max_logprob_gap}): the engine is not sampling from the student's "
+            "weights (a failed weight sync, or a dtype / kernel mismatch)")
+    return gap
+
+
+def has_dropout(model: PreTrainedModel) -> bool:
+    """Dropout active in training mode (a module, a LoRA adapter's, or the config's attention
+    or hidden dropout): the training forward then is not the rollout's distribution."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    configs = [getattr(model, "config", None)]
+    if hasattr(configs[0], "get_text_config"):
+        configs.append(configs[0].get_text_config())
+    names = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop",
+             "embd_pdrop")
+    return any(isinstance(v := getattr(c, n, 0), float | int) and v > 0
+               for c in configs for n in names)
+
+
+def update_in_forward(run: Run, episodes: list[Episode], slices: list[torch.Tensor],
+                       tb: TokenBatch, teach: TokenScores, mb: list[int], step: int, it: int
+                       ) -> tuple[UpdateStats, Plan, dict[str, float]]:
+    """`update`'s gradients with the plan made inside the loss; log pi_old and the entropy of
+    the training forward go into `tb`, and the whole batch's plan (the same numbers) is made
+    from them for the metrics."""
+    cfg, device = run.cfg, run.accelerator.device
+    planner = token_planner(run.objective, tb, step, cfg.trainer.steps, cfg.objective, device)
+    tok = torch.cat([slices[i] for i in mb])
+    diag = (cfg.trainer.diagnostics_tokens > 0 and run.heads.teacher is not None
+            and teach.hidden_NH is not None and len(tok) > 0)
+    stats: dict[str, list[torch.Tensor]] = {}
+    on_hidden = None
+    if diag:  # the diagnostics' tokens, from the training forward's hidden states
+        at = torch.zeros(len(tb.logp_old_N), dtype=torch.bool)
+        at[diagnostic_positions(len(at), cfg.trainer.diagnostics_tokens)] = True
+        h_teacher = teach.hidden_NH
+
+        def on_hidden(h: torch.Tensor, rows: torch.Tensor) -> None:
+            pick = at[rows]
+            if pick.any():
+                got = pair_pass(run.heads, h[pick.to(h.device)],
+                                h_teacher[rows[pick].to(h_teacher.device)],
+                                torch.arange(int(pick.sum())), cfg.objective.overlap_topk,
+                                cfg.trainer.chunk_size)
+                for k, v in got.items():
+                    stats.setdefault(k, []).append(v)
+    out = accumulate_gradients(
+        run.student, run.accelerator, [episodes[i] for i in mb], [slices[i] for i in mb], tb,
+        None, teach, run.objective, cfg, run.heads, run.tokenizer.pad_token_id,
+        planner=planner, on_hidden=on_hidden)
+    scores = out.scores or {}
+    if len(tok):
+        tb.logp_old_N[tok], tb.entropy_N[tok] = scores["logp"].float(), scores["entropy"].float()
+    plan = make_plan(run.objective, tb, step, cfg.trainer.steps, cfg.objective)
+    extra = old_metrics(run, episodes, slices, tb, it)
+    if stats:
+        extra.update(diagnostic_metrics({k: torch.cat(v) for k, v in stats.items()}))
+    return out, plan, extra
