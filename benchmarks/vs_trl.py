@@ -48,11 +48,16 @@ mmopd's reward check, which drops unknown ids).
 Differences that remain, by design of each system (not settings):
 
 - Generation: both call HF `generate` on the training model in process, one call for the whole
-  batch (`rollout.batch_size` = batch), KV cache on. mmopd adds a logits processor that keeps
-  each sampled token's log-prob (one log-softmax over [B, V] per decoded token).
-- Scoring: mmopd runs a separate no-grad student pass for log pi_old and the entropy (the
-  importance ratio and REOPOLD's entropy mask), and a no-grad teacher pass before the update;
-  TRL runs the teacher inside the loss, per micro-batch, and has no pi_old pass.
+  batch (`rollout.batch_size` = batch), KV cache on. TRL samples with `torch.multinomial`; mmopd
+  draws each token in a logits processor (two-level inverse CDF, `sample_rows`) and lets
+  generate take it greedily, and keeps each sampled token's log-prob (one log-softmax over
+  [B, V] per decoded token).
+- Scoring: mmopd runs a no-grad teacher pass before the update; TRL runs the teacher inside
+  the loss, per micro-batch. With one optimiser step per batch, mmopd takes log pi_old and the
+  entropy from the training forward where the objective plans token by token (`opd`; `reopold`
+  before its switch step, a third of the run: steps 0-1 of a 5-step run) and runs a separate
+  no-grad student pass otherwise (`rkl`: for its metrics; `reopold` in refinement: the entropy
+  quantile). TRL has no pi_old pass.
 - Loss: both build vocabulary logits chunk by chunk from hidden states and never hold
   [B, L, V]: mmopd over the completion tokens only, `trainer.chunk_size` (256) rows at a time,
   each chunk's loss and gradient in one pass (`trainer.fused_loss`, the default);

@@ -78,6 +78,35 @@ def test_chunked_logprobs_match_full_logits_with_grad(model):
     assert h_dim > 0
 
 
+def test_entropy_can_be_left_out(model):
+    torch.manual_seed(0)
+    ids = torch.randint(3, 90, (2, 9))
+    h = final_hidden(model, ids, torch.ones_like(ids))[:, :-1].reshape(-1, model.config.hidden_size)
+    y = ids[:, 1:].reshape(-1)
+    full = token_logprobs(lm_head_fn(model), h, y, chunk_size=5)
+    bare = token_logprobs(lm_head_fn(model), h, y, chunk_size=5, entropy=False)
+    assert torch.equal(full["logp"], bare["logp"]) and bare["entropy"].isnan().all()
+    assert full["entropy"].isfinite().all()
+
+
+def test_in_process_teachers_compute_entropy_only_where_read(tiny_overrides):
+    """Only EOPD reads the teacher's entropy: other objectives' teachers skip it."""
+    from mmopd.config import TrainConfig, load_config
+    from mmopd.envs import make_env
+    from mmopd.models import load_model, load_tokenizer
+    from mmopd.objectives import OBJECTIVES
+    from mmopd.rollout.evaluate import EnvPool
+    from mmopd.training.teachers import build_teachers
+
+    for name, wanted in (("opd", False), ("reopold", False), ("rkl", False), ("eopd", True)):
+        cfg = load_config(TrainConfig, None, [*tiny_overrides, f"objective.name={name}"])
+        tok = load_tokenizer(cfg.model)
+        got = build_teachers(cfg, OBJECTIVES[name], load_model(cfg.model, tok), tok, None,
+                             EnvPool(lambda c=cfg: make_env(c.env.id, **c.env.kwargs)),
+                             torch.device("cpu"))
+        assert got.scorer.entropy is wanted, name
+
+
 def test_chunked_map_empty_input():
     (out,) = chunked_map(lambda x: (x.sum(-1),), 4, torch.zeros(0, 3))
     assert out.shape == (0,)

@@ -114,7 +114,8 @@ class Objective:
     divergence: str | None = None
     doc: str = ""
     # Per-token scores the plan reads beyond the defaults: "ref" (log pi_ref), "kl" (full
-    # KL(pi_old || pi_T)), "teacher_topk" (the teacher's top eopd_topk log-probs)
+    # KL(pi_old || pi_T)), "teacher_topk" (the teacher's top eopd_topk log-probs),
+    # "teacher_entropy" (TokenBatch.teacher_entropy_N; NaN from in-process teachers otherwise)
     needs: frozenset[str] = frozenset()
     # An auxiliary divergence added to a policy-gradient loss where plan.aux_N > 0:
     # "teacher_topk_fkl" (EOPD) or "divergence" (AOPD: objective.aopd_divergence)
@@ -311,7 +312,8 @@ register_objective(Objective(
     "vopd", "pg", _vopd_plan, needs=frozenset({"kl"}),
     doc="vOPD: OPD reward plus the detached closed-form value baseline, A = R + KL(pi_old||pi_T)"))
 register_objective(Objective(
-    "eopd", "pg", _eopd_plan, needs=frozenset({"teacher_topk"}), aux="teacher_topk_fkl",
+    "eopd", "pg", _eopd_plan, needs=frozenset({"teacher_topk", "teacher_entropy"}),
+    aux="teacher_topk_fkl",
     doc="EOPD: OPD plus forward KL over the teacher's top-k where teacher entropy > eopd_tau"))
 register_objective(Objective(
     "aopd", "pg", _aopd_plan, aux="divergence",

@@ -50,7 +50,7 @@ class HFScorer:
 
     def __init__(self, model: PreTrainedModel, pad_id: int, *, view: str = "student",
                  micro_batch_size: int = 16, chunk_size: int = 256,
-                 topk_vocab: int | None = None) -> None:
+                 topk_vocab: int | None = None, entropy: bool = True) -> None:
         self.model = model
         self.pad_id = pad_id
         self.view = view  # which prompt view of each episode the model reads (Episode.view)
@@ -58,6 +58,7 @@ class HFScorer:
         self.chunk_size = chunk_size
         self.head = lm_head_fn(model)
         self.topk_vocab = topk_vocab  # top-k ids only among rows the student also has
+        self.entropy = entropy  # False: entropy_N is NaN (nothing reads it)
 
     @torch.no_grad()
     def score(self, episodes: list[Episode], *, topk: int = 0,
@@ -83,7 +84,7 @@ class HFScorer:
                 rows, cols = predicting_positions(batch.loss_mask)
                 h = hidden[rows, cols - 1]
                 res = token_logprobs(self.head, h, batch.input_ids[rows, cols], self.chunk_size,
-                                     topk, self.topk_vocab)
+                                     topk, self.topk_vocab, self.entropy)
                 if repeat:
                     continue
                 if keep_hidden:

@@ -52,9 +52,10 @@ def build_teachers(cfg: TrainConfig, objective: Objective, student: torch.nn.Mod
     """The run's teacher(s), checked."""
     if not objective.needs_teacher:
         return Teachers(None, None, None, None)
+    entropy = "teacher_entropy" in needed_scores(objective, cfg.objective)
     if not cfg.teachers:
         scorer, model, cache, vocab = one_teacher(cfg, cfg.teacher, student, tokenizer, vision,
-                                                  train_pool, device)
+                                                  train_pool, device, entropy)
         live = None if cfg.teacher.cross_tokenizer else model  # no logits on the student's ids
         return Teachers(scorer, live, cache, vocab,
                         ema=model if cfg.teacher.kind == "ema" else None,
@@ -63,7 +64,8 @@ def build_teachers(cfg: TrainConfig, objective: Objective, student: torch.nn.Mod
     scorers: dict[str, Teacher] = {}
     ema, decay, n = None, 0.0, 0
     for t in cfg.teachers:
-        scorer, model, _, _ = one_teacher(cfg, t, student, tokenizer, vision, train_pool, device)
+        scorer, model, _, _ = one_teacher(cfg, t, student, tokenizer, vision, train_pool, device,
+                                          entropy)
         scorers[t.name] = scorer
         n = max(n, _params(model))
         if t.kind == "ema":
@@ -94,9 +96,11 @@ def check_routes(cfg: TrainConfig, train_pool: EnvPool) -> None:
 
 def one_teacher(cfg: TrainConfig, t: TeacherConfig, student: torch.nn.Module, tokenizer: Any,
                 vision: VisionProcessor | None, train_pool: EnvPool, device: torch.device,
+                entropy: bool = True,
                 ) -> tuple[Teacher, torch.nn.Module | None, TeacherCache | None, int | None]:
     """One teacher's scorer, its live model (self / EMA / in process), the cache it reads from
-    (Lightning OPD), and the vocabulary rows student and teacher distributions compare on."""
+    (Lightning OPD), and the vocabulary rows student and teacher distributions compare on.
+    `entropy`: an in-process teacher computes its entropy at each position (else NaN)."""
     tcfg = cfg.trainer
     if t.kind == "cache":
         cache = TeacherCache.load(t.cache)
@@ -138,7 +142,7 @@ def one_teacher(cfg: TrainConfig, t: TeacherConfig, student: torch.nn.Module, to
     scorer = HFScorer(t_model, tokenizer.pad_token_id,
                       view="teacher" if t.view == "privileged" else "student",
                       micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size,
-                      topk_vocab=vocab)
+                      topk_vocab=vocab, entropy=entropy)
     return scorer, t_model, None, vocab
 
 
