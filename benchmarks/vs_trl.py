@@ -349,15 +349,20 @@ def main() -> None:
         f"`{meta['command']}`",
         "",
         "| vocab | system / objective | s / step | CPU s / step | generated tokens / s "
-        "| generated tokens / step | rollout s | peak RSS (MB) | peak extra (MB) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| generated tokens / step | rollout s | peak RSS (MB) | peak extra (MB) "
+        "| TRL's s / step over this | peak extra over TRL's |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    trl = {r["vocab"]: r for r in rows if r["system"] == "trl"}
     for r in rows:
         flag = "" if r["same_prompts"] else " (prompts differ!)"
+        base = trl.get(r["vocab"])
+        vs = (f"{base['step_s'] / r['step_s']:.2f}x | "
+              f"{r['peak_extra_mb'] / base['peak_extra_mb']:.2f}x" if base else "- | -")
         lines.append(f"| {r['vocab']:,} | {r['system']}{flag} | {r['step_s']:.2f} | "
                      f"{r['cpu_s']:.2f} | {r['gen_tokens_per_s']:,.0f} | "
                      f"{r['gen_tokens_per_step']:,.0f} | {r['rollout_s']:.2f} | "
-                     f"{r['peak_rss_mb']:,.0f} | {r['peak_extra_mb']:,.0f} |")
+                     f"{r['peak_rss_mb']:,.0f} | {r['peak_extra_mb']:,.0f} | {vs} |")
     (out / "vs_trl.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
