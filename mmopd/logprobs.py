@@ -117,6 +117,24 @@ def target_logprobs(head: Head, hidden_NH: torch.Tensor, targets_N: torch.Tensor
     return chunked_map(fn, chunk_size, hidden_NH, targets_N)[0]
 
 
+ROWS = 32  # rows per step of the in-place passes below: their temporaries stay [32 x V]
+
+
+def log_softmax_(z: torch.Tensor) -> torch.Tensor:
+    """log_softmax in place, ROWS rows at a time (logsumexp's [rows x V] temporary stays
+    small); for logits that are not needed afterwards."""
+    for r in range(0, z.shape[0], ROWS):
+        block = z[r: r + ROWS]
+        block.sub_(torch.logsumexp(block, -1, keepdim=True))
+    return z
+
+
+def entropy_of(s: torch.Tensor) -> torch.Tensor:
+    """-sum p log p of each row of log-probs `s`, ROWS rows at a time."""
+    return torch.cat([torch.mul(b.exp(), b).sum(-1).neg_() for b in s.split(ROWS)]) \
+        if s.shape[0] else s.new_zeros(0)
+
+
 def token_logprobs(head: Head, hidden_NH: torch.Tensor, targets_N: torch.Tensor,
                    chunk_size: int, topk: int = 0, topk_vocab: int | None = None,
                    entropy: bool = True) -> dict[str, torch.Tensor]:
@@ -129,10 +147,12 @@ def token_logprobs(head: Head, hidden_NH: torch.Tensor, targets_N: torch.Tensor,
 
     def fn(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = head(h)
-        logp_all = torch.log_softmax(logits, dim=-1)
+        # without gradients (scoring) in place: two [chunk x V] tensors at most, not four
+        logp_all = (torch.log_softmax(logits, dim=-1) if torch.is_grad_enabled()
+                    else log_softmax_(logits))
         logp = logp_all.gather(-1, y[:, None]).squeeze(-1)
         with torch.no_grad():
-            ent = (-(logp_all.exp() * logp_all).sum(-1) if entropy
+            ent = (entropy_of(logp_all) if entropy
                    else torch.full_like(logp.detach(), float("nan")))
             if topk:
                 tv, ti = logp_all[:, :topk_vocab].topk(topk, dim=-1)

@@ -47,6 +47,11 @@ def _train(overrides: list[str], monkeypatch) -> tuple[list[dict], dict, list[bo
      [True, True, False]),  # refinement (step 2 on) ranks the batch's entropy: the pass runs
     (["objective.name=gopd", "objective.reward_scale=1.5"], [True, True, True]),
     (["objective.name=opd", "objective.outcome_coef=0.5"], [True, True, True]),
+    # divergence objectives read no log pi_old in their plans: only their metrics do
+    (["objective.name=rkl"], [True, True, True]),
+    (["objective.name=jsd", "objective.topk=5", "objective.topk_source=teacher"],
+     [True, True, True]),
+    (["objective.name=uld", "objective.topk=5"], [True, True, True]),
 ])
 def test_training_forward_gives_the_separate_pass_results(extra, in_forward, tiny_overrides,
                                                           sft_teacher_dir, tmp_path, monkeypatch):
@@ -124,6 +129,7 @@ def test_reopold_exploration_drops_tokens_inside_the_loss(tiny_overrides, sft_te
 
 
 def test_where_the_plan_needs_the_whole_batch():
+    assert plannable(OBJECTIVES["rkl"], 5, 9, ObjectiveConfig(name="rkl")) is None
     reopold = ObjectiveConfig(name="reopold")  # switches at a third of the steps
     assert plannable(OBJECTIVES["reopold"], 2, 9, reopold) is None
     assert "whole batch at step 3" in plannable(OBJECTIVES["reopold"], 3, 9, reopold)
@@ -132,7 +138,7 @@ def test_where_the_plan_needs_the_whole_batch():
         ("opd", {"token_selection": "entropy"}, "ranks"),
         ("vopd", {}, "no token-by-token plan"),
         ("eopd", {}, "no token-by-token plan"),
-        ("rkl", {}, "no token-by-token plan"),
+        ("rkl", {"token_selection": "tip"}, "ranks"),
     ]:
         assert why in plannable(OBJECTIVES[name], 0, 9, ObjectiveConfig(name=name, **extra))
 
@@ -147,3 +153,22 @@ def test_dropout_keeps_the_separate_pass(student_dir):
     model.config.attention_dropout = 0.0
     model.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.05))
     assert has_dropout(model)
+
+
+def test_a_token_plan_that_disagrees_with_its_plan_stops_the_run(tiny_overrides, tmp_path):
+    from mmopd.objectives import Objective, register_objective
+
+    opd = OBJECTIVES["opd"]
+
+    def wrong(tb, step, total, cfg):  # keeps every other token the plan keeps all of
+        adv, keep = opd.tokens(tb, step, total, cfg)
+        return adv, keep & (torch.arange(len(keep), device=keep.device) % 2 == 0)
+
+    register_objective(Objective("wrong_tokens", "pg", opd.plan, tokens=wrong))
+    try:
+        with pytest.raises(RuntimeError, match="keeps other tokens"):
+            loop.train(load_config(TrainConfig, None, [
+                *tiny_overrides, "objective.name=wrong_tokens", "rollout.minibatches=1",
+                "trainer.steps=1", f"trainer.output_dir={tmp_path / 'run'}"]))
+    finally:
+        OBJECTIVES.pop("wrong_tokens")

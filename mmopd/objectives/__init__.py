@@ -26,6 +26,7 @@ from mmopd.objectives.divergences import (
     topk_divergence,
     with_tail,
 )
+from mmopd.objectives.needs import needed_scores, needs_teacher_hidden
 from mmopd.objectives.surrogate import policy_loss_sum, ratio_clipped
 from mmopd.objectives.weighting import sod_weights, vzero_weights
 from mmopd.objectives.zoo import (
@@ -47,7 +48,7 @@ __all__ = [
     "ratio_clipped",
     "reopold_floor", "grpo_advantages", "full_vocab_divergence", "topk_divergence",
     "divergence_from_logp", "with_tail", "masked_mean", "make_plan", "sod_weights",
-    "vzero_weights", "needed_scores",
+    "vzero_weights", "needed_scores", "needs_teacher_hidden",
 ]
 
 
@@ -213,9 +214,16 @@ def _grpo_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> P
     return Plan(keep, adv_E[tb.episode_N], {**_common_metrics(tb), "kept_frac": 1.0})
 
 
-def _all_tokens_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> Plan:
+def _all_tokens(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position where the teacher gave a distribution; reads no log pi_old."""
     keep = (torch.ones_like(tb.logp_old_N, dtype=torch.bool) if tb.dist_mask_N is None
             else tb.dist_mask_N.bool())
+    return torch.zeros_like(tb.logp_old_N), keep
+
+
+def _all_tokens_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -> Plan:
+    _, keep = _all_tokens(tb, step, total, cfg)
     return Plan(keep, torch.zeros_like(tb.logp_old_N),
                 {**_common_metrics(tb), "kept_frac": masked_mean(keep.float())})
 
@@ -287,19 +295,19 @@ register_objective(Objective(
     "grpo", "pg", _grpo_plan, needs_teacher=False,
     doc="outcome-reward baseline: group-normalised env reward on every token"))
 register_objective(Objective(
-    "rkl", "divergence", _all_tokens_plan, divergence="rkl",
+    "rkl", "divergence", _all_tokens_plan, tokens=_all_tokens, divergence="rkl",
     doc="reverse KL(student || teacher) per position, full vocabulary or top-k + tail"))
 register_objective(Objective(
-    "fkl", "divergence", _all_tokens_plan, divergence="fkl",
+    "fkl", "divergence", _all_tokens_plan, tokens=_all_tokens, divergence="fkl",
     doc="forward KL(teacher || student) per position, full vocabulary or top-k + tail"))
 register_objective(Objective(
-    "jsd", "divergence", _all_tokens_plan, divergence="jsd",
+    "jsd", "divergence", _all_tokens_plan, tokens=_all_tokens, divergence="jsd",
     doc="generalised JSD_beta per position (beta=0: forward KL, beta=1: reverse KL)"))
 register_objective(Objective(
-    "uld", "divergence", _all_tokens_plan, divergence="uld",
+    "uld", "divergence", _all_tokens_plan, tokens=_all_tokens, divergence="uld",
     doc="ULD: L1 distance of the sorted top-k probabilities (+ tail), no shared vocabulary"))
 register_objective(Objective(
-    "opsd", "divergence", _all_tokens_plan, divergence="fkl",
+    "opsd", "divergence", _all_tokens_plan, tokens=_all_tokens, divergence="fkl",
     doc="OPSD: forward KL to the frozen initial student reading the reference solution "
         "(teacher.kind=self, teacher.view=privileged)"))
 register_objective(Objective(
@@ -378,22 +386,3 @@ def make_plan(obj: Objective, tb: TokenBatch, step: int, total: int,
     plan.weight_N = tb.weight_N
     plan.metrics.update(extra)
     return plan
-
-
-def needed_scores(obj: Objective, cfg: ObjectiveConfig) -> frozenset[str]:
-    """Per-token scores an objective with its composable options needs from the scoring pass."""
-    needs = set(obj.needs)
-    if cfg.token_selection == "tip":
-        needs.add("kl")
-    if cfg.drift_threshold > 0:
-        needs.add("overlap")
-    return frozenset(needs)
-
-
-def needs_teacher_hidden(obj: Objective, cfg: ObjectiveConfig) -> bool:
-    """Full-vocabulary objectives (and top-k over the student's ids, and AOPD's full divergence
-    term) rebuild teacher logits from its hidden states: they need a live teacher."""
-    if obj.divergence == "uld":  # sorted probabilities: the teacher's top-k log-probs only
-        return False
-    return obj.aux == "divergence" or (obj.kind == "divergence" and (
-        cfg.topk == 0 or cfg.topk_source == "student"))

@@ -7,7 +7,9 @@ objective whose plan reads pi_old token by token (`Objective.tokens`: OPD, REOPO
 switch step, G-OPD, ExOPD) is then planned inside the loss's chunks: each chunk's advantages and
 keep mask come from its own log-probs. The token-mean divisor (REOPOLD's kept count depends on
 pi_old) is applied to the gradients after accumulation, and the whole batch's plan, for its
-metrics, is made afterwards from the same numbers.
+metrics, is made afterwards from the same numbers. Divergence objectives (rkl, fkl, jsd, ULD,
+OPSD) read no pi_old in their plans: they are planned before the loss as usual, and their
+chunks hand back the sampled tokens' log-probs and the entropies for the metrics.
 
 Plans that need the whole batch's pi_old before the first token's gradient (an entropy quantile:
 REOPOLD's refinement, token selection; SOD's per-step means; drift, vOPD and TIP, which need the
@@ -33,7 +35,7 @@ TokenPlanner = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.
 
 def plannable(obj: Objective, step: int, total: int, cfg: ObjectiveConfig) -> str | None:
     """Why the plan at optimiser step `step` cannot be made token by token, or None if it can."""
-    if obj.kind != "pg" or obj.tokens is None:
+    if obj.tokens is None:
         return f"objective {obj.name} has no token-by-token plan"
     if obj.aux is not None:
         return f"objective {obj.name} adds an auxiliary divergence"
@@ -52,8 +54,10 @@ def token_planner(obj: Objective, tb: TokenBatch, step: int, total: int,
                   cfg: ObjectiveConfig, device: torch.device) -> TokenPlanner:
     """The plan of step `step` token by token: for some of `tb`'s tokens and their log pi_old,
     their advantages and keep mask, equal to `make_plan`'s on the whole batch. `tb`'s own
-    log pi_old is not read. Only for a plan that `plannable` accepts."""
-    why = plannable(obj, step, total, cfg)
+    log pi_old is not read. Only for a policy-gradient plan that `plannable` accepts (a
+    divergence objective's plan reads no log pi_old: it is made before the loss)."""
+    why = "a divergence objective is planned before the loss" if obj.kind != "pg" else \
+        plannable(obj, step, total, cfg)
     if why is not None:
         raise ValueError(f"the plan cannot be made token by token: {why}")
     tb, _ = reward_weights(tb, cfg)  # V-Zero's episode weights: teacher scores only

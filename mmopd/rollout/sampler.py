@@ -6,6 +6,7 @@ everywhere; a vLLM backend plugs in behind the same `Sampler` protocol.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -188,22 +189,28 @@ class _Draw(LogitsProcessor):
         self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        z = scores.float() / self.temperature
+        z = scores.float() if self.temperature == 1.0 else scores.float() / self.temperature
         if self.top_p is not None:
             z = self.top_p(input_ids, z)
         chosen = sample_rows(torch.softmax(z, dim=-1))
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, chosen[:, None], 0.0)
+        del z  # the scores are spent: reused for the choice (few [B, V] buffers per step)
+        return scores.fill_(float("-inf")).scatter_(1, chosen[:, None], 0.0)
 
 
 def sample_rows(probs: torch.Tensor, block: int = 256) -> torch.Tensor:
     """One token id per row of `probs` [B, V] (rows need not be normalised), drawn by inverse
-    CDF in two levels: a block of `block` ids by the blocks' masses, then an id inside it, with
+    CDF in two levels: a block of ids by the blocks' masses, then an id inside it, with
     float64 running sums. A flat float32 cumulative sum over 152k ids would round away the
     tokens far smaller than the running total; here each id is resolved against its own
-    block's mass. Ids of probability 0 are never drawn. Uses torch's global RNG."""
+    block's mass. Ids of probability 0 are never drawn. Uses torch's global RNG.
+
+    Blocks are `block` ids, or the largest power of two down to 32 that divides V (Qwen's
+    151,936 = 1,187 x 128), which needs no padded copy of `probs`."""
     b, v = probs.shape
-    p = torch.nn.functional.pad(probs, (0, -v % block)).view(b, -1, block)
+    fit = math.gcd(v, block)
+    block = fit if fit >= 32 else block
+    p = (probs if v % block == 0 else
+         torch.nn.functional.pad(probs, (0, -v % block))).view(b, -1, block)
     mass = p.sum(-1).double()  # [B, blocks]
     cum = mass.cumsum(-1)
     total = cum[:, -1:]

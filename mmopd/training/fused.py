@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from mmopd.logprobs import entropy_of, log_softmax_
 from mmopd.objectives.divergences import KINDS
 
 # (logits [n, V] float32, rows of this chunk) -> (sum of the chunk's weighted losses, d/dlogits)
@@ -131,6 +132,7 @@ class _FusedChunks(torch.autograd.Function):
                 grad_w[:rows].addmm_(g_x.T, h.float())
             if grad_b is not None:
                 grad_b[:rows] += g_x.sum(0)
+            del g_x  # before the next chunk's logits: one [chunk x V] gradient alive, not two
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
@@ -159,11 +161,6 @@ def fused_loss(proj: Projection, h_NH: torch.Tensor, chunk_grad: ChunkGrad,
 
 
 # ----------------------------------------------------------------------------- chunk gradients
-
-
-def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
-    """log_softmax in place (the chunk's logits are not needed afterwards)."""
-    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
 
 
 def divergence_grad(kind: str, s: torch.Tensor, t: torch.Tensor, beta: float
@@ -195,12 +192,15 @@ def divergence_grad(kind: str, s: torch.Tensor, t: torch.Tensor, beta: float
 
 
 def full_divergence_chunks(kind: str, beta: float, teacher_logp: Callable[[slice], torch.Tensor],
-                           weight_N: torch.Tensor) -> ChunkGrad:
+                           weight_N: torch.Tensor, sink: SampledScores | None = None
+                           ) -> ChunkGrad:
     """Chunk gradients of sum_i weight_i * D(student_i, teacher_i) over the whole vocabulary;
     `teacher_logp(rows)` gives the teacher's log-probs [n, V] of those rows as a new tensor
-    (it is overwritten)."""
+    (it is overwritten). `sink` receives the sampled tokens' log-probs and the entropies."""
     def fn(z: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        s = _log_softmax_(z)
+        s = log_softmax_(z)
+        if sink is not None:
+            sink.take(s, sl)
         with torch.no_grad():
             t = teacher_logp(sl)
         d, g = divergence_grad(kind, s, t, beta)
@@ -210,16 +210,41 @@ def full_divergence_chunks(kind: str, beta: float, teacher_logp: Callable[[slice
     return fn
 
 
+class SampledScores:
+    """Collects, chunk by chunk, each position's log-prob of its sampled token and the entropy
+    of the student's distribution there: with one optimiser step per rollout batch, the
+    training forward's log pi_old and entropy (mmopd.objectives.tokenwise)."""
+
+    def __init__(self, sampled_N: torch.Tensor) -> None:
+        self.sampled_N = sampled_N
+        self.logp: list[torch.Tensor] = []
+        self.entropy: list[torch.Tensor] = []
+
+    def take(self, s: torch.Tensor, sl: slice) -> None:
+        """From a chunk's student log-probs `s` [n, V] (rows `sl`)."""
+        with torch.no_grad():
+            self.logp.append(s.gather(-1, self.sampled_N[sl, None]).squeeze(-1))
+            self.entropy.append(entropy_of(s))
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.logp:
+            empty = self.sampled_N.new_zeros(0, dtype=torch.float32)
+            return empty, empty.clone()
+        return torch.cat(self.logp), torch.cat(self.entropy)
+
+
 def gathered_chunks(ids_NK: Callable[[torch.Tensor, slice], torch.Tensor],
                     loss: Callable[[torch.Tensor, slice], torch.Tensor],
                     keep: list[torch.Tensor] | None = None,
-                    entropy: list[torch.Tensor] | None = None) -> ChunkGrad:
+                    sink: SampledScores | None = None) -> ChunkGrad:
     """Chunk gradients of sum over tokens of `loss(logp_nK, rows)`, a function of the student's
     log-probs at K ids per token (`ids_NK(student_logp, rows)` picks them, e.g. the sampled
     token or a top-k). `keep`, when given, receives each chunk's detached log-probs, and
-    `entropy` each chunk's entropies of the student's distribution."""
+    `sink` the sampled tokens' log-probs and the entropies."""
     def fn(z: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        s = _log_softmax_(z)
+        s = log_softmax_(z)
+        if sink is not None:
+            sink.take(s, sl)
         ids = ids_NK(s, sl)
         with torch.enable_grad():
             lp = s.gather(-1, ids).detach().requires_grad_(True)
@@ -227,12 +252,6 @@ def gathered_chunks(ids_NK: Callable[[torch.Tensor, slice], torch.Tensor],
             (g,) = torch.autograd.grad(value, lp)
         if keep is not None:
             keep.append(lp.detach())
-        if entropy is not None:
-            p = s.exp()
-            entropy.append(torch.mul(p, s).sum(-1).neg_())
-            s = p
-        else:
-            s = s.exp_()  # the log-probs are spent
-        g_z = s.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids, g)
+        g_z = s.exp_().mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids, g)  # s is spent
         return value.detach(), g_z
     return fn

@@ -40,9 +40,11 @@ from mmopd.objectives.zoo import pair_stats, teacher_topk_fkl
 from mmopd.teachers.scorer import TokenScores
 from mmopd.training.fused import (
     Projection,
+    SampledScores,
     full_divergence_chunks,
     fused_loss,
     gathered_chunks,
+    log_softmax_,
 )
 from mmopd.training.sharding import lockstep_count
 from mmopd.vision import VisionInputs, forward_kwargs
@@ -63,15 +65,19 @@ class Heads:
 
 def divergence_sum(kind: str, k: int, cfg: TrainConfig, s_head: Head, t_head: Head,
                     h_NH: torch.Tensor, scores: TokenScores, tok: torch.Tensor,
-                    keep_N: torch.Tensor, s_proj: Projection | None = None) -> torch.Tensor:
+                    keep_N: torch.Tensor, s_proj: Projection | None = None,
+                    sink: SampledScores | None = None) -> torch.Tensor:
     """sum over kept tokens of the per-token divergence `kind` (full vocabulary for k = 0, else
-    top-k + tail), times its weight: fused (`s_proj`, fused.py) or chunked and checkpointed."""
+    top-k + tail), times its weight: fused (`s_proj`, fused.py; `sink` receives the sampled
+    tokens' log-probs and the entropies) or chunked and checkpointed."""
     beta = cfg.objective.jsd_beta
     chunk = cfg.trainer.chunk_size
+    if sink is not None and s_proj is None:
+        raise ValueError("the sampled tokens' log-probs come from the fused path only")
     if kind == "uld":
-        return _uld_sum(cfg, s_head, h_NH, scores, tok, keep_N, s_proj)
+        return _uld_sum(cfg, s_head, h_NH, scores, tok, keep_N, s_proj, sink)
     if s_proj is not None:
-        return _fused_divergence(kind, k, cfg, s_proj, t_head, h_NH, scores, tok, keep_N)
+        return _fused_divergence(kind, k, cfg, s_proj, t_head, h_NH, scores, tok, keep_N, sink)
     if k == 0:
         def fn(h, ht):
             return (full_vocab_divergence(kind, s_head(h), t_head(ht), beta),)
@@ -96,15 +102,15 @@ def divergence_sum(kind: str, k: int, cfg: TrainConfig, s_head: Head, t_head: He
 
 def _fused_divergence(kind: str, k: int, cfg: TrainConfig, s_proj: Projection, t_head: Head,
                       h_NH: torch.Tensor, scores: TokenScores, tok: torch.Tensor,
-                      keep_N: torch.Tensor) -> torch.Tensor:
+                      keep_N: torch.Tensor, sink: SampledScores | None = None) -> torch.Tensor:
     beta, dev, w = cfg.objective.jsd_beta, h_NH.device, keep_N.to(h_NH.device).float()
     if k == 0 or cfg.objective.topk_source == "student":
         ht = scores.hidden_NH[tok.to(scores.hidden_NH.device)]
 
         def teacher(sl: slice) -> torch.Tensor:
-            return torch.log_softmax(t_head(ht[sl]).to(dev), -1)
+            return log_softmax_(t_head(ht[sl]).to(dev))  # a new tensor: in place
         if k == 0:
-            fn = full_divergence_chunks(kind, beta, teacher, w)
+            fn = full_divergence_chunks(kind, beta, teacher, w, sink)
         else:
             picked: dict[str, torch.Tensor] = {}
 
@@ -114,16 +120,17 @@ def _fused_divergence(kind: str, k: int, cfg: TrainConfig, s_proj: Projection, t
                     picked["t"] = teacher(sl).gather(-1, picked["ids"])
                 return picked["ids"]
             fn = gathered_chunks(ids, lambda lp, sl: (
-                topk_divergence(kind, lp, picked["t"], beta) * w[sl]).sum())
+                topk_divergence(kind, lp, picked["t"], beta) * w[sl]).sum(), sink=sink)
     else:
         t_ids, t_lp = scores.topk_ids_NK[tok].to(dev), scores.topk_logp_NK[tok].to(dev)
         fn = gathered_chunks(lambda s, sl: t_ids[sl], lambda lp, sl: (
-            topk_divergence(kind, lp, t_lp[sl], beta) * w[sl]).sum())
+            topk_divergence(kind, lp, t_lp[sl], beta) * w[sl]).sum(), sink=sink)
     return fused_loss(s_proj, h_NH, fn, cfg.trainer.chunk_size)
 
 
 def _uld_sum(cfg: TrainConfig, s_head: Head, h_NH: torch.Tensor, scores: TokenScores,
-             tok: torch.Tensor, keep_N: torch.Tensor, s_proj: Projection | None) -> torch.Tensor:
+             tok: torch.Tensor, keep_N: torch.Tensor, s_proj: Projection | None,
+             sink: SampledScores | None = None) -> torch.Tensor:
     """ULD over kept tokens: the student's top-K probabilities (K: the teacher's) against the
     teacher's, each sorted; no token ids are compared."""
     if scores.topk_logp_NK is None:
@@ -134,7 +141,8 @@ def _uld_sum(cfg: TrainConfig, s_head: Head, h_NH: torch.Tensor, scores: TokenSc
     if s_proj is not None:
         return fused_loss(s_proj, h_NH, gathered_chunks(
             lambda s, sl: s.topk(k, -1).indices,
-            lambda lp, sl: (uld_distance(lp, t_lp[sl]) * w[sl]).sum()), cfg.trainer.chunk_size)
+            lambda lp, sl: (uld_distance(lp, t_lp[sl]) * w[sl]).sum(), sink=sink),
+            cfg.trainer.chunk_size)
 
     def fn(h, t):
         return (uld_distance(torch.log_softmax(s_head(h).float(), -1).topk(k, -1).values, t),)
@@ -183,6 +191,13 @@ def pair_pass(heads: Heads, h_old_NH: torch.Tensor, h_teacher_NH: torch.Tensor,
     return {name: torch.cat(v) for name, v in parts.items()}
 
 
+def whole_vocabulary(proj: Projection | None) -> bool:
+    """Does the fused path's output layer keep all its rows (its log-probs are then the
+    model's own, not renormalised over the rows a teacher shares)?"""
+    return proj is not None and (proj.vocab is None
+                                 or proj.vocab >= proj.layer.weight.shape[0])
+
+
 class UpdateStats(NamedTuple):
     """What one minibatch's gradient accumulation measured."""
 
@@ -190,7 +205,7 @@ class UpdateStats(NamedTuple):
     ratio_sum: float  # sum of rho over kept tokens (policy gradient; the kept count otherwise)
     tokens: int  # non-padding tokens through the student
     clipped: int  # kept tokens that the ratio clip took out of the gradient
-    # planned inside the loss (`planner`): the training forward's log pi_old and entropy of the
+    # with `planner` or `collect`: the training forward's log pi_old and entropy of the
     # minibatch's tokens
     scores: dict[str, torch.Tensor] | None = None
 
@@ -199,23 +214,29 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                          episodes: list[Episode], slices: list[torch.Tensor], tb: TokenBatch,
                          plan: Plan | None, teach: TokenScores, objective: Objective,
                          cfg: TrainConfig, heads: Heads, pad_id: int,
-                         planner: TokenPlanner | None = None,
+                         planner: TokenPlanner | None = None, collect: bool = False,
                          on_hidden: Callable[[torch.Tensor, torch.Tensor], None] | None = None
                          ) -> UpdateStats:
     """Accumulate gradients of one minibatch, with `plan`'s advantages and keep mask, or with
     `planner`'s, made inside the loss from the training forward's log-probs as log pi_old
-    (rho = 1; mmopd.objectives.tokenwise), whose log pi_old and entropy are then returned.
-    `on_hidden(h, tok)` sees each micro-batch's detached final hidden states and their token
-    indices while the output layers are gathered (FSDP2)."""
+    (rho = 1; mmopd.objectives.tokenwise). With `planner` or `collect`, the training forward's
+    log pi_old and entropy are returned (the fused path; a divergence objective's output layer
+    must be the student's whole one). `on_hidden(h, tok)` sees each micro-batch's detached
+    final hidden states and their token indices while the output layers are gathered
+    (FSDP2)."""
     device, world = accelerator.device, accelerator.num_processes
     unwrapped = accelerator.unwrap_model(student)
     tok_all = torch.cat(slices)
+    collect = collect or planner is not None
+    found: dict[str, list[torch.Tensor]] = {"logp": [], "entropy": []}
+    if collect and (heads.sampled_proj is None or objective.kind != "pg"
+                    and not whole_vocabulary(heads.student_proj)):
+        raise ValueError("log pi_old from the training forward needs the fused loss path over "
+                         "the student's whole output layer")
     if planner is not None:  # the divisor is known after the last micro-batch: applied then
-        if objective.kind != "pg" or heads.sampled_proj is None:
-            raise ValueError("a plan made inside the loss needs a policy-gradient objective "
-                             "and the fused loss path")
+        if objective.kind != "pg":
+            raise ValueError("a plan made inside the loss needs a policy-gradient objective")
         denom, kept = 1.0, torch.zeros((), dtype=torch.long, device=device)
-        found: dict[str, list[torch.Tensor]] = {"logp": [], "entropy": []}
     else:
         # Token mean over the whole minibatch (and all ranks): the divisor is known before any
         # micro-batch runs, so accumulation gives exactly the full-batch gradient.
@@ -243,15 +264,14 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
             h = hidden[rows, cols - 1]
             if on_hidden is not None and not idle:
                 on_hidden(h.detach(), tok)
+            sink = SampledScores(batch.input_ids[rows, cols]) if collect else None
             if planner is not None:
-                y = batch.input_ids[rows, cols]
-                loss_sum, logp, ent, keep = _planned_policy_loss(
-                    heads.sampled_proj, h, y, tok.to(device), planner, cfg.trainer.chunk_size)
+                assert heads.sampled_proj is not None and sink is not None
+                loss_sum, keep = _planned_policy_loss(heads.sampled_proj, h, tok.to(device),
+                                                      planner, sink, cfg.trainer.chunk_size)
                 ratio, n_clipped = float(keep.sum()), 0  # rho = 1 on every token
                 if not idle:
                     kept += keep.sum()
-                    found["logp"].append(logp.cpu())
-                    found["entropy"].append(ent.cpu())
             elif objective.kind == "pg":
                 assert plan is not None and keep is not None
                 y = batch.input_ids[rows, cols]
@@ -275,32 +295,36 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                 weight = keep if plan.weight_N is None else keep * plan.weight_N[tok]
                 loss_sum = divergence_sum(objective.divergence, cfg.objective.topk, cfg,
                                            heads.student, heads.teacher, h, teach, tok, weight,
-                                           heads.student_proj)
+                                           heads.student_proj, sink)
                 ratio, n_clipped = float(keep.sum()), 0
+            if sink is not None and not idle:
+                logp, ent = sink.result()
+                found["logp"].append(logp.cpu())
+                found["entropy"].append(ent.cpu())
             loss = loss_sum / denom * world  # DDP averages over ranks; undo it for a token mean
             accelerator.backward(loss * 0.0 if idle else loss)
         if not idle:
             loss_total += loss_sum.item() / denom
             ratio_sum, clipped = ratio_sum + ratio, clipped + n_clipped
             seq_tokens += int(batch.attention_mask.sum())
+    scores = {k: torch.cat(v) for k, v in found.items() if v} if collect else None
     if planner is None:
-        return UpdateStats(loss_total, ratio_sum, seq_tokens, clipped)
+        return UpdateStats(loss_total, ratio_sum, seq_tokens, clipped, scores)
     denom = max(float(accelerator.reduce(kept, "sum")), 1.0)
     for p in student.parameters():  # the token mean, now that every rank's kept count is known
         if p.grad is not None:
             p.grad.div_(denom)
-    scores = {k: torch.cat(v) for k, v in found.items() if v}
     return UpdateStats(loss_total / denom, ratio_sum, seq_tokens, clipped, scores)
 
 
-def _planned_policy_loss(proj: Projection, h: torch.Tensor, y: torch.Tensor, tok: torch.Tensor,
-                         planner: TokenPlanner, chunk: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _planned_policy_loss(proj: Projection, h: torch.Tensor, tok: torch.Tensor,
+                         planner: TokenPlanner, sink: SampledScores, chunk: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """The policy-gradient loss sum with each chunk planned from its own log-probs as
-    log pi_old (rho = 1, so a ratio clip has no effect); (loss, log-probs, entropies, keep)."""
-    got: list[torch.Tensor] = []
-    ent: list[torch.Tensor] = []
+    log pi_old (rho = 1, so a ratio clip has no effect), and the keep mask; `sink` holds the
+    sampled tokens (and receives their log-probs and the entropies)."""
     kept: list[torch.Tensor] = []
+    y = sink.sampled_N
 
     def loss(lp: torch.Tensor, sl: slice) -> torch.Tensor:
         lp = lp.squeeze(-1)
@@ -309,12 +333,9 @@ def _planned_policy_loss(proj: Projection, h: torch.Tensor, y: torch.Tensor, tok
         kept.append(keep)
         return policy_loss_sum(lp, old, adv, keep)
 
-    total = fused_loss(proj, h, gathered_chunks(lambda s, sl: y[sl, None], loss, keep=got,
-                                                entropy=ent), chunk)
-    if not got:
-        empty = h.new_zeros(0, dtype=torch.float32)
-        return total, empty, empty, empty.bool()
-    return total, torch.cat(got).squeeze(-1), torch.cat(ent), torch.cat(kept)
+    total = fused_loss(proj, h, gathered_chunks(lambda s, sl: y[sl, None], loss, sink=sink),
+                       chunk)
+    return total, torch.cat(kept) if kept else y.new_zeros(0, dtype=torch.bool)
 
 
 def _fused_policy_loss(proj: Projection, h: torch.Tensor, y: torch.Tensor,

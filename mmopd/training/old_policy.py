@@ -13,7 +13,12 @@ from mmopd.objectives.tokenwise import plannable, token_planner
 from mmopd.teachers.router import teacher_metrics
 from mmopd.teachers.scorer import TokenScores
 from mmopd.training.assemble import Run
-from mmopd.training.losses import UpdateStats, accumulate_gradients, pair_pass
+from mmopd.training.losses import (
+    UpdateStats,
+    accumulate_gradients,
+    pair_pass,
+    whole_vocabulary,
+)
 from mmopd.training.scoring import diagnostic_metrics, diagnostic_positions, logprob_gap
 
 
@@ -25,6 +30,7 @@ def old_in_forward(run: Run, step: int) -> bool:
     cfg = run.cfg
     return (cfg.trainer.old_from_forward and cfg.rollout.minibatches == 1
             and run.heads.sampled_proj is not None and run.teacher_scorer is not None
+            and (run.objective.kind == "pg" or whole_vocabulary(run.heads.student_proj))
             and not any(t.cross_tokenizer for t in cfg.teacher_list)
             and not has_dropout(run.model)
             and plannable(run.objective, step, cfg.trainer.steps, cfg.objective) is None)
@@ -57,6 +63,10 @@ def check_sync(run: Run, episodes: list[Episode], tb: TokenBatch, it: int) -> di
     return gap
 
 
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
 def has_dropout(model: PreTrainedModel) -> bool:
     """Dropout active in training mode (a module, a LoRA adapter's, or the config's attention
     or hidden dropout): the training forward then is not the rollout's distribution."""
@@ -74,11 +84,17 @@ def has_dropout(model: PreTrainedModel) -> bool:
 def update_in_forward(run: Run, episodes: list[Episode], slices: list[torch.Tensor],
                        tb: TokenBatch, teach: TokenScores, mb: list[int], step: int, it: int
                        ) -> tuple[UpdateStats, Plan, dict[str, float]]:
-    """`update`'s gradients with the plan made inside the loss; log pi_old and the entropy of
-    the training forward go into `tb`, and the whole batch's plan (the same numbers) is made
-    from them for the metrics."""
-    cfg, device = run.cfg, run.accelerator.device
-    planner = token_planner(run.objective, tb, step, cfg.trainer.steps, cfg.objective, device)
+    """`update`'s gradients with the plan made inside the loss (a divergence objective's,
+    which reads no log pi_old, before it); log pi_old and the entropy of the training forward
+    go into `tb`, and the whole batch's plan is made from them for the metrics. That plan must
+    keep the tokens the loss kept, or the run stops before the optimiser steps."""
+    cfg, device, obj = run.cfg, run.accelerator.device, run.objective
+    total = cfg.trainer.steps
+    before = planner = None
+    if obj.kind == "pg":
+        planner = token_planner(obj, tb, step, total, cfg.objective, device)
+    else:
+        before = make_plan(obj, tb, step, total, cfg.objective)
     tok = torch.cat([slices[i] for i in mb])
     diag = (cfg.trainer.diagnostics_tokens > 0 and run.heads.teacher is not None
             and teach.hidden_NH is not None and len(tok) > 0)
@@ -100,12 +116,20 @@ def update_in_forward(run: Run, episodes: list[Episode], slices: list[torch.Tens
                     stats.setdefault(k, []).append(v)
     out = accumulate_gradients(
         run.student, run.accelerator, [episodes[i] for i in mb], [slices[i] for i in mb], tb,
-        None, teach, run.objective, cfg, run.heads, run.tokenizer.pad_token_id,
-        planner=planner, on_hidden=on_hidden)
+        before, teach, obj, cfg, run.heads, run.tokenizer.pad_token_id,
+        planner=planner, collect=True, on_hidden=on_hidden)
     scores = out.scores or {}
     if len(tok):
         tb.logp_old_N[tok], tb.entropy_N[tok] = scores["logp"].float(), scores["entropy"].float()
-    plan = make_plan(run.objective, tb, step, cfg.trainer.steps, cfg.objective)
+    plan = make_plan(obj, tb, step, total, cfg.objective)
+    kept = (int(plan.keep_N[tok].sum()) == round(out.ratio_sum) if before is None else
+            torch.equal(before.keep_N, plan.keep_N) and _same(before.weight_N, plan.weight_N))
+    if not kept:
+        raise RuntimeError(
+            f"objective {obj.name}: its plan over the batch keeps other tokens (or weights) than "
+            "the loss did with log pi_old from the training forward; its `tokens` must give "
+            "each token's keep mask and advantage as its plan does (or set "
+            "trainer.old_from_forward=false)")
     extra = old_metrics(run, episodes, slices, tb, it)
     if stats:
         extra.update(diagnostic_metrics({k: torch.cat(v) for k, v in stats.items()}))
