@@ -34,10 +34,13 @@ step's rollout (`collect_episodes`) to the moment its metrics row is written (th
 mmopd's per-step bookkeeping: answer checking, metrics). Generated tokens are counted from the
 completions each system sampled (the end-of-turn token included) and tokens/s is generated tokens
 per second of the whole step. Peak RSS is VmHWM of the child process, read at the end of the last
-measured step; "peak extra" subtracts VmRSS once the models (and the trainer) exist, before the
-first step. CPU s / step is the process's CPU time over the step (all threads), less sensitive
-to other jobs than wall time. Numbers are medians over the measured steps (after warm-up) of all
-`--repeats` runs.
+measured step. Every child runs with `MALLOC_MMAP_THRESHOLD_=1048576` (glibc): buffers of 1 MiB
+and more are mapped and returned on free, so the peak counts live memory. With glibc's default
+(a threshold that rises to 32 MiB), the [32 x 152k] float buffers of generation pile up in its
+heap, and two identical runs of mmopd's rkl step peaked 260 MB apart. "Peak extra" subtracts
+VmRSS once the models (and the trainer) exist, before the first step. CPU s / step is the
+process's CPU time over the step (all threads), less sensitive to other jobs than wall time.
+Numbers are medians over the measured steps (after warm-up) of all `--repeats` runs.
 
 The large-vocabulary case gives both models an output layer (tied embeddings) of `--vocab`
 rows, like Qwen2.5's 151,936, while the tokenizer stays the 99-token character one: the rows
@@ -55,9 +58,9 @@ Differences that remain, by design of each system (not settings):
 - Scoring: mmopd runs a no-grad teacher pass before the update; TRL runs the teacher inside
   the loss, per micro-batch. With one optimiser step per batch, mmopd takes log pi_old and the
   entropy from the training forward where the objective plans token by token (`opd`; `reopold`
-  before its switch step, a third of the run: steps 0-1 of a 5-step run) and runs a separate
-  no-grad student pass otherwise (`rkl`: for its metrics; `reopold` in refinement: the entropy
-  quantile). TRL has no pi_old pass.
+  before its switch step, a third of the run: steps 0-1 of a 5-step run; `rkl`, whose plan
+  reads none) and runs a separate no-grad student pass otherwise (`reopold` in refinement: the
+  entropy quantile). TRL has no pi_old pass.
 - Loss: both build vocabulary logits chunk by chunk from hidden states and never hold
   [B, L, V]: mmopd over the completion tokens only, `trainer.chunk_size` (256) rows at a time,
   each chunk's loss and gradient in one pass (`trainer.fused_loss`, the default);
@@ -196,6 +199,7 @@ class Child:
         env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]),
                "MKL_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false",
                "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+               "MALLOC_MMAP_THRESHOLD_": "1048576",
                "TRANSFORMERS_VERBOSITY": "error"}
         r, w = os.pipe()
         with open(self.log, "w") as log:
