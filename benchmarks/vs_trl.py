@@ -37,10 +37,11 @@ per second of the whole step. Peak RSS is VmHWM of the child process, read at th
 measured step. Every child runs with `MALLOC_MMAP_THRESHOLD_=1048576` (glibc): buffers of 1 MiB
 and more are mapped and returned on free, so the peak counts live memory. With glibc's default
 (a threshold that rises to 32 MiB), the [32 x 152k] float buffers of generation pile up in its
-heap, and two identical runs of mmopd's rkl step peaked 260 MB apart. "Peak extra" subtracts
-VmRSS once the models (and the trainer) exist, before the first step. CPU s / step is the
-process's CPU time over the step (all threads), less sensitive to other jobs than wall time.
-Numbers are medians over the measured steps (after warm-up) of all `--repeats` runs.
+heap: in two identical runs of mmopd's rkl step, the peak during generation was 620 and
+1,010 MB. "Peak extra" subtracts VmRSS once the models (and the trainer) exist, before the first
+step. CPU s / step is the process's CPU time over the step (all threads), less sensitive to
+other jobs than wall time. Numbers are medians over the measured steps (after warm-up) of all
+`--repeats` runs.
 
 The large-vocabulary case gives both models an output layer (tied embeddings) of `--vocab`
 rows, like Qwen2.5's 151,936, while the tokenizer stays the 99-token character one: the rows
