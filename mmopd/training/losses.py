@@ -44,7 +44,6 @@ from mmopd.training.fused import (
     full_divergence_chunks,
     fused_loss,
     gathered_chunks,
-    log_softmax_,
 )
 from mmopd.training.sharding import lockstep_count
 from mmopd.vision import VisionInputs, forward_kwargs
@@ -108,7 +107,7 @@ def _fused_divergence(kind: str, k: int, cfg: TrainConfig, s_proj: Projection, t
         ht = scores.hidden_NH[tok.to(scores.hidden_NH.device)]
 
         def teacher(sl: slice) -> torch.Tensor:
-            return log_softmax_(t_head(ht[sl]).to(dev))  # a new tensor: in place
+            return torch.log_softmax(t_head(ht[sl]).to(dev), -1)
         if k == 0:
             fn = full_divergence_chunks(kind, beta, teacher, w, sink)
         else:
