@@ -360,6 +360,13 @@ def reward_weights(tb: TokenBatch, cfg: ObjectiveConfig) -> tuple[TokenBatch, di
     return tb, extra
 
 
+def outcome_advantages(tb: TokenBatch, cfg: ObjectiveConfig) -> torch.Tensor | None:
+    """`objective.outcome_coef` times the GRPO advantage of each episode (None when off)."""
+    if not cfg.outcome_coef:
+        return None
+    return cfg.outcome_coef * grpo_advantages(tb.reward_E, tb.group_E, cfg.grpo_eps)
+
+
 def make_plan(obj: Objective, tb: TokenBatch, step: int, total: int,
               cfg: ObjectiveConfig) -> Plan:
     """The objective's plan with the composable options applied: step weighting (SOD) and
@@ -380,9 +387,9 @@ def make_plan(obj: Objective, tb: TokenBatch, step: int, total: int,
         if plan.aux_N is not None:
             plan.aux_N = plan.aux_N * chosen
         plan.metrics["selected_frac"] = masked_mean(chosen.float())
-    if cfg.outcome_coef:
-        adv_E = grpo_advantages(tb.reward_E, tb.group_E, cfg.grpo_eps)
-        plan.advantage_N = plan.advantage_N + cfg.outcome_coef * adv_E[tb.episode_N]
+    outcome_E = outcome_advantages(tb, cfg)
+    if outcome_E is not None:
+        plan.advantage_N = plan.advantage_N + outcome_E[tb.episode_N]
     plan.weight_N = tb.weight_N
     plan.metrics.update(extra)
     return plan

@@ -23,8 +23,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mmopd.objectives import Objective, TokenBatch, needed_scores, reward_weights
-from mmopd.objectives.zoo import grpo_advantages
+from mmopd.objectives import (
+    Objective,
+    TokenBatch,
+    needed_scores,
+    outcome_advantages,
+    reward_weights,
+)
 
 if TYPE_CHECKING:
     from mmopd.config import ObjectiveConfig
@@ -65,8 +70,8 @@ def token_planner(obj: Objective, tb: TokenBatch, step: int, total: int,
     teacher = tb.logp_teacher_N.to(device)
     weight = tb.weight_N.to(device) if tb.weight_N is not None else None
     ref = tb.logp_ref_N.to(device) if tb.logp_ref_N is not None else None
-    outcome = (cfg.outcome_coef * grpo_advantages(tb.reward_E, tb.group_E, cfg.grpo_eps).to(device)
-               if cfg.outcome_coef else None)
+    outcome = outcome_advantages(tb, cfg)
+    outcome = outcome.to(device) if outcome is not None else None
 
     def plan(idx: torch.Tensor, logp_old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sub = TokenBatch(
