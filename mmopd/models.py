@@ -88,7 +88,8 @@ def _processor_chat_template(source: str) -> str | None:
     return None
 
 
-def _is_vlm(cfg: ModelConfig, field: str) -> bool:
+def is_vlm(cfg: ModelConfig, field: str = "model") -> bool:
+    """Whether the model of `cfg` is a vision-language model (its config alone is read)."""
     if cfg.tiny is not None:
         return cfg.tiny.arch != "qwen2"
     path = _check_local(cfg.path, f"{field}.path")
@@ -104,7 +105,7 @@ def load_vision(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase,
     """The image pipeline of a vision-language model (None for text-only models): its image
     processor (from the tokenizer directory, or the checkpoint), with `cfg.min_pixels` /
     `cfg.max_pixels` as the resize bounds."""
-    if not _is_vlm(cfg, field):
+    if not is_vlm(cfg, field):
         return None
     where = f"{field}.tokenizer" if cfg.tokenizer else f"{field}.path"
     source = os.path.expanduser(cfg.tokenizer or cfg.path or "")
@@ -211,7 +212,7 @@ def _load_base(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, field: str,
     kwargs = {"dtype": dtype}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    auto = AutoModelForImageTextToText if _is_vlm(cfg, field) else AutoModelForCausalLM
+    auto = AutoModelForImageTextToText if is_vlm(cfg, field) else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

@@ -470,9 +470,8 @@ def test_served_scores_match_in_process_hf(vllm_server, episodes):
 
 @pytest.mark.vllm
 def test_the_token_in_endpoint_scores_as_completions_do(vllm_server, episodes):
-    """The request a VLM episode goes out as (here without images: this vLLM env cannot run a
-    Qwen-VL model, as it has no torchvision for its torch), on a real server: the same scores
-    as the /v1/completions path, read the same way."""
+    """The request a VLM episode goes out as, here without images, on a real server: the same
+    scores as the /v1/completions path, read the same way (with images: test_vllm_vision)."""
     server, model_dir = vllm_server
     served = ServedTeacher(server.url)
     served.check(__import__("transformers").AutoTokenizer.from_pretrained(model_dir))

