@@ -28,13 +28,15 @@ from mmopd.training.sft import sft
 
 TEACHER = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
            "intermediate_size": 384, "seed": 1}
-STUDENT = {"hidden_size": 96, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2,
+# Head size 32 everywhere (hidden / heads): the smallest vLLM's CPU attention runs, so every model
+# the demo writes can be served, and its distillation can roll out in vLLM (--rollout vllm)
+STUDENT = {"hidden_size": 96, "num_layers": 3, "num_heads": 3, "num_kv_heads": 1,
            "intermediate_size": 256, "seed": 2}
 VL_TEACHER = {"arch": "qwen2_5_vl", "hidden_size": 128, "num_layers": 3, "num_heads": 4,
               "num_kv_heads": 2, "intermediate_size": 384, "seed": 1, "vision_depth": 2,
               "vision_hidden_size": 64, "vision_heads": 4}
-VL_STUDENT = {"arch": "qwen2_5_vl", "hidden_size": 96, "num_layers": 3, "num_heads": 4,
-              "num_kv_heads": 2, "intermediate_size": 256, "seed": 2, "vision_depth": 1,
+VL_STUDENT = {"arch": "qwen2_5_vl", "hidden_size": 96, "num_layers": 3, "num_heads": 3,
+              "num_kv_heads": 1, "intermediate_size": 256, "seed": 2, "vision_depth": 1,
               "vision_hidden_size": 48, "vision_heads": 4}
 PREMISE_MARGIN = 0.15  # the teacher must lead the student by this much before distilling
 GAP_BAR = 0.9  # the share of the gap a world's default recipe is expected to close
@@ -123,19 +125,10 @@ def demo_configs(out: Path, fast: bool = False, world: str = "math", rollout: st
     """The three runs of the demo as configs (printable, overridable, reusable in tests).
     `seed` moves every seed of the world (both models' initialisations and supervision, the
     distillation run), for sweeps over seeds. `rollout="vllm"` samples the distillation
-    episodes with vLLM; the student then has head size 32 (hidden / 32 heads, one key-value
-    head), the smallest vLLM's CPU attention runs."""
+    episodes with vLLM (the models are the same either way)."""
     if world not in WORLDS:
         raise ValueError(f"unknown demo world {world!r}; choose one of {sorted(WORLDS)}")
     w = WORLDS[world]
-    if rollout == "vllm":
-        if w.vision:
-            raise ValueError("the demo's vLLM rollouts run on CPU, where vLLM cannot run "
-                             "Qwen-VL models (no torchvision for its torch); the vision world "
-                             "rolls out with HF generate")
-        heads = w.student_model["hidden_size"] // 32
-        w = dataclasses.replace(w, student_model={**w.student_model, "num_heads": heads,
-                                                  "num_kv_heads": 1})
     tok = str(out / "tokenizer")
 
     def supervised(tiny: dict, env_kwargs: dict, examples: int, epochs: int, name: str,

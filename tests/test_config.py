@@ -93,6 +93,21 @@ def test_demo_configs_are_the_files(world, folder, out, distill_file):
     assert to_dict(load_config(TrainConfig, root / distill_file)) == to_dict(distill)
 
 
+@pytest.mark.parametrize("world", ["math", "agent", "vision"])
+def test_every_demo_model_can_be_served_by_vllm_on_cpu(world):
+    """vLLM's CPU attention runs head sizes 32, 64, ...: every model a demo writes (teacher,
+    student, and so the distilled student its export serves) has one."""
+    from types import SimpleNamespace
+
+    from mmopd.demo import WORLDS
+    from mmopd.rollout.vllm import check_cpu_head_size
+
+    w = WORLDS[world]
+    for tiny in (w.teacher_model, w.student_model):
+        check_cpu_head_size(SimpleNamespace(hidden_size=tiny["hidden_size"],
+                                            num_attention_heads=tiny["num_heads"]))
+
+
 def test_teacher_required_only_when_the_objective_uses_one():
     with pytest.raises(ConfigError, match="teacher.model: objective 'reopold' needs a teacher"):
         load_config(TrainConfig, None, ["model.path=a"])

@@ -202,3 +202,36 @@ def test_trainer_stops_on_a_failed_weight_sync(model_dir, teacher_dir, tmp_path,
     with pytest.raises(RuntimeError, match="not sampling from the student's weights"):
         train(_train_cfg(model_dir, teacher_dir, tmp_path / "run", "optim.lr=3e-2",
                          "rollout.vllm.max_logprob_gap=0.02"))
+
+
+def test_the_demos_exported_student_serves_with_evals_greedy_replies(tmp_path):
+    """`mmopd demo` (math, --fast) then `mmopd export` of the distilled student: vLLM serves the
+    export (head size 32) and its greedy replies to the held-out problems are the ones mmopd's
+    evaluation (HF generate) gives."""
+    from mmopd.config import ModelConfig
+    from mmopd.demo import run_demo
+    from mmopd.envs import make_env
+    from mmopd.export import export
+    from mmopd.models import load_tokenizer
+    from mmopd.rollout.agent_loop import collect_episodes
+    from mmopd.rollout.evaluate import EnvPool, evaluation_episodes
+    from mmopd.rollout.render import ChatRenderer
+
+    demo = tmp_path / "demo"
+    run_demo(demo, fast=True)
+    ckpt = max((demo / "reopold" / "checkpoints").glob("step-*"))
+    out = export(ckpt, tmp_path / "export")
+    tok = load_tokenizer(ModelConfig(path=str(out)))
+    cfg = load_config(TrainConfig, demo / "reopold" / "config.yaml")
+    env = cfg.env
+    pool = EnvPool(lambda: make_env(env.id, **{**env.kwargs, **env.eval_kwargs}))
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    n, new = 60, cfg.rollout.max_new_tokens
+    hf, _ = evaluation_episodes(model, tok, pool, num_problems=n, max_new_tokens=new)
+    renderer = ChatRenderer(tok)
+    engine = VLLMSampler(out, tok, stop_token_ids=renderer.stop_token_ids, dtype="float32",
+                         max_model_len=256, seed=0)
+    served = collect_episodes(pool.take(n), [{"options": {"index": i}} for i in range(n)],
+                              engine, renderer, SamplingParams(1, 0.0, 1.0, new))
+    assert [ep.input_ids for ep in served] == [ep.input_ids for ep in hf]
+    assert sum(ep.num_generated for ep in hf) > 5 * n  # real replies, not empty ones
