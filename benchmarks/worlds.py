@@ -16,6 +16,11 @@ trained again, so the sweep can span sessions. Writes `worlds_W.json`, `worlds_W
 
     python benchmarks/worlds.py [--worlds math,agent,vision] [--seeds 0,1,2] [--arms A,B]
         [--runs runs/worlds] [--out benchmarks/results]
+
+The vision world's `reopold-vllm` arm (the default recipe on vLLM rollouts) runs in the vLLM env
+on the same seeds' models: `.venv-vllm/bin/python benchmarks/worlds.py --worlds vision --arms
+reopold-vllm`, then the table of every arm (finished runs are read back, in either env):
+`python benchmarks/worlds.py --worlds vision --arms reopold,opd,grpo,reopold-vllm`.
 """
 
 from __future__ import annotations
@@ -61,8 +66,12 @@ ARMS: dict[str, dict[str, tuple[str, ...]]] = {
         "reopold": (),
         "opd": ("objective.name=opd",),
         "grpo": ("objective.name=grpo", "teacher.model=null"),
+        # the default recipe on vLLM rollouts (run in the vLLM env: --arms reopold-vllm)
+        "reopold-vllm": ("rollout.backend=vllm",),
     },
 }
+# Arms that need vLLM run only when asked for by name (--arms), in an env that has it.
+VLLM_ARMS = {a for arms in ARMS.values() for a, o in arms.items() if "rollout.backend=vllm" in o}
 BASELINE = "grpo"
 # Where the world's configs (configs/tiny, agent, vision) put its demo: a demo run there with
 # seed 0 (`make demo`, `mmopd demo --world agent --out runs/agent-demo`, ...) is seed 0's.
@@ -200,8 +209,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worlds", default="math,agent,vision")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated world seeds")
-    ap.add_argument("--arms", default=None, help="comma-separated arms (default: all of each "
-                    "world's: " + "; ".join(f"{w}: {','.join(a)}" for w, a in ARMS.items()) + ")")
+    ap.add_argument("--arms", default=None, help="comma-separated arms (default: each world's "
+                    "arms but those on vLLM rollouts: " + "; ".join(
+                        f"{w}: {','.join(a)}" for w, a in ARMS.items()) + ")")
     ap.add_argument("--runs", default="runs/worlds", help="demos and runs, one folder per seed")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -213,7 +223,8 @@ def main() -> None:
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     for world in worlds:
-        arms = args.arms.split(",") if args.arms else list(ARMS[world])
+        arms = (args.arms.split(",") if args.arms
+                else [a for a in ARMS[world] if a not in VLLM_ARMS])
         bad = [a for a in arms if a not in ARMS[world]]
         if bad:
             raise SystemExit(f"--arms: unknown arm {bad[0]!r} for {world}; choose from "
