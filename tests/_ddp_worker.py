@@ -68,10 +68,12 @@ def run(mode: str, bundle: dict, fused: bool = False) -> dict[str, dict[str, tor
     for name, case in bundle["cases"].items():
         model.zero_grad(set_to_none=True)
         mine = case["split"][rank]
+        idle = not mine  # a rank without episodes in this step: a stand-in at zero weight
+        mine = mine or [0]
         accumulate_gradients(student, accelerator, [case["episodes"][i] for i in mine],
                              [case["slices"][i] for i in mine], case["tb"], case["plan"],
-                             case["teach"], OBJECTIVES[name], case["cfg"], heads,
-                             tok.pad_token_id)
+                             case["teach"], OBJECTIVES[case.get("objective", name)],
+                             case["cfg"], heads, tok.pad_token_id, idle=idle)
         grads[name] = {k: full(p.grad) for k, p in model.named_parameters()}
     return grads
 

@@ -116,9 +116,11 @@ def test_token_mean_is_exact_across_ranks(tiny_overrides, student_dir, teacher_d
     teacher = load_model(ModelConfig(path=str(teacher_dir)), tok).requires_grad_(False)
     names = ["reopold", "rkl"]  # policy gradient over kept tokens; full-vocabulary divergence
     cases = {n: _case(n, tiny_overrides, student, teacher, tok) for n in names}
+    # a rank whose minibatch is empty (its episodes failed to start) still joins the step
+    idle = {**cases["reopold"], "split": [[], list(range(8))], "objective": "reopold"}
     bundle = tmp_path / "bundle.pt"
-    torch.save({"student": str(student_dir), "teacher": str(teacher_dir), "cases": cases},
-               bundle)
+    torch.save({"student": str(student_dir), "teacher": str(teacher_dir),
+                "cases": {**cases, "reopold-idle": idle}}, bundle)
     p = _torchrun(str(HERE / "_ddp_worker.py"), str(bundle), str(tmp_path))
     assert p.returncode == 0, p.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
@@ -140,6 +142,11 @@ def test_token_mean_is_exact_across_ranks(tiny_overrides, student_dir, teacher_d
         halves = [_grads(student, tok, case, name, half) for half in case["split"]]
         naive = {k: (halves[0][k] + halves[1][k]) / 2 for k in whole}
         assert _rel_err(naive, whole) > 1e-2, name
+        if name == "reopold":  # rank 0 idle, rank 1 all 8 episodes: the whole batch's gradient
+            for mode in ("ddp", "fsdp", "ddp-fused", "fsdp-fused"):
+                got = [ranks[r][mode]["reopold-idle"] for r in (0, 1)]
+                assert _rel_err(got[0], got[1]) == 0.0, mode
+                assert _rel_err(got[0], whole) < 1e-6, mode
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import _faulty
 import pytest
+import torch
 
 from mmopd.config import TrainConfig, load_config
 from mmopd.rollout.timeout import CallTimeout, time_limit
@@ -248,6 +249,27 @@ def test_hanging_and_raising_envs_fail_their_episodes_and_the_run_goes_on(tiny_o
     for r in rows:  # 8 episodes per batch: 2 failed to start, 1 of the 6 others timed out
         assert r["failed_episodes"] == 2 and r["env_timeouts"] == 2
         assert r["stop_env_timeout_frac"] == pytest.approx(1 / 6)
+
+
+def test_every_rollout_batch_takes_its_minibatches_when_episodes_fail_to_start(tiny_overrides,
+                                                                             tmp_path):
+    """8 episodes per batch, 2 fail to start, 4 minibatches: still 4 optimiser steps per batch
+    (6 episodes do not chunk into 4 pieces of equal size: torch.chunk gave 3, and a rank with
+    failed episodes would have taken fewer steps than the others and hung them)."""
+    from mmopd.training.loop import minibatches
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (6, 8, 3, 1):
+        parts = minibatches(n, 4, gen)
+        assert len(parts) == 4 and sorted(i for p in parts for i in p) == list(range(n))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    train(_cfg(tiny_overrides, [
+        "env.id=faulty/FlakyMath-v0", "env.imports=[_faulty]", "rollout.env_timeout_s=0.5",
+        "rollout.minibatches=4", "trainer.steps=8",
+        "eval.num_problems=2", "eval.pass_k=0", f"trainer.output_dir={tmp_path}"]))
+    rows = _rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["failed_episodes"] == 2 for r in rows)
 
 
 # ------------------------------------------------------------------------- preemption

@@ -118,9 +118,9 @@ def _train(run: Run, signals: StopSignals) -> dict[str, Any]:
 
         # ---- minibatch updates: several optimiser steps per rollout batch (rho != 1 after one)
         shuffle = torch.Generator().manual_seed(derived_seed(tcfg.seed, it, SHUFFLE, run.rank))
-        for mb in torch.randperm(len(episodes), generator=shuffle).chunk(mbs):
+        for mb in minibatches(len(episodes), mbs, shuffle):
             row = {"step": step + 1, **stats,
-                   **update(run, episodes, slices, tb, teach, mb.tolist(), step, skips,
+                   **update(run, episodes, slices, tb, teach, mb, step, skips,
                             it if one else None)}
             step += 1
             run.metrics_log.write(row)
@@ -192,6 +192,13 @@ def rollout(run: Run, it: int, step: int) -> tuple[list[Episode], list[Episode],
     return [ep for ep in episodes if ep.input_ids], failed, prefix
 
 
+def minibatches(n: int, mbs: int, generator: torch.Generator) -> list[list[int]]:
+    """A shuffled split of n episodes into exactly `mbs` minibatches (sizes differ by at most
+    one; empty ones when n < mbs): every rank takes the same number of optimiser steps per
+    rollout batch even when episodes failed to start (torch.chunk would give fewer pieces)."""
+    return [mb.tolist() for mb in torch.randperm(n, generator=generator).tensor_split(mbs)]
+
+
 def batch_stats(run: Run, episodes: list[Episode], tb: TokenBatch, flops_total: dict[str, float],
                 *, failed: list[Episode], prefix: int, diagnostics: dict[str, float],
                 t_rollout: float, t_teacher: float) -> dict[str, float]:
@@ -230,6 +237,8 @@ def update(run: Run, episodes: list[Episode], slices: list[torch.Tensor], tb: To
     after it (a drifted vLLM engine still stops the run before the optimiser steps)."""
     cfg = run.cfg
     t0 = time.perf_counter()
+    idle = not mb  # no episode for this step here: a stand-in at zero weight keeps the ranks
+    mb = mb or [0]  # in step (each reduces gradients in every optimiser step)
     tok = torch.cat([slices[i] for i in mb])
     bad = nonfinite_inputs(tb, tok)
     bad = agreed(run.accelerator, bad[:1] + [False] if one is not None else bad)
@@ -239,7 +248,8 @@ def update(run: Run, episodes: list[Episode], slices: list[torch.Tensor], tb: To
     if one is None:
         plan = make_plan(run.objective, tb, step, cfg.trainer.steps, cfg.objective)
         out = accumulate_gradients(run.student, run.accelerator, eps, sl, tb, plan, teach,
-                                   run.objective, cfg, run.heads, run.tokenizer.pad_token_id)
+                                   run.objective, cfg, run.heads, run.tokenizer.pad_token_id,
+                                   idle=idle)
     else:
         out, plan, extra = update_in_forward(run, episodes, slices, tb, teach, mb, step, one)
     grad_norm = float(run.accelerator.clip_grad_norm_(run.student.parameters(),
@@ -259,7 +269,7 @@ def update(run: Run, episodes: list[Episode], slices: list[torch.Tensor], tb: To
     if run.ema is not None:
         ema_update(run.ema, run.model, run.ema_decay)
     t_train = time.perf_counter() - t0
-    n_kept = max(int(plan.keep_N[tok].sum()), 1)
+    n_kept = max(int(plan.keep_N[tok].sum()) * (not idle), 1)
     per_teacher = (kept_by_teacher(run.router.last_routes, slices, mb, plan.keep_N)
                    if run.router is not None else {})
     return {"loss": out.loss, **plan.metrics, **extra, **per_teacher,

@@ -214,15 +214,16 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                          plan: Plan | None, teach: TokenScores, objective: Objective,
                          cfg: TrainConfig, heads: Heads, pad_id: int,
                          planner: TokenPlanner | None = None, collect: bool = False,
-                         on_hidden: Callable[[torch.Tensor, torch.Tensor], None] | None = None
-                         ) -> UpdateStats:
+                         on_hidden: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+                         idle: bool = False) -> UpdateStats:
     """Accumulate gradients of one minibatch, with `plan`'s advantages and keep mask, or with
     `planner`'s, made inside the loss from the training forward's log-probs as log pi_old
     (rho = 1; mmopd.objectives.tokenwise). With `planner` or `collect`, the training forward's
     log pi_old and entropy are returned (the fused path; a divergence objective's output layer
     must be the student's whole one). `on_hidden(h, tok)` sees each micro-batch's detached
     final hidden states and their token indices while the output layers are gathered
-    (FSDP2)."""
+    (FSDP2). `idle`: this rank has no episode for this optimiser step; `episodes` is a stand-in
+    that runs at zero weight, so every rank takes part in the step's gradient reduction."""
     device, world = accelerator.device, accelerator.num_processes
     unwrapped = accelerator.unwrap_model(student)
     tok_all = torch.cat(slices)
@@ -240,17 +241,20 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
         # Token mean over the whole minibatch (and all ranks): the divisor is known before any
         # micro-batch runs, so accumulation gives exactly the full-batch gradient.
         assert plan is not None
-        n_keep = accelerator.reduce(plan.counted_N[tok_all].sum().to(device), "sum")
+        n_keep = accelerator.reduce(plan.counted_N[tok_all].sum().to(device) * (not idle),
+                                    "sum")
         denom = max(float(n_keep), 1.0)
     mb = cfg.trainer.micro_batch_size
     loss_total, ratio_sum, seq_tokens, clipped = 0.0, 0.0, 0, 0
     parts = list(range(0, len(episodes), mb))
     # FSDP: every rank runs as many sharded passes as the rank with the most micro-batches; the
     # extra ones repeat the first at zero weight (the same modules gather in the same order)
-    n_parts = lockstep_count(len(parts), unwrapped)
+    n_parts = lockstep_count(0 if idle else len(parts), unwrapped)
+    if idle:  # DDP reduces gradients in the last backward: every rank must run one
+        n_parts, parts = max(n_parts, 1), []
     for j in range(n_parts):
         idle = j >= len(parts)
-        s = parts[0] if idle else parts[j]
+        s = parts[j] if not idle else 0
         eps, tok = episodes[s: s + mb], torch.cat(slices[s: s + mb])
         batch = pad_right([e.input_ids for e in eps], [e.loss_mask for e in eps], pad_id, device)
         keep = plan.keep_N[tok] if plan is not None else None
