@@ -149,6 +149,24 @@ def test_token_mean_is_exact_across_ranks(tiny_overrides, student_dir, teacher_d
                 assert _rel_err(got[0], whole) < 1e-6, mode
 
 
+def test_reopold_entropy_threshold_is_the_whole_batchs(tmp_path):
+    """REOPOLD's refinement keeps the top-beta entropies of the rollout batch, which is split
+    over the ranks: the threshold is taken over every rank's tokens (the same on each), not per
+    rank."""
+    import _gather_worker
+
+    from mmopd.objectives.zoo import top_threshold
+
+    p = _torchrun(str(HERE / "_gather_worker.py"), str(tmp_path))
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    whole = torch.cat([_gather_worker.share(r) for r in (0, 1)])
+    tau = top_threshold(whole, 0.2)
+    assert got[0]["tau"] == got[1]["tau"] == tau
+    assert not got[0]["keep"].any()  # rank 0's entropies all lie below the batch's top 20 %
+    assert int(got[1]["keep"].sum()) == 100  # the batch's top 20 %: 100 of 500, all rank 1's
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["model.lora={r: 4}"]], ids=["full", "lora"])
 def test_train_two_processes_end_to_end(extra, tiny_overrides, tmp_path):

@@ -123,10 +123,7 @@ def _reopold_brute(tb: TokenBatch, logp_new: torch.Tensor, step: int, t_switch: 
         m = [1.0 if ri >= f else 0.0 for ri in r]
         rr = r
     else:
-        srt = sorted(h)
-        pos = (1 - beta) * (len(h) - 1)  # linear-interpolated quantile
-        lo = math.floor(pos)
-        tau = srt[lo] + (srt[min(lo + 1, len(h) - 1)] - srt[lo]) * (pos - lo)
+        tau = sorted(h, reverse=True)[math.ceil(beta * len(h)) - 1]  # the top beta's least
         m = [1.0 if hi >= tau else 0.0 for hi in h]
         rr = [max(ri, f) for ri in r]
     num = sum(p * x * mi for p, x, mi in zip(rho, rr, m))
@@ -149,6 +146,22 @@ def test_reopold_matches_brute_force(step):
     else:  # exploration: everything below the floor is dropped
         r = tb.token_reward_N
         assert not plan.keep_N[r < reopold_floor(0.3)].any()
+
+
+def test_top_threshold_is_an_order_statistic_at_any_size():
+    from mmopd.objectives.zoo import top_threshold
+
+    x = torch.rand(1001, generator=torch.Generator().manual_seed(0))
+    for frac in (0.2, 0.5, 1.0, 1e-4):
+        tau = top_threshold(x, frac)
+        assert int((x >= tau).sum()) == math.ceil(frac * 1001)
+    assert top_threshold(x, 0.2) == float(torch.quantile(x, 0.8, interpolation="higher"))
+    assert math.isnan(top_threshold(torch.zeros(0), 0.2))
+    # 1k episodes x 16k tokens is past torch.quantile's limit of 2^24 elements
+    big = torch.arange(2**24 + 8, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="too large"):
+        torch.quantile(big, 0.8)
+    assert top_threshold(big, 0.25) == float(big.numel() - (big.numel() // 4))
 
 
 def test_reopold_switch_frac_default():

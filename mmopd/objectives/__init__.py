@@ -37,6 +37,7 @@ from mmopd.objectives.zoo import (
     grpo_advantages,
     tip_scores,
     top_fraction,
+    top_threshold,
     vopd_advantage,
 )
 
@@ -72,6 +73,13 @@ class TokenBatch:
     # positions where the teacher gave a distribution (its top-k; a cross-tokenizer teacher: the
     # first token of each aligned span); None = every position
     dist_mask_N: torch.Tensor | None = None
+    # the batch may be split over ranks: concatenates a per-token tensor over every rank's share
+    # (a collective: all ranks plan together); None = this process holds the whole batch
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def gathered(self, x_N: torch.Tensor) -> torch.Tensor:
+        """x_N over the whole batch, every rank's tokens (for statistics of the batch)."""
+        return x_N if self.gather is None else self.gather(x_N)
 
     @property
     def token_reward_N(self) -> torch.Tensor:
@@ -192,9 +200,9 @@ def _reopold_plan(tb: TokenBatch, step: int, total: int, cfg: ObjectiveConfig) -
     tau = float("nan")
     if not refine:
         adv, keep = _reopold_tokens(tb, step, total, cfg)
-    else:  # refinement: high-entropy tokens only, rewards clipped at the floor
+    else:  # refinement: high-entropy tokens only (top beta of the batch), rewards clipped
         h = tb.entropy_N.float()
-        tau = float(torch.quantile(h, 1.0 - cfg.beta)) if h.numel() else float("nan")
+        tau = top_threshold(tb.gathered(h), cfg.beta)
         keep = h >= tau if h.numel() else torch.zeros_like(below)
         adv = r.clamp(min=floor)
     n = max(r.numel(), 1)

@@ -80,6 +80,19 @@ def tip_scores(entropy_N: torch.Tensor, kl_N: torch.Tensor) -> torch.Tensor:
     return (h + d - h * d).detach()
 
 
+def top_threshold(x: torch.Tensor, frac: float) -> float:
+    """The smallest of the top `frac` fraction of x's values: `x >= it` keeps ceil(frac * n) of
+    them (more on ties); NaN for an empty x. The order statistic (kthvalue), not
+    torch.quantile, which refuses inputs of more than 2^24 elements (1k episodes x 16k tokens);
+    it equals torch.quantile(x, 1 - frac) wherever that lands on an element."""
+    n = x.numel()
+    if n == 0:
+        return float("nan")
+    x = x.float().flatten()
+    k = min(n, max(1, math.ceil(frac * n - 1e-9 * max(1.0, frac * n))))
+    return float(x.kthvalue(n - k + 1).values)
+
+
 def top_fraction(score_N: torch.Tensor, rho: float) -> torch.Tensor:
     """Bool mask [N] of the top `rho` fraction of tokens by score.
 

@@ -51,7 +51,7 @@ from mmopd.training.faults import (
 from mmopd.training.losses import accumulate_gradients
 from mmopd.training.metrics import episode_stats, plot_curves, step_flops, summary_line
 from mmopd.training.old_policy import old_in_forward, old_metrics, update_in_forward
-from mmopd.training.scoring import score_batch
+from mmopd.training.scoring import batch_gather, score_batch
 from mmopd.training.sharding import (
     full_state_dict,
     full_weights,
@@ -108,6 +108,7 @@ def _train(run: Run, signals: StopSignals) -> dict[str, Any]:
             t_teacher = time.perf_counter() - t0
         if stop:  # the batch is abandoned; a resume redoes it
             return stop_early(run, step, signals, last_eval, bar)
+        tb.gather = batch_gather(run.accelerator)  # batch statistics over every rank's share
         floored = (floor_teacher_logprobs(tb, teacher_floor(run, slices))
                    if run.teacher_scorer is not None else 0)
         stats = batch_stats(run, episodes, tb, flops_total, failed=failed, prefix=prefix,

@@ -4,6 +4,9 @@ tokens (episode, then position) as the objectives' TokenBatch."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -76,6 +79,22 @@ def score_batch(episodes: list[Episode], old_scorer: HFScorer | None,
         dist_mask_N=(~teach.topk_logp_NK[:, 0].isnan() if teacher_scorer is not None
                      and teach.topk_logp_NK is not None else None))
     return tb, teach, slices, metrics
+
+
+def batch_gather(accelerator: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`TokenBatch.gather` for a batch split over the ranks of `accelerator`: every rank's
+    per-token tensor, concatenated in rank order, on every rank (a collective); None for one
+    process."""
+    world = accelerator.num_processes
+    if world == 1:
+        return None
+
+    def gather(x_N: torch.Tensor) -> torch.Tensor:
+        x = x_N.to(accelerator.device)
+        counts = accelerator.gather(torch.tensor([x.numel()], device=x.device)).tolist()
+        rows = accelerator.gather(accelerator.pad_across_processes(x, dim=0)).view(world, -1)
+        return torch.cat([rows[r, :n] for r, n in enumerate(counts)]).to(x_N.device)
+    return gather
 
 
 def diagnostic_positions(n: int, diag_tokens: int) -> torch.Tensor:
