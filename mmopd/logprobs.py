@@ -9,6 +9,7 @@ of being kept alive for the whole sequence.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -69,11 +70,32 @@ def _fsdp_projection(head: torch.nn.Module) -> Head | None:
 
 def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states [B, T, H]; the forward skips the full-sequence logits.
-    `extra`: further model inputs (a VLM's pixel_values, image_grid_thw, ...)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                logits_to_keep=1, use_cache=False, **extra)
-    return out.hidden_states[-1]
+    """Final (normed) hidden states [B, T, H], in the forward's compute dtype; the forward skips
+    the full-sequence logits. `extra`: further model inputs (a VLM's pixel_values, ...).
+
+    They are taken from the decoder's output by a hook while the whole model runs (its wrappers'
+    hooks, FSDP2's and accelerate's, run as usual), not with output_hidden_states=True: that
+    keeps every layer's hidden states, which accelerate's mixed-precision wrapper then copies to
+    float32, (layers + 1) x [B, T, H] for the one needed."""
+    got: list[torch.Tensor] = []
+
+    def take(module: torch.nn.Module, args: Any, out: Any) -> None:
+        got.append(out[0] if isinstance(out, tuple) else out.last_hidden_state)
+
+    inner = model
+    while not hasattr(inner, "get_decoder") and isinstance(getattr(inner, "module", None),
+                                                           torch.nn.Module):
+        inner = inner.module  # DDP's wrapper
+    handle = inner.get_decoder().register_forward_hook(take)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
+              use_cache=False, **extra)
+    finally:
+        handle.remove()
+    if len(got) != 1:
+        raise RuntimeError(f"{type(model).__name__}: its decoder ran {len(got)} times in one "
+                           "forward; expected once")
+    return got[0]
 
 
 def predicting_positions(loss_mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,6 +78,24 @@ def test_chunked_logprobs_match_full_logits_with_grad(model):
     assert h_dim > 0
 
 
+def test_final_hidden_keeps_only_the_last_layers_states(model):
+    """The decoder's output, with no per-layer hidden states kept (a [B, T, H] tensor per layer,
+    copied to float32 under accelerate's mixed precision): the same states the model's own
+    output layer turns into its logits."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 90, (2, 9))
+    outputs = []
+    handle = model.register_forward_hook(lambda m, a, out: outputs.append(out))
+    try:
+        h = final_hidden(model, ids, torch.ones_like(ids))
+    finally:
+        handle.remove()
+    assert len(outputs) == 1 and outputs[0].hidden_states is None
+    ref = model(ids, output_hidden_states=True)
+    torch.testing.assert_close(h, ref.hidden_states[-1], atol=0, rtol=0)
+    torch.testing.assert_close(model.lm_head(h), ref.logits, atol=1e-6, rtol=0)
+
+
 def test_entropy_can_be_left_out(model):
     torch.manual_seed(0)
     ids = torch.randint(3, 90, (2, 9))
