@@ -96,6 +96,31 @@ def test_final_hidden_keeps_only_the_last_layers_states(model):
     torch.testing.assert_close(model.lm_head(h), ref.logits, atol=1e-6, rtol=0)
 
 
+def test_scorer_keeps_hidden_states_of_the_asked_tokens_only(model):
+    """Diagnostics read a sample of a batch's tokens: only those tokens' hidden states are kept
+    (across micro-batch boundaries), equal to the rows of the full set."""
+    from mmopd.teachers.scorer import HFScorer
+
+    g = torch.Generator().manual_seed(0)
+    eps = []
+    for n_reply in (3, 7, 1, 5, 4):
+        ep = Episode([], [], [], [], prompt_len=0)
+        ep.append(torch.randint(3, 90, (4,), generator=g).tolist(), student=False)
+        ep.prompt_len = 4
+        ep.append(torch.randint(3, 90, (n_reply,), generator=g).tolist(), student=True)
+        eps.append(ep)
+    scorer = HFScorer(model, 0, micro_batch_size=2)
+    full = scorer.score(eps, keep_hidden=True)
+    rows = torch.tensor([0, 2, 3, 9, 10, 19])  # 20 tokens; the rows span all micro-batches
+    some = scorer.score(eps, keep_hidden=rows)
+    assert full.hidden_NH.shape[0] == 20 and some.hidden_NH.shape[0] == len(rows)
+    torch.testing.assert_close(some.hidden_NH, full.hidden_NH[rows], atol=0, rtol=0)
+    torch.testing.assert_close(some.hidden_at(rows[[1, 4]]), full.hidden_NH[rows[[1, 4]]])
+    with pytest.raises(IndexError):
+        some.hidden_at(torch.tensor([1]))
+    assert scorer.score(eps).hidden_NH is None
+
+
 def test_entropy_can_be_left_out(model):
     torch.manual_seed(0)
     ids = torch.randint(3, 90, (2, 9))

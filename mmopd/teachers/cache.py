@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mmopd.episode import Episode
-from mmopd.teachers.scorer import TokenScores
+from mmopd.teachers.scorer import KeepHidden, TokenScores
 
 CACHE_FILE = "teacher_cache.pt"
 _VERSION = 1
@@ -118,10 +118,10 @@ class TeacherCache:
         return out
 
     def score(self, episodes: list[Episode], *, topk: int = 0,
-              keep_hidden: bool = False) -> TokenScores:
+              keep_hidden: KeepHidden = False) -> TokenScores:
         """The cached teacher scores of these episodes' student tokens, in order (the Teacher
         protocol)."""
-        if keep_hidden:
+        if keep_hidden is not False:
             raise CacheError("full-vocabulary objectives need a live teacher; a cache holds "
                              "log-probs and top-k only")
         if topk > self.topk:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from mmopd.episode import Episode
-from mmopd.teachers.scorer import HFScorer, TokenScores
+from mmopd.teachers.scorer import HFScorer, KeepHidden, TokenScores
 
 
 def student_offsets(tok: Any, ids: list[int]) -> tuple[str, list[int | None]]:
@@ -178,12 +178,12 @@ class CrossTokenizerTeacher:
         return full, found, why
 
     def score(self, episodes: list[Episode], *, topk: int = 0,
-              keep_hidden: bool = False) -> TokenScores:
+              keep_hidden: KeepHidden = False) -> TokenScores:
         """Span totals (`span_N`, see the module doc) and, with `topk`, the teacher's top-k
         log-probs (sorted; its own ids, meaningless on the student's side) at the first token of
         each span, NaN elsewhere: the distribution of what comes next at the same point of the
         text, which ULD compares by sorted probabilities."""
-        if keep_hidden:
+        if keep_hidden is not False:
             raise ValueError("a cross-tokenizer teacher returns span log-probs and sorted top-k "
                              "only (its logits are over another vocabulary)")
         stats: Counter[str] = Counter()

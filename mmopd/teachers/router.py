@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from mmopd.episode import Episode
-from mmopd.teachers.scorer import Teacher, TokenScores
+from mmopd.teachers.scorer import KeepHidden, Teacher, TokenScores
 
 
 class RouteError(RuntimeError):
@@ -52,8 +52,8 @@ class RoutedTeacher:
         return name
 
     def score(self, episodes: list[Episode], *, topk: int = 0,
-              keep_hidden: bool = False) -> TokenScores:
-        if keep_hidden:
+              keep_hidden: KeepHidden = False) -> TokenScores:
+        if keep_hidden is not False:
             raise ValueError("routed teachers return per-token log-probs; objectives that "
                              "rebuild a teacher's logits need one in-process teacher")
         names = [self.route(ep) for ep in episodes]

@@ -31,17 +31,35 @@ class TokenScores:
     topk_ids_NK: torch.Tensor | None = None
     topk_logp_NK: torch.Tensor | None = None
     hidden_NH: torch.Tensor | None = None  # final hidden states, for full-vocab objectives
+    # the flat token indices (sorted) whose hidden states hidden_NH holds; None: every token
+    hidden_rows_N: torch.Tensor | None = None
     # a cross-tokenizer teacher scores spans of text, not tokens: span_N numbers each token's
     # aligned span (-1: unaligned) and logp_N holds the span's total teacher log-prob on each of
     # its tokens; `spread_spans` (mmopd.teachers.cross) turns them into per-token log-probs
     span_N: torch.Tensor | None = None
+
+    def hidden_at(self, rows_N: torch.Tensor) -> torch.Tensor:
+        """The final hidden states of flat tokens `rows_N` (which must be among those kept)."""
+        assert self.hidden_NH is not None
+        if self.hidden_rows_N is None:
+            return self.hidden_NH[rows_N.to(self.hidden_NH.device)]
+        at = torch.searchsorted(self.hidden_rows_N, rows_N)
+        if not torch.equal(self.hidden_rows_N[at.clamp(max=len(self.hidden_rows_N) - 1)],
+                           rows_N):
+            raise IndexError("hidden states were kept for other tokens")
+        return self.hidden_NH[at.to(self.hidden_NH.device)]
+
+
+# keep_hidden: False (none), True (every token's) or a sorted LongTensor of flat token indices
+# (those tokens' only: a sample for diagnostics need not keep a whole batch's)
+KeepHidden = bool | torch.Tensor
 
 
 class Teacher(Protocol):
     """Anything that scores the student's tokens in the context of the whole episode."""
 
     def score(self, episodes: list[Episode], *, topk: int = 0,
-              keep_hidden: bool = False) -> TokenScores:
+              keep_hidden: KeepHidden = False) -> TokenScores:
         ...
 
 
@@ -62,8 +80,10 @@ class HFScorer:
 
     @torch.no_grad()
     def score(self, episodes: list[Episode], *, topk: int = 0,
-              keep_hidden: bool = False) -> TokenScores:
+              keep_hidden: KeepHidden = False) -> TokenScores:
         was_training = self.model.training
+        kept = keep_hidden if isinstance(keep_hidden, torch.Tensor) else None
+        offset = 0  # flat index of the micro-batch's first token
         self.model.eval()
         parts: dict[str, list[torch.Tensor]] = {}
         device = self.model.device
@@ -87,8 +107,12 @@ class HFScorer:
                                      topk, self.topk_vocab, self.entropy)
                 if repeat:
                     continue
-                if keep_hidden:
+                if kept is not None:  # the kept tokens of this micro-batch only
+                    lo, hi = torch.searchsorted(kept, torch.tensor([offset, offset + len(h)]))
+                    res["hidden"] = h[(kept[lo:hi] - offset).to(h.device)]
+                elif keep_hidden:
                     res["hidden"] = h
+                offset += len(h)
                 for k, v in res.items():
                     parts.setdefault(k, []).append(v.cpu() if k != "hidden" else v)
         finally:
@@ -99,5 +123,5 @@ class HFScorer:
         return TokenScores(
             logp_N=cat["logp"].float(), entropy_N=cat["entropy"].float(),
             topk_ids_NK=cat.get("topk_ids"), topk_logp_NK=cat.get("topk_logp"),
-            hidden_NH=cat.get("hidden"),
+            hidden_NH=cat.get("hidden"), hidden_rows_N=kept if "hidden" in cat else None,
         )

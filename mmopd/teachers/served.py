@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from mmopd.episode import Episode
-from mmopd.teachers.scorer import TokenScores
+from mmopd.teachers.scorer import KeepHidden, TokenScores
 from mmopd.teachers.served_wire import error_body, generate_body, image_probe, position
 
 _RETRIED_4XX = (408, 429)  # request timeout / too many requests: the server is busy, not wrong
@@ -235,10 +235,10 @@ class ServedTeacher:
     # -- scoring -----------------------------------------------------------------------------
 
     def score(self, episodes: list[Episode], *, topk: int = 0,
-              keep_hidden: bool = False) -> TokenScores:
+              keep_hidden: KeepHidden = False) -> TokenScores:
         """Per-student-token teacher log-probs, the entropy lower bound and optionally the
         top-`topk`, flat over the episodes' student tokens in order (the Teacher protocol)."""
-        if keep_hidden:
+        if keep_hidden is not False:
             raise ServedTeacherError("a served teacher has no hidden states: full-vocabulary "
                                      "objectives (rkl/fkl/jsd with topk=0, vopd, aopd, ...) need "
                                      "an in-process teacher (teacher.kind: model)")

@@ -103,13 +103,11 @@ def update_in_forward(run: Run, episodes: list[Episode], slices: list[torch.Tens
     if diag:  # the diagnostics' tokens, from the training forward's hidden states
         at = torch.zeros(len(tb.logp_old_N), dtype=torch.bool)
         at[diagnostic_positions(len(at), cfg.trainer.diagnostics_tokens)] = True
-        h_teacher = teach.hidden_NH
 
         def on_hidden(h: torch.Tensor, rows: torch.Tensor) -> None:
             pick = at[rows]
             if pick.any():
-                got = pair_pass(run.heads, h[pick.to(h.device)],
-                                h_teacher[rows[pick].to(h_teacher.device)],
+                got = pair_pass(run.heads, h[pick.to(h.device)], teach.hidden_at(rows[pick]),
                                 torch.arange(int(pick.sum())), cfg.objective.overlap_topk,
                                 cfg.trainer.chunk_size)
                 for k, v in got.items():

@@ -44,9 +44,13 @@ def score_batch(episodes: list[Episode], old_scorer: HFScorer | None,
     if old_scorer is None and (pair or teacher_scorer is None):
         raise ValueError("log pi_old from the training forward needs a teacher and no "
                          "per-token KL or overlap before the update")
-    old = old_scorer.score(episodes, keep_hidden=pair or diag) if old_scorer else None
+    n = sum(ep.num_generated for ep in episodes)
+    # the diagnostics' tokens are chosen first: only their hidden states are kept (a whole
+    # batch's would stay on the device through every minibatch update)
+    at: bool | torch.Tensor = pair or (diagnostic_positions(n, diag_tokens) if diag else False)
+    old = old_scorer.score(episodes, keep_hidden=at) if old_scorer else None
     teach = (teacher_scorer.score(episodes, topk=teacher_topk,
-                                  keep_hidden=keep_hidden or pair or diag)
+                                  keep_hidden=True if keep_hidden else at)
              if teacher_scorer else old)
     assert teach is not None
     if old is None:  # filled in from the training forward
@@ -56,11 +60,12 @@ def score_batch(episodes: list[Episode], old_scorer: HFScorer | None,
     ref = ref_scorer.score(episodes).logp_N if ref_scorer else None
     stats: dict[str, torch.Tensor] = {}
     metrics: dict[str, float] = {}
-    n = old.logp_N.numel()
     if (pair or diag) and n and old.hidden_NH is not None:
         assert heads is not None and heads.teacher is not None
-        idx = torch.arange(n) if pair else diagnostic_positions(n, diag_tokens)
-        stats = pair_pass(heads, old.hidden_NH, teach.hidden_NH, idx, overlap_k, chunk_size)
+        idx = torch.arange(n) if pair else at
+        assert isinstance(idx, torch.Tensor)
+        stats = pair_pass(heads, old.hidden_at(idx), teach.hidden_at(idx), torch.arange(len(idx)),
+                          overlap_k, chunk_size)
         metrics = diagnostic_metrics(stats)
     logp_teacher = teach.logp_N
     if teacher_scorer is not None and teach.span_N is not None:  # a cross-tokenizer teacher
