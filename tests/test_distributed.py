@@ -149,6 +149,19 @@ def test_token_mean_is_exact_across_ranks(tiny_overrides, student_dir, teacher_d
                 assert _rel_err(got[0], whole) < 1e-6, mode
 
 
+def test_fsdp2_bf16_reduces_gradients_in_fp32(student_dir, tmp_path):
+    """A bf16 FSDP2 launch computes in bf16 and reduce-scatters gradients in float32
+    (accelerate's policy would reduce them in bf16)."""
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+           "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}
+    p = _torchrun(str(HERE / "_precision_worker.py"), str(student_dir), str(tmp_path), env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for r in (0, 1):
+        policies = torch.load(tmp_path / f"rank{r}.pt")
+        assert len(policies) >= 2, policies  # the decoder layers and the root
+        assert set(policies.values()) == {(torch.bfloat16, torch.float32)}, policies
+
+
 def test_reopold_entropy_threshold_is_the_whole_batchs(tmp_path):
     """REOPOLD's refinement keeps the top-beta entropies of the rollout batch, which is split
     over the ranks: the threshold is taken over every rank's tokens (the same on each), not per

@@ -27,7 +27,23 @@ def make_accelerator(bf16: bool = False, log_with: list[str] | None = None,
     if fsdp_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU:
         shard_on_cpu(accelerator)
     check_launch(accelerator)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        reduce_in_fp32(accelerator.state.fsdp_plugin)
     return accelerator
+
+
+def reduce_in_fp32(plugin: FullyShardedDataParallelPlugin) -> None:
+    """FSDP2 under bf16 mixed precision: gradients are reduce-scattered in float32. accelerate's
+    policy reduces in the compute dtype, bf16, where a sum over ranks of small gradient entries
+    loses its low bits; the parameters stay float32 and the forward computes in bf16."""
+    mp = plugin.mixed_precision_policy
+    if mp is None or getattr(plugin, "fsdp_version", 1) != 2 or mp.param_dtype is None:
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(
+        param_dtype=mp.param_dtype, reduce_dtype=torch.float32, output_dtype=mp.output_dtype,
+        cast_forward_inputs=mp.cast_forward_inputs)
 
 
 def shard_on_cpu(accelerator: Accelerator) -> None:
