@@ -455,6 +455,39 @@ def test_layers_are_known_and_reported():
     assert "audit" not in run_python("pass", NO_HOOK).layers
 
 
+def test_no_network_namespace_fails_closed(monkeypatch, tiny_overrides):
+    """A machine where no network namespace can be made (Docker and Kubernetes deny user
+    namespaces): the python tool refuses to be made, and a run whose env offers it stops before
+    any model loads; the weaker mode runs only when asked for, by name."""
+    import mmopd.tools.sandbox as sandbox
+    import mmopd.training.assemble as assemble
+    from mmopd.config import TrainConfig, load_config
+    from mmopd.tools import ToolSetupError
+    from mmopd.tools.python import SandboxUnavailable
+    from mmopd.training.loop import train
+
+    weak = frozenset({"landlock", "landlock-net", "nocaps", "subreaper", "audit"} & LAYERS)
+    monkeypatch.setattr(sandbox, "available_layers", lambda: weak)
+    monkeypatch.delenv("MMOPD_SANDBOX_ALLOW_WEAK", raising=False)
+    with pytest.raises(SandboxUnavailable, match="MMOPD_SANDBOX_ALLOW_WEAK=1"):
+        PythonTool()
+    assert isinstance(SandboxUnavailable("x"), ToolSetupError)
+    assert run_python("print(1)", FAST).error == "setup"  # a direct call fails closed too
+    loaded = []
+    monkeypatch.setattr(assemble, "load_model", lambda *a, **k: loaded.append(1))
+    with pytest.raises(SandboxUnavailable, match="netns"):
+        train(load_config(TrainConfig, None, [
+            *tiny_overrides, "env.id=mmopd/ToolMath-v0",
+            "env.kwargs={level: 1, tools: [python]}"]))
+    assert not loaded
+    res = call_tool(PythonTool(require=(), cpu_seconds=1, wall_seconds=2), {"code": "print(7)"})
+    assert res == ToolResult("7\n")
+    monkeypatch.setenv("MMOPD_SANDBOX_ALLOW_WEAK", "1")
+    assert call_tool(PythonTool(cpu_seconds=1, wall_seconds=2),
+                     {"code": "print(8)"}) == ToolResult("8\n")
+    assert "netns" not in run_python("pass", FAST).layers
+
+
 # ----------------------------------------------------------------------------- the tool
 
 

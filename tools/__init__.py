@@ -16,6 +16,7 @@ from .base import (
     ToolDefinitionError,
     ToolNotFoundError,
     ToolResult,
+    ToolSetupError,
     call_tool,
     list_tools,
     make_tool,
@@ -27,6 +28,7 @@ from .base import (
 )
 
 __all__ = [
+    "ToolSetupError",
     "MAX_TOOL_OUTPUT_CHARS",
     "FunctionTool",
     "Tool",

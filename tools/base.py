@@ -24,6 +24,11 @@ class ToolDefinitionError(ValueError):
     """A function cannot be made into a tool (missing type hints or argument docs)."""
 
 
+class ToolSetupError(RuntimeError):
+    """A tool cannot be set up on this machine (a sandbox without the isolation it requires):
+    the run stops, where a tool's failure during an episode only fails that call."""
+
+
 class ToolNotFoundError(KeyError):
     """No tool is registered under this name."""
 

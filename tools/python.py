@@ -16,10 +16,13 @@ from .sandbox import (
     _fmt_s,
     _shorten,
     available_layers,
+    check_isolation,
     run_python,
 )
+from .sandbox_limits import SandboxUnavailable
 
-__all__ = ["PythonTool", "SandboxLimits", "SandboxResult", "available_layers", "run_python"]
+__all__ = ["PythonTool", "SandboxLimits", "SandboxResult", "SandboxUnavailable",
+           "available_layers", "check_isolation", "run_python"]
 
 
 class PythonTool:
@@ -35,6 +38,7 @@ class PythonTool:
 
     def __init__(self, limits: SandboxLimits | None = None, **overrides: Any) -> None:
         self.limits = dataclasses.replace(limits or SandboxLimits(), **overrides)
+        check_isolation(self.limits)  # fails closed here, before any episode runs
         lim = self.limits
         self.description = (
             "Run Python 3 code and return what it prints (stdout, then stderr). Each call is a "

@@ -43,14 +43,17 @@ audit     a ``sys.addaudithook`` prelude denies sockets, processes,      -
 
 Root on a Linux 6.x machine (a typical CI runner) gets every layer but userns; a non-root user with
 unprivileged user namespaces gets every layer but dropuid (checked by a test that runs the
-sandbox as ``nobody``). Degraded cases: a non-root user without user namespaces keeps only
-landlock, nocaps, subreaper and audit, so nothing stops forking but the audit hook (RLIMIT_NPROC
-would count every process of that user, the training job included, so it is not set), nothing
-stops UDP but the hook, and the code may signal that user's processes unless Landlock's ABI is
->= 6. Root in a container without CAP_SYS_ADMIN falls back to a user namespace mapping root to
-root: namespaces but no RLIMIT_NPROC and no dropuid. Without Landlock, reads are limited only by
-Unix permissions (and dropuid). The audit hook is a second layer and for clear messages: Python
-code with enough determination can get around it, the kernel layers it cannot.
+sandbox as ``nobody``). Without a network namespace (Docker and Kubernetes deny user namespaces)
+it fails closed (``SandboxUnavailable`` when the tool is made); the weaker modes run only when
+asked for (``MMOPD_SANDBOX_ALLOW_WEAK=1``, ``require=()``). Degraded cases: a non-root user
+without user namespaces keeps only landlock, nocaps, subreaper and audit, so nothing stops
+forking but the audit hook (RLIMIT_NPROC would count every process of that user, the training
+job included, so it is not set), nothing stops UDP but the hook, and the code may signal that
+user's processes unless Landlock's ABI is >= 6. Root in a container without CAP_SYS_ADMIN
+falls back to a user namespace mapping root to root: namespaces but no RLIMIT_NPROC and no
+dropuid. Without Landlock, reads are limited only by Unix permissions (and dropuid). The audit
+hook is a second layer and for clear messages: Python code with enough determination can get
+around it, the kernel layers it cannot.
 
 How a call runs: the parent writes the code, stdin and a config into a fresh ``mmopd-py-*`` temp
 dir and spawns ``python -I -S -c <launcher>`` (no ``preexec_fn``, so the spawn is a vfork: cheap
@@ -83,7 +86,12 @@ import time
 from typing import Any
 
 from .sandbox_launcher import BOOTSTRAP, launcher_source
-from .sandbox_limits import LAYERS, SandboxLimits, SandboxResult
+from .sandbox_limits import (
+    LAYERS,
+    SandboxLimits,
+    SandboxResult,
+    check_required,
+)
 
 log = logging.getLogger(__name__)
 
@@ -373,8 +381,10 @@ def _consistent(layers: set[str]) -> set[str]:
     return layers
 
 
-def _layers_for(limits: SandboxLimits) -> frozenset[str]:
+def check_isolation(limits: SandboxLimits) -> frozenset[str]:
+    """The layers a run under `limits` gets; SandboxUnavailable where a required one is missing."""
     layers = _consistent(set(available_layers()) - set(limits.disable))
+    check_required(limits, layers)
     return frozenset(x for x in layers if x in LAYERS)
 
 
@@ -383,7 +393,7 @@ def run_python(code: str, limits: SandboxLimits | None = None, stdin: str = "") 
     anything the code does; safe to call from several threads at once."""
     limits = limits or SandboxLimits()
     try:
-        layers = _layers_for(limits)
+        layers = check_isolation(limits)
     except Exception as e:
         return SandboxResult(error="setup", message=f"Error: the sandbox is unavailable: {e}")
     return _run(code, limits, stdin, layers)

@@ -3,8 +3,16 @@ and `SandboxResult` (both importable from `mmopd.tools.sandbox` and `mmopd.tools
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .base import ToolSetupError
+
+# Set to 1 to let the sandbox run without a network namespace where none can be made (Docker or
+# Kubernetes denying user namespaces): the audit hook and, with Landlock ABI >= 4, the kernel
+# still refuse TCP, but UDP and raw sockets are then stopped by the hook alone.
+ALLOW_WEAK_ENV = "MMOPD_SANDBOX_ALLOW_WEAK"
 NAMESPACE_LAYERS = ("userns", "netns", "pidns", "mountns")
 LAYERS = (*NAMESPACE_LAYERS, "readonly", "procfs", "dropuid", "landlock", "nocaps", "subreaper",
           "audit")
@@ -24,6 +32,9 @@ class SandboxLimits:
     max_open_files: int = 64
     nice: int = 10  # the code yields the CPU to the training process
     disable: tuple[str, ...] = ()  # layers to leave off (tests use it to check one layer alone)
+    # layers without which the sandbox refuses to run (fails closed); None: netns, the network
+    # isolation, unless MMOPD_SANDBOX_ALLOW_WEAK=1 is set; () accepts whatever the machine has
+    require: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("cpu_seconds", "wall_seconds", "memory_mb", "max_processes",
@@ -34,8 +45,13 @@ class SandboxLimits:
             raise ValueError(f"SandboxLimits.max_processes must be >= 3 (the sandbox itself "
                              f"uses 2), got {self.max_processes}")
         self.disable = tuple(self.disable)
-        if bad := [x for x in self.disable if x not in LAYERS]:
-            raise ValueError(f"SandboxLimits.disable has unknown layer(s) {bad}; known: {LAYERS}")
+        if self.require is None:
+            self.require = () if os.environ.get(ALLOW_WEAK_ENV) == "1" else ("netns",)
+        self.require = tuple(self.require)
+        for name in ("disable", "require"):
+            if bad := [x for x in getattr(self, name) if x not in LAYERS]:
+                raise ValueError(f"SandboxLimits.{name} has unknown layer(s) {bad}; known: "
+                                 f"{LAYERS}")
 
 
 @dataclass
@@ -59,3 +75,22 @@ class SandboxResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class SandboxUnavailable(ToolSetupError):
+    """The sandbox cannot give the isolation it is required to: it fails closed."""
+
+
+def check_required(limits: SandboxLimits, layers: Iterable[str]) -> None:
+    """Raise SandboxUnavailable unless `layers` (what this machine gives) hold every layer
+    `limits.require` names."""
+    layers = set(layers)
+    missing = [x for x in limits.require or () if x not in layers]
+    if missing:
+        raise SandboxUnavailable(
+            f"the python sandbox cannot make the {', '.join(missing)} layer(s) here (layers "
+            f"available: {', '.join(sorted(layers)) or 'none'}); without a network namespace "
+            "model-written code could reach the network. In Docker or Kubernetes allow user "
+            "namespaces (or run the container with CAP_SYS_ADMIN), or accept the weaker "
+            f"isolation explicitly: {ALLOW_WEAK_ENV}=1 in the environment, or "
+            "SandboxLimits(require=())")

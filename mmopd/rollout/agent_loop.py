@@ -44,7 +44,15 @@ from mmopd.rollout.render import ChatRenderer, Message, RenderError
 from mmopd.rollout.sampler import Sampler, SamplingParams
 from mmopd.rollout.timeout import CallTimeout, time_limit
 from mmopd.rollout.toolcalls import HermesParser, ParsedReply, ToolCallParser, make_parser
-from mmopd.tools import Tool, ToolContext, ToolResult, call_tool, resolve_tools, tool_schema
+from mmopd.tools import (
+    Tool,
+    ToolContext,
+    ToolResult,
+    ToolSetupError,
+    call_tool,
+    resolve_tools,
+    tool_schema,
+)
 from mmopd.vision import image_items
 
 
@@ -86,6 +94,13 @@ def _tools_for(spec: Any, env_id: str) -> dict[str, Tool] | None:
     return _TOOL_CACHE[key]
 
 
+def env_tools(env: gym.Env, env_id: str = "env") -> dict[str, Tool] | None:
+    """The tools an env offers at its first reset (info["tools"]), built once: a tool that
+    cannot be set up on this machine raises ToolSetupError now, before any model loads."""
+    _, info = env.reset(seed=0)
+    return _tools_for(info.get("tools") if isinstance(info, dict) else None, env_id)
+
+
 class AgentLoop:
     """Runs episodes to the end. `generate(slots, budgets)` produces one turn per running slot."""
 
@@ -121,7 +136,7 @@ class AgentLoop:
                 env = envs[g * n + j]
                 try:
                     slots.append(self._start_one(env, start, g, teacher_view, views))
-                except EnvContractError:
+                except (EnvContractError, ToolSetupError):
                     raise
                 except Exception as e:  # a bad row (corrupt image, ...), a hung or broken env
                     why = STOP_TIMEOUT if isinstance(e, CallTimeout) else STOP_ERROR

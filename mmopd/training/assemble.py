@@ -31,6 +31,7 @@ from mmopd.models import (
     save_merged,
 )
 from mmopd.objectives import OBJECTIVES, Objective, needed_scores, needs_teacher_hidden
+from mmopd.rollout.agent_loop import env_tools
 from mmopd.rollout.drift import DriftStopSampler
 from mmopd.rollout.evaluate import EnvPool
 from mmopd.rollout.render import ChatRenderer
@@ -140,6 +141,7 @@ def assemble(cfg: TrainConfig) -> Run:
     train_pool = EnvPool(lambda: make_env(cfg.env.id, **cfg.env.kwargs))
     eval_pool = EnvPool(lambda: make_env(cfg.env.id, **{**cfg.env.kwargs, **cfg.env.eval_kwargs}))
     train_pool.take(1), eval_pool.take(1)
+    env_tools(train_pool.take(1)[0], cfg.env.id)  # a tool that cannot run here stops the run now
 
     tokenizer = load_tokenizer(cfg.model)
     vision = load_vision(cfg.model, tokenizer)
