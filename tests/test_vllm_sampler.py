@@ -160,6 +160,33 @@ def test_unsupported_cpu_head_size_is_refused_up_front(tmp_path, tok_dir, tokeni
         VLLMSampler(d, tokenizer)
 
 
+def test_a_vllm_below_the_floor_is_refused_before_any_model_loads(monkeypatch, model_dir,
+                                                                  teacher_dir, tmp_path):
+    """vLLM before 0.16 has no in-place reload_weights(weights_iterator=...): a clear error
+    naming the floor, before anything loads; a build without the call is refused as well."""
+    import importlib.metadata
+
+    import mmopd.training.assemble as assemble
+    from mmopd.rollout.vllm import MIN_VLLM, check_vllm
+
+    assert MIN_VLLM == (0, 16)
+    check_vllm()  # the installed one passes
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda d: "0.15.1" if d.startswith("vllm") else real(d))
+    loaded = []
+    monkeypatch.setattr(assemble, "load_tokenizer", lambda *a, **k: loaded.append(1))
+    with pytest.raises(VLLMUnavailable, match=r"vLLM >= 0\.16; found 0\.15"):
+        train(_train_cfg(model_dir, teacher_dir, tmp_path / "run"))
+    assert not loaded
+    monkeypatch.setattr(importlib.metadata, "version", real)
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    monkeypatch.setattr(GPUModelRunner, "reload_weights", lambda self: None)  # 0.15's form
+    with pytest.raises(VLLMUnavailable, match="weights_iterator"):
+        check_vllm()
+
+
 def test_lora_student_syncs_its_merged_weights(engine, model_dir, tokenizer):
     from mmopd.config import LoraSettings
     from mmopd.models import add_lora

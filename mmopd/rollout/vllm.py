@@ -27,7 +27,9 @@ from mmopd.episode import STOP_EOS, STOP_LENGTH, STOP_STRING
 from mmopd.rollout.sampler import Sample, SamplingParams
 from mmopd.vision import VisionError, VisionInputs, VisionProcessor
 
-MIN_VLLM = (0, 10)
+# The oldest vLLM with what the sampler calls: the model runner's reload_weights taking a
+# weights_iterator (in-place reload, 0.16), LLMEngine.reset_encoder_cache, logprobs_mode
+MIN_VLLM = (0, 16)
 # Head sizes the CPU backend's attention kernels support (vLLM 0.32, cpu_attn.py).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
@@ -98,12 +100,29 @@ def vllm_on_cpu() -> bool:
 
 
 def check_vllm() -> None:
-    """Raise VLLMUnavailable unless a recent enough vLLM is installed."""
+    """Raise VLLMUnavailable unless a recent enough vLLM is installed, with the calls the
+    sampler makes (a build that reports a newer version but lacks them fails here too)."""
     version = vllm_version()
+    floor = ".".join(map(str, MIN_VLLM))
     if version < MIN_VLLM:
-        raise VLLMUnavailable(f"rollout.backend=vllm needs vLLM >= "
-                              f"{'.'.join(map(str, MIN_VLLM))}; found "
-                              f"{'.'.join(map(str, version))}")
+        raise VLLMUnavailable(f"rollout.backend=vllm needs vLLM >= {floor}; found "
+                              f"{'.'.join(map(str, version))} (pip install 'vllm>={floor}')")
+    import inspect
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    missing = [what for what, ok in (
+        ("GPUModelRunner.reload_weights(weights_iterator=...)",
+         "weights_iterator" in inspect.signature(GPUModelRunner.reload_weights).parameters),
+        ("LLMEngine.reset_encoder_cache", hasattr(LLMEngine, "reset_encoder_cache")),
+        ("EngineArgs.logprobs_mode", "logprobs_mode" in EngineArgs.__dataclass_fields__))
+        if not ok]
+    if missing:
+        raise VLLMUnavailable(f"the installed vLLM ({'.'.join(map(str, version))}) lacks "
+                              f"{', '.join(missing)}, which the rollout engine uses; install "
+                              f"vLLM >= {floor}")
 
 
 class VLLMSampler:
