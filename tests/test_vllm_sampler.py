@@ -187,6 +187,47 @@ def test_a_vllm_below_the_floor_is_refused_before_any_model_loads(monkeypatch, m
         check_vllm()
 
 
+def test_sleep_mode_sleeps_once_per_rollout_batch(engine, tokenizer, monkeypatch, model_dir,
+                                                   teacher_dir, tmp_path):
+    """A multi-turn rollout calls generate() once per turn: the engine sleeps when the batch is
+    done, not after each call (level 2 discards the weights, so turn 2 would fail). The CPU
+    engine has no sleep mode: its sleep and wake_up are recorded here, the rollout is real."""
+    from mmopd.envs import make_env
+    from mmopd.rollout.agent_loop import collect_episodes
+    from mmopd.rollout.render import ChatRenderer
+    from mmopd.rollout.sampler import awake
+
+    calls: list[str] = []
+    monkeypatch.setattr(engine, "sleep", True)
+    monkeypatch.setattr(engine.llm, "sleep", lambda level: calls.append(f"sleep{level}"))
+    monkeypatch.setattr(engine.llm, "wake_up", lambda tags: calls.append("+".join(tags)))
+    turns: list[int] = []
+    real = engine.generate
+
+    def counted(*a, **k):
+        turns.append(len(a[0]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "generate", counted)
+    # a game where a reply without a move is answered with a reminder: every episode runs its
+    # two turns, one generate() call each
+    envs = [make_env("mmopd/GymText-v0", on_invalid="retry", rules="Move.", system_prompt="Play.")
+            for _ in range(4)]
+    torch.manual_seed(0)
+    for batch in range(2):
+        with awake(engine):
+            collect_episodes(envs, [{"seed": i} for i in range(4)], engine,
+                             ChatRenderer(tokenizer), SamplingParams(n=1, max_new_tokens=8),
+                             max_turns=2)
+        assert len(turns) == 2 * (batch + 1), turns
+        engine.load_weights(AutoModelForCausalLM.from_pretrained(model_dir))
+    # once per batch: wake the cache, sleep, wake the weights for the sync
+    assert calls == ["sleep2", "weights", "kv_cache", "sleep2", "weights"]
+    monkeypatch.setattr(engine, "_asleep", False)
+    with pytest.raises(VLLMUnavailable, match="rollout.vllm.sleep=false"):
+        train(_train_cfg(model_dir, teacher_dir, tmp_path / "run", "rollout.vllm.sleep=true"))
+
+
 def test_lora_student_syncs_its_merged_weights(engine, model_dir, tokenizer):
     from mmopd.config import LoraSettings
     from mmopd.models import add_lora

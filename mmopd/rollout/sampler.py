@@ -6,9 +6,10 @@ everywhere; a vLLM backend plugs in behind the same `Sampler` protocol.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -57,6 +58,14 @@ class Sampler(Protocol):
     def load_weights(self, model: PreTrainedModel) -> None:
         """Make the next generate() use `model`'s current weights."""
         ...
+
+
+def awake(sampler: Any) -> contextlib.AbstractContextManager[None]:
+    """Around one rollout batch (all its turns) or one evaluation: an engine that frees its
+    memory between rollouts (vLLM's sleep mode) holds it inside and releases it on leaving;
+    other samplers pass through."""
+    fn = getattr(sampler, "awake", None)
+    return fn() if fn is not None else contextlib.nullcontext()
 
 
 class HFSampler:

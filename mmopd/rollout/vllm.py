@@ -14,6 +14,8 @@ share, and with `sleep` it frees its memory between rollouts (weights discarded,
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib.metadata
 import os
 from collections.abc import Iterator
@@ -99,6 +101,13 @@ def vllm_on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def check_sleep(sleep: bool) -> None:
+    """Sleep mode frees GPU memory between rollouts; vLLM's CPU backend has none to free."""
+    if sleep and vllm_on_cpu():
+        raise VLLMUnavailable("rollout.vllm.sleep frees GPU memory between rollouts; vLLM runs "
+                              "on the CPU here (set rollout.vllm.sleep=false)")
+
+
 def check_vllm() -> None:
     """Raise VLLMUnavailable unless a recent enough vLLM is installed, with the calls the
     sampler makes (a build that reports a newer version but lacks them fails here too)."""
@@ -125,6 +134,13 @@ def check_vllm() -> None:
                               f"vLLM >= {floor}")
 
 
+def _free_cuda_cache() -> None:
+    """What the trainer freed goes back to the driver before the engine takes memory again."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class VLLMSampler:
     """Samples with a vLLM engine built from `model_path` (a checkpoint directory with its
     tokenizer); `load_weights` pushes the trainer's weights into it."""
@@ -149,9 +165,7 @@ class VLLMSampler:
             from transformers import AutoConfig
 
             check_cpu_head_size(AutoConfig.from_pretrained(model_path))
-        if sleep and self.on_cpu:
-            raise VLLMUnavailable("rollout.vllm.sleep frees GPU memory between rollouts; "
-                                  "vLLM runs on the CPU here (set it to false)")
+        check_sleep(sleep)
         self.tokenizer = tokenizer
         self.suppress_ids = sorted(suppress_token_ids or ())
         eos = set(stop_token_ids or ())
@@ -193,6 +207,7 @@ class VLLMSampler:
     def load_weights(self, model: PreTrainedModel) -> None:
         """Reload every weight of `model` into the engine in place; drop cached prefixes."""
         if self._asleep:
+            _free_cuda_cache()
             self.llm.wake_up(tags=["weights"])
         weights = list(state_dict_for_inference(model))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
@@ -201,19 +216,29 @@ class VLLMSampler:
             self.llm.llm_engine.reset_encoder_cache()
         self._weights_ready = True
 
+    @contextlib.contextmanager
+    def awake(self) -> Iterator[None]:
+        """Around one rollout batch (every turn of its episodes) or one evaluation: with
+        `sleep`, the engine wakes on entering and sleeps on leaving (level 2: weights discarded,
+        the next load_weights replaces them; key-value cache released). Sleeping after each
+        generate() call would discard the weights between the turns of an episode."""
+        self._wake()
+        try:
+            yield
+        finally:
+            if self.sleep:
+                self.llm.sleep(level=2)
+                self._asleep, self._weights_ready = True, False
+
     def _wake(self) -> None:
         if not self._asleep:
             return
         if not self._weights_ready:
             raise RuntimeError("the vLLM engine slept with its weights discarded and no "
                                "load_weights() came since: it would sample from garbage")
+        _free_cuda_cache()
         self.llm.wake_up(tags=["kv_cache"])
         self._asleep = False
-
-    def _sleep(self) -> None:
-        if self.sleep:
-            self.llm.sleep(level=2)  # weights discarded: the next load_weights replaces them
-            self._asleep, self._weights_ready = True, False
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  desc: str = "rollout",
@@ -239,11 +264,8 @@ class VLLMSampler:
             logit_bias={i: -100.0 for i in self.suppress_ids} or None,
             skip_special_tokens=False, detokenize=bool(params.stop))  # text only for stops
             for p, seed in zip(prompts, seeds)]
-        self._wake()
-        try:
-            outs = self.llm.generate(inputs, requests, use_tqdm=len(prompts) * params.n >= 64)
-        finally:
-            self._sleep()
+        self._wake()  # a call outside awake() wakes the engine and leaves it awake
+        outs = self.llm.generate(inputs, requests, use_tqdm=len(prompts) * params.n >= 64)
         if self.vision is not None:
             for ids, out in zip(prompts, outs):
                 self._check_expansion(ids, list(out.prompt_token_ids or ()))

@@ -131,9 +131,10 @@ def assemble(cfg: TrainConfig) -> Run:
     set_seed(tcfg.seed)
     objective = OBJECTIVES[cfg.objective.name]
     if rcfg.backend == "vllm":  # a missing or too old vLLM fails before anything loads
-        from mmopd.rollout.vllm import check_vllm, check_vllm_vision
+        from mmopd.rollout.vllm import check_sleep, check_vllm, check_vllm_vision
 
         check_vllm()
+        check_sleep(rcfg.vllm.sleep)
         if is_vlm(cfg.model):
             check_vllm_vision()
 

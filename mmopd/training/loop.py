@@ -31,7 +31,7 @@ from mmopd.rollout.evaluate import (
     outcomes,
     summarise_outcomes,
 )
-from mmopd.rollout.sampler import HFSampler
+from mmopd.rollout.sampler import HFSampler, awake
 from mmopd.rollout.seeds import PROBLEMS, SAMPLING, SHUFFLE, derived_seed
 from mmopd.rollout.toolcalls import make_parser
 from mmopd.teachers.ema import ema_update
@@ -177,15 +177,16 @@ def rollout(run: Run, it: int, step: int) -> tuple[list[Episode], list[Episode],
     else:
         starts = [{"seed": derived_seed(cfg.trainer.seed, it, PROBLEMS, run.rank * n_prompts + i)}
                   for i in range(n_prompts)]
-        episodes = collect_episodes(
-            run.train_pool.take(len(starts) * n), starts, run.rollout_sampler, run.renderer,
-            dataclasses.replace(run.params, max_new_tokens=prefix),
-            teacher_view=run.objective.needs_teacher and any(
-                t.view == "privileged" for t in cfg.teacher_list),
-            views=("negative",) if run.negative_scorer else (),
-            max_turns=_turn_limit(rcfg, step), max_episode_tokens=rcfg.max_episode_tokens,
-            parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id,
-            env_timeout_s=rcfg.env_timeout_s)
+        with awake(run.sampler):  # every turn of the batch's episodes, then the engine sleeps
+            episodes = collect_episodes(
+                run.train_pool.take(len(starts) * n), starts, run.rollout_sampler, run.renderer,
+                dataclasses.replace(run.params, max_new_tokens=prefix),
+                teacher_view=run.objective.needs_teacher and any(
+                    t.view == "privileged" for t in cfg.teacher_list),
+                views=("negative",) if run.negative_scorer else (),
+                max_turns=_turn_limit(rcfg, step), max_episode_tokens=rcfg.max_episode_tokens,
+                parser=make_parser(rcfg.tool_parser), env_id=cfg.env.id,
+                env_timeout_s=rcfg.env_timeout_s)
     failed = [ep for ep in episodes if not ep.input_ids]  # reset or prompt rendering failed
     if len(failed) == len(episodes):
         raise RuntimeError(f"every episode of rollout batch {it} failed to start; first "
