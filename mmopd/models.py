@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -188,9 +189,12 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, field: str 
     """Build or load a causal LM (or a VLM with its LM head) in `cfg.dtype` on the CPU
     (accelerate moves it). Tiny VL models take their patch geometry from `vision`. A trainable
     model with `cfg.lora` comes back wrapped in peft LoRA adapters, the base frozen; loaded for
-    inference the same config is the plain base model (fresh adapters change nothing)."""
-    model = _load_base(cfg, tokenizer, field, trainable, vision)
-    if trainable and cfg.lora is not None:
+    inference the same config is the plain base model (fresh adapters change nothing). A LoRA
+    student's frozen base loads as a frozen model does ("auto": bf16 on a GPU that has it; no
+    update can round away in it), its adapters in float32 (peft upcasts them)."""
+    lora = trainable and cfg.lora is not None
+    model = _load_base(cfg, tokenizer, field, trainable and not lora, vision)
+    if lora:
         return add_lora(model, cfg.lora)
     return model
 
@@ -245,26 +249,36 @@ def is_lora(model: torch.nn.Module) -> bool:
     return hasattr(model, "get_base_model")
 
 
-def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights of the plain model a LoRA student stands for (W + scale * B A per adapted
-    layer), under the base model's own names, computed out of place: merging into the live
-    model and back would leave rounding error in the frozen base weights. A plain model's own
-    state dict otherwise."""
+def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the weights of the plain model a LoRA student stands for (W + scale *
+    B A per adapted layer), under the base model's own names, one at a time: an adapted layer's
+    merged weight is computed when its turn comes, so a consumer that streams them (the vLLM
+    weight sync) never holds more than one. Out of place: merging into the live model and back
+    would leave rounding error in the frozen base weights. A plain model's own weights
+    otherwise (no copies)."""
     if not is_lora(model):
-        return model.state_dict()
+        yield from model.state_dict().items()
+        return
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
-    out = {k.replace(".base_layer", ""): v for k, v in base.state_dict().items()
-           if "lora_" not in k}
-    with torch.no_grad():
-        for name, module in base.named_modules():
-            if isinstance(module, LoraLayer):
-                w = out[f"{name}.weight"]
+    adapted = {f"{name}.weight": m for name, m in base.named_modules()
+               if isinstance(m, LoraLayer)}
+    for key, w in base.state_dict().items():
+        if "lora_" in key:
+            continue
+        name = key.replace(".base_layer", "")
+        module = adapted.get(name)
+        if module is not None:
+            with torch.no_grad():
                 for adapter in module.active_adapters:
                     w = w + module.get_delta_weight(adapter).to(w.dtype)
-                out[f"{name}.weight"] = w
-    return out
+        yield name, w
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`merged_weights` as one dict (every merged weight at once: for saving)."""
+    return dict(merged_weights(model))
 
 
 def plain_copy(model: torch.nn.Module) -> PreTrainedModel:

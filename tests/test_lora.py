@@ -42,6 +42,49 @@ def test_only_adapter_weights_require_grad(student_dir):
         load_model(bad, tok, trainable=True)
 
 
+def test_frozen_base_loads_in_bf16_on_a_gpu_and_adapters_in_fp32(student_dir, monkeypatch):
+    """"auto" on a GPU with bf16: the frozen base of a LoRA student in bf16 (nothing updates it)
+    with float32 adapters; a fully trained student keeps float32 master weights."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cfg = ModelConfig(path=str(student_dir), lora=LoraSettings(r=4))
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, tok, trainable=True)
+    dtypes = {("lora_" in n): {p.dtype} for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        dtypes[("lora_" in n)].add(p.dtype)
+    assert dtypes == {True: {torch.float32}, False: {torch.bfloat16}}
+    full = load_model(ModelConfig(path=str(student_dir)), tok, trainable=True)
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+
+
+def test_vllm_weight_sync_streams_merged_weights_one_at_a_time(student_dir):
+    """A LoRA student's merged weights go to the engine as they are computed: at no point are
+    two merged copies alive (a list of them all was the whole model again, in float32)."""
+    import weakref
+
+    from mmopd.models import merged_state_dict
+    from mmopd.rollout.vllm import state_dict_for_inference
+
+    cfg = ModelConfig(path=str(student_dir), lora=LoraSettings(r=4))
+    model = load_model(cfg, load_tokenizer(cfg), trainable=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    own = {p.data_ptr() for p in model.parameters()}
+    merged, names, peak = [], [], 0
+    for name, w in state_dict_for_inference(model):
+        names.append(name)
+        if w.data_ptr() not in own:  # a merged copy
+            merged.append(weakref.ref(w))
+        del w
+        peak = max(peak, sum(r() is not None for r in merged))
+    assert len(merged) == len(ADAPTED) and peak <= 1
+    want = merged_state_dict(model)
+    assert set(names) == set(want) | {"lm_head.weight"} and len(names) == len(set(names))
+
+
 @pytest.mark.parametrize("overrides, match", [
     (["model.lora.r=0"], r"model.lora.r: 0 must be positive"),
     (["model.lora.target_modules=[]"], r"model.lora.target_modules: needs at least one"),

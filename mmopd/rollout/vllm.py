@@ -67,15 +67,18 @@ def check_cpu_head_size(config: Any) -> None:
 
 def state_dict_for_inference(model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of the weights a checkpoint of `model` would hold, as vLLM loads
-    them: a LoRA student's merged weights under the base model's names, and the output layer
-    under lm_head even when tied (vLLM skips the name where it ties them itself)."""
-    from mmopd.models import merged_state_dict
+    them, one at a time (the engine copies each as it comes; nothing is gathered first): a LoRA
+    student's merged weights under the base model's names, and the output layer under lm_head
+    even when tied (vLLM skips the name where it ties them itself)."""
+    from mmopd.models import merged_weights
 
-    sd = {k: v.detach() for k, v in merged_state_dict(model).items()}
+    has_head = False
+    for name, w in merged_weights(model):
+        has_head |= name == "lm_head.weight"
+        yield name, w.detach()
     out = model.get_output_embeddings()
-    if out is not None and "lm_head.weight" not in sd:
-        sd["lm_head.weight"] = out.weight.detach()
-    yield from sd.items()
+    if out is not None and not has_head:
+        yield "lm_head.weight", out.weight.detach()
 
 
 def check_vllm_vision() -> None:
@@ -209,8 +212,8 @@ class VLLMSampler:
         if self._asleep:
             _free_cuda_cache()
             self.llm.wake_up(tags=["weights"])
-        weights = list(state_dict_for_inference(model))
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.collective_rpc("reload_weights",
+                                kwargs={"weights_iterator": state_dict_for_inference(model)})
         self.llm.reset_prefix_cache()
         if self.vision is not None:  # image embeddings the old vision tower computed
             self.llm.llm_engine.reset_encoder_cache()
