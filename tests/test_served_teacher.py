@@ -92,6 +92,8 @@ class Stub:
         self.drop_position = False  # answer one prompt position too few
         self.image_token, self.expand = -1, []  # token-in endpoint: placeholder, tokens per image
         self.generate_bodies: list[dict[str, Any]] = []
+        self.completion_bodies: list[dict[str, Any]] = []
+        self.shift = 0.0  # added to every returned value (5.0: a server returning logits)
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -140,12 +142,13 @@ class Stub:
             return 200, {"count": len(toks), "max_model_len": self.max_model_len,
                          "tokens": toks, "token_strs": None}
         if path == "/v1/completions":
+            self.completion_bodies.append(body)
             k = body["prompt_logprobs"]
             choices = []
             for i, ids in enumerate(body["prompt"]):
                 plp: list[dict[str, Any] | None] = [None]
                 for t in range(1, len(ids)):
-                    row = self.table_VV[ids[t - 1]]
+                    row = self.table_VV[ids[t - 1]] + self.shift
                     own = row[ids[t]]
                     entry = {str(ids[t]): {"logprob": own.item(), "rank": int((row >= own).sum()),
                                            "decoded_token": "?"}}
@@ -239,6 +242,34 @@ def test_scores_parse_in_order_batched_and_concurrent(stub, char_tok, episodes, 
     assert (s.entropy_N >= bound_from_known(stub.table_VV, episodes, view, 8) - 1e-5).all()
     no_topk = teacher.score(episodes)
     assert no_topk.topk_ids_NK is None and torch.equal(no_topk.logp_N, s.logp_N)
+
+
+def test_only_what_the_objective_reads_is_asked_for(stub, char_tok, episodes):
+    """An objective that reads only the sampled token's log-prob: prompt_logprobs 0 (the top-20
+    of every token was a gigabyte of JSON per rank per batch at scale), no entropy; every
+    request samples its token at temperature 1 with nothing else applied."""
+    teacher = quick(stub.url)
+    teacher.check(char_tok)
+    stub.completion_bodies.clear()
+    s = teacher.score(episodes)
+    assert [b["prompt_logprobs"] for b in stub.completion_bodies] == [0]
+    body = stub.completion_bodies[0]
+    assert body["temperature"] == 1.0 and body["top_p"] == 1.0 and body["top_k"] == 0
+    assert body["repetition_penalty"] == 1.0
+    torch.testing.assert_close(s.logp_N, reference(stub.table_VV, episodes, "student", 1)[0],
+                               atol=1e-6, rtol=0)
+    assert s.entropy_N.isnan().all() and s.topk_ids_NK is None
+    stub.completion_bodies.clear()
+    teacher.score(episodes, topk=3)
+    assert stub.completion_bodies[0]["prompt_logprobs"] == 3
+
+
+def test_a_server_returning_logits_is_refused(stub, char_tok):
+    """vllm serve --logprobs-mode raw_logits answers prompt "log-probs" that are logits: the
+    start-up probe sees values above 0 and refuses the server, naming the flag."""
+    stub.shift = 5.0
+    with pytest.raises(ServedTeacherError, match="--logprobs-mode raw_logprobs"):
+        quick(stub.url).check(char_tok)
 
 
 def test_entropy_lower_bound_is_a_bound():
@@ -448,7 +479,8 @@ def test_served_scores_match_in_process_hf(vllm_server, episodes):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     k = 5
     for view in ("student", "teacher"):
-        served = ServedTeacher(server.url, view=view, batch_size=2, concurrency=2)
+        served = ServedTeacher(server.url, view=view, batch_size=2, concurrency=2,
+                               entropy_topk=20)
         served.check(tok)
         s = served.score(episodes, topk=k)
         h = HFScorer(model, tok.pad_token_id, view=view).score(episodes, topk=k + 1)
@@ -500,6 +532,24 @@ def test_real_server_refuses_another_tokenizer_and_long_episodes(vllm_server, ch
         teacher.score([make_episode(char_tok, "1+1?", ["2"])], topk=21)
     with pytest.raises(ServedTeacherError, match="--max-logprobs 21"):  # before training
         ServedTeacher(server.url).check(char_tok, topk=21)
+
+
+@pytest.mark.vllm
+def test_real_server_in_a_logits_mode_is_refused(tmp_path, char_tok):
+    """A real `vllm serve --logprobs-mode raw_logits` returns logits as prompt log-probs: the
+    start-up check refuses it; the fixture's server (vLLM's default mode) passes, with and
+    without top-k."""
+    pytest.importorskip("vllm", reason="needs vllm (run with the vLLM virtual env's python)")
+    from vllm_utils import VLLMServer, build_tiny_checkpoint
+
+    model_dir = build_tiny_checkpoint(tmp_path / "tiny")
+    server = VLLMServer(model_dir, tmp_path / "vllm.log", "--logprobs-mode", "raw_logits")
+    try:
+        server.wait_healthy(timeout_s=300)
+        with pytest.raises(ServedTeacherError, match="--logprobs-mode raw_logprobs"):
+            ServedTeacher(server.url).check(char_tok)
+    finally:
+        server.stop()
 
 
 @pytest.mark.vllm

@@ -19,7 +19,9 @@ class ServedTeacherConfig:
 
     url: str | None = None  # e.g. http://10.0.0.5:8000
     model: str | None = None  # the served model's name (default: the only one served)
-    topk: int = 20  # log-probs per position asked for (the entropy estimate uses them)
+    # top log-probs per position for the teacher-entropy bound, asked for only by objectives
+    # that read the teacher's entropy (EOPD); others ask for their own top-k, or none
+    topk: int = 20
     batch_size: int = 8  # episodes per request
     concurrency: int = 2  # requests in flight
     timeout_s: float = 300.0  # per request

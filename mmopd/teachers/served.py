@@ -10,25 +10,31 @@ What a served teacher gives, and what it cannot:
 - `logp_N`: exact (the server's float32 log-softmax of the teacher's logits);
 - `topk_ids_NK` / `topk_logp_NK`: when `topk` > 0, ids sorted by log-prob (ties in the server's
   order); ids may include padded output rows of the teacher beyond the tokenizer's vocabulary;
-- `entropy_N`: a LOWER BOUND on the teacher's entropy: the server returns only the top-K (K =
-  max(topk, `entropy_topk`)), so the entropy is that of the partition {top-K ids, the sampled
-  token if outside them, everything else as one bucket}; merging outcomes never raises entropy.
-  It is tight where the teacher is peaked and loose where its mass is spread thin;
+- `entropy_N`: with `entropy_topk` > 0 (an objective that reads the teacher's entropy: EOPD), a
+  LOWER BOUND on the teacher's entropy: the server returns only the top-K (K = max(topk,
+  `entropy_topk`)), so the entropy is that of the partition {top-K ids, the sampled token if
+  outside them, everything else as one bucket}; merging outcomes never raises entropy. It is
+  tight where the teacher is peaked and loose where its mass is spread thin. NaN otherwise;
+- what is asked for is what the objective reads: `prompt_logprobs` is K, 0 for objectives
+  that read only the sampled token's log-prob (the top-K of every token of a batch is about a
+  gigabyte of JSON at scale);
 - no hidden states: full-vocabulary objectives (keep_hidden=True) need an in-process teacher.
 
 Episodes with images go one per request to vLLM's token-in endpoint (`served_wire`).
 
 Before training, `check(tokenizer)` reaches the server, picks the served model, compares its
-tokenizer with the student's on probe strings and test-scores one probe, so a wrong server fails
-with a clear message instead of scoring garbage. Transient failures (connection errors, timeouts,
-5xx, 408/429) are retried with exponential backoff (capped at `max_backoff_s`) up to `max_retries`
-times, each retry reported; other 4xx are not. A server that died and came back on the same URL
-is checked again (model, tokenizer, a probe) before the batch it scored is returned, so a
-different model restarted there stops the run instead of being trained on.
-The response shape is vLLM's (checked against vllm 0.32): `choices[i].prompt_logprobs` is a list
-with one entry per prompt token (None first), each a dict `{str(token_id): {"logprob", "rank",
-"decoded_token"}}` holding the prompt token itself (rank = 1 + #tokens scoring higher or equal)
-and the top-K with ranks 1..K.
+tokenizer with the student's on probe strings and test-scores one probe, whose values must be
+log-probs (a server started with `--logprobs-mode raw_logits` returns logits there), so a wrong
+server fails with a clear message instead of scoring garbage. Requests sample their one token at
+temperature 1 with no top-p / top-k / penalties, whatever the served model's generation config.
+Transient failures (connection errors, timeouts, 5xx, 408/429) are retried with exponential backoff
+(capped at `max_backoff_s`) up to `max_retries` times, each retry reported; other 4xx are not. A
+server that died and came back on the same URL is checked again (model, tokenizer, a probe) before
+the batch it scored is returned, so a different model restarted there stops the run instead of
+being trained on. The response shape is vLLM's (checked against vllm 0.32):
+`choices[i].prompt_logprobs` is a list with one entry per prompt token (None first), each a dict
+`{str(token_id): {"logprob", "rank", "decoded_token"}}` holding the prompt token itself (rank = 1 +
+#tokens scoring higher or equal) and the top-K with ranks 1..K.
 """
 
 from __future__ import annotations
@@ -47,7 +53,13 @@ from transformers import PreTrainedTokenizerBase
 
 from mmopd.episode import Episode
 from mmopd.teachers.scorer import KeepHidden, TokenScores
-from mmopd.teachers.served_wire import error_body, generate_body, image_probe, position
+from mmopd.teachers.served_wire import (
+    NEUTRAL_SAMPLING,
+    error_body,
+    generate_body,
+    image_probe,
+    position,
+)
 
 _RETRIED_4XX = (408, 429)  # request timeout / too many requests: the server is busy, not wrong
 _START_HINT = ("start the teacher with `vllm serve MODEL --host 0.0.0.0 --port PORT "
@@ -75,24 +87,25 @@ class ServedTeacher:
     timeout_s: socket timeout per request (connect, and the wait for the response).
     max_retries: retries of a transient failure, with min(backoff_s * 2**attempt, max_backoff_s)
         seconds between.
-    entropy_topk: top-K requested even when the objective needs no top-k, for the entropy
-        bound (vLLM's default `--max-logprobs` is 20, the maximum it accepts per request).
+    entropy_topk: top-K requested for the entropy bound when the objective reads the
+        teacher's entropy (vLLM's default `--max-logprobs` is 20, the maximum it accepts per
+        request); 0: it reads none, and `entropy_N` is NaN.
     api_key: sent as a bearer token (`vllm serve --api-key`).
     """
 
     def __init__(self, url: str, *, model: str | None = None, view: str = "student",
                  batch_size: int = 8, concurrency: int = 2, timeout_s: float = 300.0,
                  max_retries: int = 3, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
-                 entropy_topk: int = 20, api_key: str | None = None,
+                 entropy_topk: int = 0, api_key: str | None = None,
                  vision: Any = None) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"served teacher url {url!r}: expected http://HOST:PORT")
         for name, value in (("batch_size", batch_size), ("concurrency", concurrency)):
             if value < 1:
                 raise ValueError(f"served teacher {name}={value}: must be at least 1")
-        if timeout_s <= 0 or min(max_retries, backoff_s, max_backoff_s) < 0 or entropy_topk < 1:
+        if timeout_s <= 0 or min(max_retries, backoff_s, max_backoff_s, entropy_topk) < 0:
             raise ValueError("served teacher: timeout_s must be positive, max_retries, "
-                             "backoff_s and max_backoff_s non-negative, entropy_topk at least 1")
+                             "backoff_s, max_backoff_s and entropy_topk non-negative")
         url = url.rstrip("/")
         self.url = url[: -len("/v1")] if url.endswith("/v1") else url
         self.model = model
@@ -225,12 +238,25 @@ class ServedTeacher:
                                      "check episode lengths before sending them")
         probe_ids = tokenizer(probes[0], add_special_tokens=False)["input_ids"]
         probe_ids = probe_ids[: min(len(probe_ids), self.max_model_len - 1, 64)]
+        k = max(topk, self.entropy_topk, 1)  # at least the top token: checks the values too
         if len(probe_ids) >= 2:
-            self._score_prompts([probe_ids], [[0] + [1] * (len(probe_ids) - 1)],
-                                max(topk, self.entropy_topk))
+            self._check_logprobs(*self._score_prompts(
+                [probe_ids], [[0] + [1] * (len(probe_ids) - 1)], k))
         if self.vision is not None:  # an image the way episodes send them, expanded alike
-            self._score_generate(*image_probe(tokenizer, self.vision),
-                                 max(topk, self.entropy_topk))
+            self._score_generate(*image_probe(tokenizer, self.vision), k)
+
+    def _check_logprobs(self, logp: torch.Tensor, _: torch.Tensor, __: torch.Tensor,
+                        top: torch.Tensor) -> None:
+        """The probe's values must be log-probs: none above 0, the top-k's probabilities
+        summing to at most 1. A server in a logits mode returns raw scores there."""
+        mass = top.double().exp().sum(-1)
+        if (logp > 1e-4).any() or (top > 1e-4).any() or (mass > 1 + 1e-3).any():
+            raise ServedTeacherError(
+                f"served teacher {self.url}: its prompt log-probs are not log-probs (values up "
+                f"to {float(torch.cat([logp, top.flatten()]).max()):.3g}, top-k mass up to "
+                f"{float(mass.max()):.3g}): the server returns logits (vllm serve "
+                "--logprobs-mode raw_logits or processed_logits); restart it with "
+                "--logprobs-mode raw_logprobs, vLLM's default")
 
     # -- scoring -----------------------------------------------------------------------------
 
@@ -292,6 +318,8 @@ class ServedTeacher:
             self.check(self._checked[0], topk=self._checked[1])
         logp = torch.cat([p[0] for p in parts])
         ent = torch.cat([p[1] for p in parts])
+        if not self.entropy_topk:  # nothing reads it: no bound from the sampled token alone
+            ent = torch.full_like(ent, float("nan"))
         if not topk:
             return TokenScores(logp_N=logp, entropy_N=ent)
         return TokenScores(logp_N=logp, entropy_N=ent,
@@ -302,7 +330,7 @@ class ServedTeacher:
                        k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One request: (logp [n], entropy bound [n], top-k ids [n, k], top-k logp [n, k]) over
         the n loss tokens of these token prompts."""
-        body = {"model": self.model, "prompt": seqs, "max_tokens": 1, "temperature": 0.0,
+        body = {"model": self.model, "prompt": seqs, "max_tokens": 1, **NEUTRAL_SAMPLING,
                 "prompt_logprobs": k, "return_token_ids": True}
         try:
             res = self._request("/v1/completions", body)
@@ -365,7 +393,8 @@ class ServedTeacher:
                 ent.append(h)
                 ids_k.append(top_ids)
                 logp_k.append(top_lp)
-        return (torch.tensor(logp, dtype=torch.float32).reshape(-1),
-                torch.tensor(ent, dtype=torch.float32).reshape(-1),
-                torch.tensor(ids_k, dtype=torch.long).reshape(-1, k),
-                torch.tensor(logp_k, dtype=torch.float32).reshape(-1, k))
+        n = len(logp)
+        return (torch.tensor(logp, dtype=torch.float32).reshape(n),
+                torch.tensor(ent, dtype=torch.float32).reshape(n),
+                torch.tensor(ids_k, dtype=torch.long).reshape(n, k),
+                torch.tensor(logp_k, dtype=torch.float32).reshape(n, k))

@@ -26,12 +26,18 @@ def data_url(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+# The one token a scoring request samples: at temperature 1, nothing else applied, whatever
+# defaults the served model's generation config would add (vLLM fills unset fields from it).
+NEUTRAL_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
 def generate_body(teacher: Any, ids: list[int], vision: Any, k: int) -> dict[str, Any]:
     """The request scoring token ids `ids` (and the images of `vision`, None: text only) with the
     top-`k` prompt log-probs of every position."""
     body: dict[str, Any] = {
         "model": teacher.model, "token_ids": list(ids), "return_token_ids": True,
-        "sampling_params": {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": k}}
+        "sampling_params": {"max_tokens": 1, **NEUTRAL_SAMPLING, "prompt_logprobs": k}}
     if vision is None:
         return body
     body["token_ids"], images = teacher.vision.engine_prompt(ids, vision)

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import importlib
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -155,6 +156,16 @@ def make_served_teacher(cfg: TrainConfig, tokenizer: Any, t: TeacherConfig | Non
     t = t or cfg.teacher
     s = t.served
     assert s.url is not None
+    obj = OBJECTIVES[cfg.objective.name]
+    needs = needed_scores(obj, cfg.objective)
+    entropy = "teacher_entropy" in needs
+    if entropy:
+        warnings.warn(
+            f"objective {obj.name} gates on the teacher's entropy; a served teacher gives a "
+            f"lower bound of it from its top-{s.topk} (teacher.served.topk), so the gate opens "
+            "on fewer tokens than with the exact entropy. An in-process teacher gives it exactly; "
+            "a larger teacher.served.topk (up to vllm serve --max-logprobs) tightens the bound",
+            stacklevel=2)
     key = os.environ.get(s.api_key_env) if s.api_key_env else None
     if s.api_key_env and key is None:
         raise ValueError(f"teacher.served.api_key_env: environment variable {s.api_key_env!r} "
@@ -164,11 +175,10 @@ def make_served_teacher(cfg: TrainConfig, tokenizer: Any, t: TeacherConfig | Non
                             batch_size=s.batch_size, concurrency=s.concurrency,
                             timeout_s=s.timeout_s, max_retries=s.max_retries,
                             backoff_s=s.backoff_s, max_backoff_s=s.max_backoff_s,
-                            entropy_topk=s.topk, api_key=key, vision=vision)
-    obj = OBJECTIVES[cfg.objective.name]
+                            entropy_topk=s.topk if entropy else 0, api_key=key,
+                            vision=vision)
     asked = max(t.topk, cfg.objective.topk if obj.kind == "divergence" else 0,
-                cfg.objective.eopd_topk if "teacher_topk" in needed_scores(obj, cfg.objective)
-                else 0)
+                cfg.objective.eopd_topk if "teacher_topk" in needs else 0)
     teacher.check(tokenizer, topk=asked)
     return teacher
 
