@@ -185,27 +185,31 @@ def _tiny_config(t: TinyModelConfig, tokenizer: PreTrainedTokenizerBase,
 
 
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, field: str = "model",
-               trainable: bool = False, vision: VisionProcessor | None = None) -> PreTrainedModel:
+               trainable: bool = False, vision: VisionProcessor | None = None,
+               meta: bool = False) -> PreTrainedModel:
     """Build or load a causal LM (or a VLM with its LM head) in `cfg.dtype` on the CPU
     (accelerate moves it). Tiny VL models take their patch geometry from `vision`. A trainable
     model with `cfg.lora` comes back wrapped in peft LoRA adapters, the base frozen; loaded for
     inference the same config is the plain base model (fresh adapters change nothing). A LoRA
     student's frozen base loads as a frozen model does ("auto": bf16 on a GPU that has it; no
-    update can round away in it), its adapters in float32 (peft upcasts them)."""
+    update can round away in it), its adapters in float32 (peft upcasts them). `meta`: the
+    model's structure on the meta device, no weights read (a rank that receives its shard of
+    a sharded teacher from rank 0)."""
     lora = trainable and cfg.lora is not None
-    model = _load_base(cfg, tokenizer, field, trainable and not lora, vision)
+    model = _load_base(cfg, tokenizer, field, trainable and not lora, vision, meta)
     if lora:
         return add_lora(model, cfg.lora)
     return model
 
 
 def _load_base(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, field: str,
-               trainable: bool, vision: VisionProcessor | None) -> PreTrainedModel:
+               trainable: bool, vision: VisionProcessor | None,
+               meta: bool = False) -> PreTrainedModel:
     """The plain transformers model of `cfg` (no adapters)."""
     dtype = resolve_dtype(cfg.dtype, trainable)
     if cfg.tiny is not None:
         config = _tiny_config(cfg.tiny, tokenizer, vision)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
             torch.manual_seed(cfg.tiny.seed)
             if cfg.tiny.arch == "qwen2":
                 model = Qwen2ForCausalLM(config)
@@ -217,6 +221,9 @@ def _load_base(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, field: str,
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     auto = AutoModelForImageTextToText if is_vlm(cfg, field) else AutoModelForCausalLM
+    if meta:
+        with torch.device("meta"):
+            return auto.from_config(AutoConfig.from_pretrained(path), **kwargs)
     try:
         model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

@@ -162,6 +162,38 @@ def test_fsdp2_bf16_reduces_gradients_in_fp32(student_dir, tmp_path):
         assert set(policies.values()) == {(torch.bfloat16, torch.float32)}, policies
 
 
+def test_sharded_teacher_is_read_by_rank_0_only_and_scores_as_one_process(
+        tokenizer, teacher_dir, tmp_path):
+    """teacher.shard: rank 0 reads the checkpoint, the other rank builds the structure on the
+    meta device and receives its shards; each rank holds about half of the weights, and the
+    teacher scores episodes as the whole model does in one process."""
+    from mmopd.config import ModelConfig
+    from mmopd.envs import make_env
+    from mmopd.models import load_model
+    from mmopd.rollout.agent_loop import collect_episodes
+    from mmopd.rollout.render import ChatRenderer
+    from mmopd.rollout.sampler import HFSampler, SamplingParams
+    from mmopd.teachers.scorer import HFScorer
+
+    teacher = load_model(ModelConfig(path=str(teacher_dir)), tokenizer)
+    torch.manual_seed(0)
+    eps = collect_episodes([make_env("mmopd/MathText-v0", level=1) for _ in range(6)],
+                           [{"seed": i} for i in range(3)], HFSampler(teacher, tokenizer),
+                           ChatRenderer(tokenizer), SamplingParams(n=2, max_new_tokens=10))
+    torch.save(eps, tmp_path / "episodes.pt")
+    want = HFScorer(teacher, tokenizer.pad_token_id).score(eps)
+    p = _torchrun(str(HERE / "_teacher_shard_worker.py"), str(teacher_dir),
+                  str(tmp_path / "episodes.pt"), str(tmp_path))
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert len(got[0]["reads"]) == 1 and not got[1]["reads"]  # only rank 0 read weights
+    assert not got[0]["meta_before"] and got[1]["meta_before"]
+    for g in got:
+        assert g["local"] <= 0.55 * g["total"]  # about half of the teacher per rank
+        torch.testing.assert_close(g["logp"], want.logp_N, atol=1e-5, rtol=0)
+        torch.testing.assert_close(g["entropy"], want.entropy_N, atol=1e-5, rtol=0)
+
+
 def test_reopold_entropy_threshold_is_the_whole_batchs(tmp_path):
     """REOPOLD's refinement keeps the top-beta entropies of the rollout batch, which is split
     over the ranks: the threshold is taken over every rank's tokens (the same on each), not per

@@ -89,7 +89,14 @@ def shard_frozen(model: torch.nn.Module, device: torch.device) -> None:
     """Shard a frozen in-process teacher over all ranks (`teacher.shard`): each block of its
     `_no_split_modules` classes and the root, as accelerate shards the student. Its blocks are
     gathered for each forward and freed after; the root (embeddings, final norm, output layer)
-    stays gathered after the first forward, so the losses can apply the output layer."""
+    stays gathered after the first forward, so the losses can apply the output layer.
+
+    Rank 0 holds the weights on the CPU; the other ranks may hold the structure only (meta
+    device: they read no checkpoint). Sharding moves one block at a time to the device, and
+    rank 0 then sends every rank its shards (`broadcast_from_rank0`), so no device ever holds
+    the whole teacher and only rank 0's host memory holds it once."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -97,11 +104,19 @@ def shard_frozen(model: torch.nn.Module, device: torch.device) -> None:
     if not blocks:
         raise ConfigError(f"teacher.shard: {type(model).__name__} names no blocks to shard "
                           "(_no_split_modules); set teacher.shard=false")
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    rank0 = dist.get_rank() == 0
+    full = model.state_dict() if rank0 else {}  # kept on the CPU, sent shard by shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for m in list(model.modules()):
         if type(m).__name__ in blocks:
             fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model.to_empty(device=device)  # storage for the shards rank 0 sends
+    set_model_state_dict(model, full, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True))
+    for buf in model.buffers():  # not in a state dict (rotary frequencies): rank 0's
+        dist.broadcast(buf, src=0)
     model._get_fsdp_state()._lazy_init()  # the root, before a block could claim it
 
 

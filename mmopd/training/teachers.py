@@ -76,6 +76,10 @@ def build_teachers(cfg: TrainConfig, objective: Objective, student: torch.nn.Mod
     return Teachers(router, None, None, None, ema=ema, ema_decay=decay, n_params=n)
 
 
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def _params(model: torch.nn.Module | None) -> int:
     return sum(p.numel() for p in model.parameters()) if model is not None else 0
 
@@ -118,7 +122,9 @@ def one_teacher(cfg: TrainConfig, t: TeacherConfig, student: torch.nn.Module, to
         assert t.model is not None
         t_tok = load_tokenizer(t.model, "teacher.model")
         t_vision = load_vision(t.model, t_tok, "teacher.model")
-        t_model = load_model(t.model, t_tok, "teacher.model", vision=t_vision)
+        # sharded: rank 0 reads the checkpoint, the others get their shards from it
+        t_model = load_model(t.model, t_tok, "teacher.model", vision=t_vision,
+                             meta=t.shard and not _is_rank0())
         if t.cross_tokenizer:
             if vision is not None or t_vision is not None:
                 raise NotImplementedError("teacher.cross_tokenizer aligns text; VLM students "
@@ -134,7 +140,9 @@ def one_teacher(cfg: TrainConfig, t: TeacherConfig, student: torch.nn.Module, to
         check_same_vision(vision, t_vision)
         if t.check_template:
             check_same_rendering(tokenizer, t_tok, _probe_messages(train_pool.take(1)[0]))
-    t_model.requires_grad_(False).to(device)
+    t_model.requires_grad_(False)
+    if not t.shard:  # a sharded teacher goes to the device block by block (shard_frozen)
+        t_model.to(device)
     # Output layers are often padded past the tokenizer, differently per model size
     # (Qwen2.5: 151936 rows at 1.5B, 152064 at 7B); distributions are compared on the rows
     # both have. Sampled-token log-probs use each model's full output layer.
