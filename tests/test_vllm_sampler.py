@@ -228,6 +228,32 @@ def test_sleep_mode_sleeps_once_per_rollout_batch(engine, tokenizer, monkeypatch
         train(_train_cfg(model_dir, teacher_dir, tmp_path / "run", "rollout.vllm.sleep=true"))
 
 
+def test_every_rank_of_a_launch_has_its_own_engine(model_dir, teacher_dir, tmp_path):
+    """Two ranks (torchrun, gloo), an engine each: each takes the launcher's rank and local
+    rank (the GPU it runs on; the default executor made every rank's worker rank 0 on device
+    0), samples and follows its own rank's weight sync; and `mmopd train` runs under the
+    launch with vLLM rollouts on both ranks."""
+    from test_distributed import _torchrun
+
+    here = Path(__file__).parent
+    p = _torchrun(str(here / "_vllm_rank_worker.py"), str(model_dir), str(tmp_path), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert (got["rank"], got["local_rank"]) == got["env"] == (r, r)
+        assert got["gap"] < 1e-3
+    from mmopd.config import dump_yaml
+
+    run = tmp_path / "run"
+    (tmp_path / "train.yaml").write_text(dump_yaml(_train_cfg(model_dir, teacher_dir, run,
+                                                              "trainer.steps=2")))
+    p = _torchrun("-m", "mmopd", "train", str(tmp_path / "train.yaml"), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["rollout/logprob_gap"] < 1e-3
+                                                       for r in rows)
+
+
 def test_lora_student_syncs_its_merged_weights(engine, model_dir, tokenizer):
     from mmopd.config import LoraSettings
     from mmopd.models import add_lora

@@ -137,6 +137,23 @@ def check_vllm() -> None:
                               f"vLLM >= {floor}")
 
 
+def launched_engine() -> dict[str, Any]:
+    """Engine arguments for one rank of `accelerate launch` / torchrun: one engine per rank, on
+    the rank's own device (vLLM's external launcher: the worker takes RANK and LOCAL_RANK, and
+    LOCAL_RANK picks its GPU). The default single-process executor makes every rank's worker
+    rank 0 with local rank 0: every engine on GPU 0. Nothing for a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {}
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise VLLMUnavailable(f"rollout.backend=vllm under {dist.get_world_size()} "
+                                  f"processes needs the launcher's {name} in the environment "
+                                  "(accelerate launch and torchrun set it)")
+    return {"distributed_executor_backend": "external_launcher"}
+
+
 def _free_cuda_cache() -> None:
     """What the trainer freed goes back to the driver before the engine takes memory again."""
     gc.collect()
@@ -184,7 +201,7 @@ class VLLMSampler:
             enforce_eager=enforce_eager, max_model_len=max_model_len,
             # samples carry the raw (temperature-1) log-prob of each sampled token, as the HF
             # sampler records it; the trainer compares it with its own log pi_old
-            logprobs_mode="raw_logprobs")
+            logprobs_mode="raw_logprobs", **launched_engine())
         self.vision = vision
         if vision is not None:
             check_vllm_vision()  # the engine resizes images by the student's pixel bounds; the
