@@ -23,7 +23,7 @@ BENCHMARKS = (
      "seconds per step, tokens/s and peak RSS, same models, prompts and batch, same run"),
     ("loss_memory", "Loss memory at a real vocabulary (V = 152k, T = 2048)",
      "peak extra memory and time of full-vocabulary, top-k and sampled-token losses: "
-     "naive vs mmopd's chunked autograd path vs its fused path (the default)"),
+     "naive vs chunked autograd (the tests' reference) vs mmopd's fused path"),
     ("worlds_math", "Tiny math world over seeds: REOPOLD vs OPD vs GRPO",
      "gap to the teacher closed, and held-out accuracy against sampled episodes, 3 seeds"),
     ("worlds_agent", "Tiny agent world over seeds: SOD on / off, REOPOLD vs OPD vs GRPO",

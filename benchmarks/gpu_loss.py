@@ -1,6 +1,6 @@
-"""One GPU: the full-vocabulary JSD loss at Qwen's vocabulary, mmopd's fused path vs its chunked
-autograd path vs Liger's fused linear JSD (liger-kernel), forward + backward, time and peak
-memory.
+"""One GPU: the full-vocabulary JSD loss at Qwen's vocabulary, mmopd's fused path vs chunked
+autograd (tests/reference_losses.py, its test reference) vs Liger's fused linear JSD
+(liger-kernel), forward + backward, time and peak memory.
 
 A bf16 batch of 8 x 2048 tokens: student hidden states [T x 1536] with a trainable [V x 1536]
 output layer (V = 151,936), a frozen teacher's hidden states and output layer of the same shape,
@@ -64,10 +64,13 @@ def main() -> None:
     args = ap.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("gpu_loss.py measures a GPU; none is visible here")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import reference_losses
+
     from mmopd.config import TrainConfig, load_config
     from mmopd.teachers.scorer import TokenScores
     from mmopd.training.fused import Projection
-    from mmopd.training.losses import divergence_sum
+    from mmopd.training.losses import Heads, divergence_sum
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     T, H, V = args.tokens, args.hidden, args.vocab
@@ -86,22 +89,21 @@ def main() -> None:
     scores = TokenScores(torch.zeros(T), torch.zeros(T), None, None, h_t)
     tok, ones = torch.arange(T), torch.ones(T)
 
-    def s_head(h: torch.Tensor) -> torch.Tensor:
-        return (h @ w_s.T).float()
+    t_layer = torch.nn.Linear(H, V, bias=False, device=dev, dtype=dt).requires_grad_(False)
+    t_layer.weight.copy_(w_t)
+    heads = Heads(Projection(layer), Projection(layer), Projection(t_layer))
 
-    def t_head(h: torch.Tensor) -> torch.Tensor:
-        return (h @ w_t.T).float()
-
-    def mmopd_step(proj: Projection | None) -> Any:
+    def mmopd_step(diverge: Any) -> Any:
         def step() -> torch.Tensor:
-            out = divergence_sum("jsd", 0, cfg, s_head, t_head, h_s, scores, tok, ones, proj)
+            out = diverge("jsd", 0, cfg, heads, h_s, scores, tok, ones)
             out.backward()
             return out.detach()
         return step
 
     rows: dict[str, dict[str, float]] = {
-        "mmopd fused": _measure(mmopd_step(Projection(layer)), args.repeats, [h_s, w_s]),
-        "mmopd autograd": _measure(mmopd_step(None), args.repeats, [h_s, w_s]),
+        "mmopd fused": _measure(mmopd_step(divergence_sum), args.repeats, [h_s, w_s]),
+        "mmopd autograd": _measure(mmopd_step(reference_losses.divergence_sum), args.repeats,
+                                   [h_s, w_s]),
     }
     try:
         from liger_kernel.transformers import LigerFusedLinearJSD

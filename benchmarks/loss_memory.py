@@ -8,13 +8,13 @@ and a frozen teacher's hidden states and output layer, three losses go forward a
 - the sampled-token policy-gradient surrogate (OPD / REOPOLD: log-prob of the sampled token).
 
 "naive" materialises the [T x V] logits of the whole batch (what a straightforward implementation
-does); "autograd" is mmopd's chunked autograd path (`trainer.fused_loss=false`: logits rebuilt
-`chunk` rows at a time under activation checkpointing); "fused" is the trainer's default
-(`training/fused.py`: each chunk's loss and gradient in one pass, no recompute, one output-layer
-gradient buffer). Every measurement runs in a fresh subprocess; "peak extra" is the process's
-peak resident memory (VmHWM) minus its resident memory once the inputs exist, so it counts what
-the loss itself needs (logits, softmaxes, gradients of the hidden states and of the output
-layer).
+does); "autograd" is chunked autograd (tests/reference_losses.py, the reference the trainer's
+losses are tested against: logits rebuilt `chunk` rows at a time under activation
+checkpointing); "fused" is the trainer's loss path (`training/fused.py`: each chunk's loss and
+gradient in one pass, no recompute, one output-layer gradient buffer). Every measurement runs
+in a fresh subprocess; "peak extra" is the process's peak resident memory (VmHWM) minus its
+resident memory once the inputs exist, so it counts what the loss itself needs (logits,
+softmaxes, gradients of the hidden states and of the output layer).
 
     python benchmarks/loss_memory.py [--vocab 151936] [--tokens 2048] [--hidden 896 1536]
 """
@@ -45,12 +45,14 @@ def _rss_kb(field: str) -> int:
 def _run_one(loss: str, path: str, vocab: int, tokens: int, hidden: int, topk: int,
              chunk: int, repeats: int) -> dict[str, float]:
     """One (loss, path) measurement in this process (called in a fresh subprocess)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import reference_losses
+
     from mmopd.config import TrainConfig, load_config
-    from mmopd.logprobs import target_logprobs
     from mmopd.objectives import full_vocab_divergence, topk_divergence
     from mmopd.teachers.scorer import TokenScores
-    from mmopd.training.fused import Projection, fused_loss, gathered_chunks
-    from mmopd.training.losses import divergence_sum
+    from mmopd.training.fused import Projection, nll_sum
+    from mmopd.training.losses import Heads, divergence_sum
 
     torch.manual_seed(0)
     torch.set_num_threads(torch.get_num_threads())
@@ -81,9 +83,12 @@ def _run_one(loss: str, path: str, vocab: int, tokens: int, hidden: int, topk: i
 
     tok = torch.arange(tokens)
     ones = torch.ones(tokens)
-    layer = torch.nn.Linear(hidden, vocab, bias=False)
+    layer, t_layer = (torch.nn.Linear(hidden, vocab, bias=False) for _ in range(2))
     layer.weight = w_s
-    proj = Projection(layer) if path == "fused" else None
+    t_layer.weight = torch.nn.Parameter(w_t, requires_grad=False)
+    proj = Projection(layer)
+    heads = Heads(proj, proj, Projection(t_layer))
+    diverge = divergence_sum if path == "fused" else reference_losses.divergence_sum
 
     def step() -> torch.Tensor:
         if path == "naive":
@@ -98,15 +103,14 @@ def _run_one(loss: str, path: str, vocab: int, tokens: int, hidden: int, topk: i
             else:
                 out = -torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum()
         elif loss == "full_vocab_rkl":
-            out = divergence_sum("rkl", 0, cfg, s_head, t_head, h_s, scores, tok, ones, proj)
+            out = diverge("rkl", 0, cfg, heads, h_s, scores, tok, ones)
         elif loss == "topk_rkl":
             cfg.objective.topk_source = "teacher"
-            out = divergence_sum("rkl", topk, cfg, s_head, t_head, h_s, scores, tok, ones, proj)
-        elif proj is not None:  # -sum log p(sampled), as the other two paths
-            out = fused_loss(proj, h_s, gathered_chunks(lambda s, sl: targets[sl, None],
-                                                        lambda lp, sl: -lp.sum()), chunk)
+            out = diverge("rkl", topk, cfg, heads, h_s, scores, tok, ones)
+        elif path == "fused":  # -sum log p(sampled), as the other two paths
+            out = nll_sum(proj, h_s, targets, chunk)
         else:
-            out = -target_logprobs(s_head, h_s, targets, chunk).sum()
+            out = -reference_losses.target_logprobs(s_head, h_s, targets, chunk).sum()
         out.backward()
         return out
 
@@ -167,7 +171,7 @@ def main() -> None:
     lines = [f"Loss memory at V = {args.vocab:,}, T = {args.tokens:,} tokens (top-k = "
              f"{args.topk}, chunk = {args.chunk}; {machine}); forward + backward, gradients of "
              "the hidden states and the output layer included. Peak extra memory in MB, time "
-             "in seconds; \"fused\" is the trainer's default path.", "",
+             "in seconds; \"fused\" is the trainer's loss path.", "",
              "| hidden | loss | naive MB | autograd MB | fused MB | naive s | autograd s "
              "| fused s | fused time / naive |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for hidden in args.hidden:

@@ -64,7 +64,7 @@ Differences that remain, by design of each system (not settings):
   entropy quantile). TRL has no pi_old pass.
 - Loss: both build vocabulary logits chunk by chunk from hidden states and never hold
   [B, L, V]: mmopd over the completion tokens only, `trainer.chunk_size` (256) rows at a time,
-  each chunk's loss and gradient in one pass (`trainer.fused_loss`, the default);
+  each chunk's loss and gradient in one pass (mmopd/training/fused.py);
   TRL (without Triton, i.e. on CPU) over every completion position of the right-padded batch,
   padding included, in 4096 x 32768 tiles. `trl-gkd` computes full logits of the whole sequence,
   prompt included, for student and teacher.

@@ -1,71 +1,129 @@
 """Per-token quantities from a causal LM, computed in chunks from final hidden states.
 
-Only positions that predict a student token are projected through the LM head, `chunk_size` rows
-at a time, so no [tokens x vocab] float32 tensor exists for more than one chunk. With gradients
-on, each chunk runs under activation checkpointing: its logits are recomputed in backward instead
-of being kept alive for the whole sequence.
+Only positions that predict a student token are projected through the output layer
+(`Projection`: in the compute dtype, float32 accumulation and logits), `chunk_size` rows at a
+time, so no [tokens x vocab] float32 tensor exists for more than one chunk. The losses, with
+their gradients, are in mmopd.training.fused; here the no-gradient scoring and the forward that
+gives the final hidden states.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in the inputs' (compute) dtype with float32 accumulation and a float32 result. On
+    CUDA one bf16 / fp16 GEMM writing float32 (logits are not rounded to bf16); elsewhere the
+    same arithmetic on upcast inputs."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc float32, a and b in the compute dtype (float32 accumulation)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return
+    acc.addmm_(a.float(), b.float())
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """A model's output layer: the linear layer (its weight read at each use, so a layer FSDP2
+    has gathered for the forward is seen gathered; called as a plain matmul, not as a module,
+    which would re-enter FSDP2's hooks), logit scale and soft-cap, the rows kept (`vocab`, to
+    compare two models with differently padded output layers), and the compute dtype (`dtype`,
+    None: the weight's). The GEMMs run in the compute dtype with float32 accumulation and
+    float32 logits; a float32 master weight is cast once per call, not per chunk.
+
+    Calling it on hidden states [n, H] gives float32 logits [n, rows] (a `Head`)."""
+
+    layer: torch.nn.Linear  # weight [V_full, H]
+    scale: float | None = None
+    cap: float | None = None
+    vocab: int | None = None
+    dtype: torch.dtype | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.layer.weight
+        if type(w).__name__ == "DTensor":
+            raise RuntimeError("FSDP: the output layer is still sharded; run the model's forward "
+                               "before projecting its hidden states")
+        return w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
+
+    @property
+    def rows(self) -> int:
+        return self.weight.shape[0] if self.vocab is None else self.vocab
+
+    def operands(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight rows [rows, H], bias) in the compute dtype, for one call's chunks."""
+        w, b = self.weight[: self.rows], self.bias
+        dt = self.dtype or w.dtype
+        return w.to(dt), (b[: self.rows].to(dt) if b is not None else None)
+
+    def logits(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(final float32 logits, tanh of the capped pre-activation or None) of a chunk, from
+        `operands()`."""
+        z = mm_fp32(h.to(w.dtype), w.T)
+        if b is not None:
+            z = z + b.float()
+        if self.scale is not None:
+            z = z * self.scale
+        if self.cap:
+            th = torch.tanh(z / self.cap)
+            return th * self.cap, th
+        return z, None
+
+    def chain(self, g_z: torch.Tensor, th: torch.Tensor | None) -> torch.Tensor:
+        """d/d(pre-activation logits) from d/d(final logits)."""
+        if th is not None:
+            g_z = g_z * (1.0 - th * th)
+        if self.scale is not None:
+            g_z = g_z * self.scale
+        return g_z
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.logits(h, *self.operands())[0]
+
 
 Head = Callable[[torch.Tensor], torch.Tensor]  # hidden [n, H] -> float32 logits [n, V]
 
 
-def lm_head_fn(model: PreTrainedModel, vocab: int | None = None) -> Head:
-    """The model's output layer as a function, with its final logit soft-capping if any.
-
-    `vocab` trims padded output rows so two models with different padding compare equal ids.
-    """
+def projection(model: Any, vocab: int | None = None,
+               dtype: torch.dtype | None = None) -> Projection:
+    """The output layer of `model` as a `Projection` (see there for `vocab` and `dtype`)."""
     head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    scale = getattr(model.config, "logit_scale", None)
-    project = _fsdp_projection(head) or head
-
-    def fn(h: torch.Tensor) -> torch.Tensor:
-        # hidden states come back in float32 from a forward under autocast, while the weights
-        # may be bf16; outside autocast the matmul needs one dtype
-        logits = project(h.to(head.weight.dtype)).float()
-        if scale is not None:
-            logits = logits * scale
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits[..., :vocab] if vocab is not None else logits
-
-    return fn
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{type(model).__name__}'s output layer is a {type(head).__name__}, "
+                         "not a linear layer; mmopd's losses project hidden states through a "
+                         "linear output layer (LoRA adapters belong on the decoder's layers)")
+    cfg = model.config
+    return Projection(head, getattr(cfg, "logit_scale", None),
+                      getattr(cfg, "final_logit_softcapping", None) or None, vocab, dtype)
 
 
-def _fsdp_projection(head: torch.nn.Module) -> Head | None:
-    """For an output layer sharded by FSDP2: the same matmul without the module's FSDP hooks.
-
-    The losses call the head on final hidden states after the model's forward. FSDP2 keeps the
-    output layer gathered from the forward until backward (it is in the root's or accelerate's
-    tail group, neither resharded after forward), but a second *module call* re-enters its
-    forward/backward hooks and crashes backward (a segfault with torch 2.13 on gloo). A plain
-    F.linear on the gathered weight gives the same gradient, which FSDP reduce-scatters with the
-    rest. Any other head (plain, DDP, peft) is called as a module, unchanged."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without FSDP2
-        return None
-    if not (isinstance(head, FSDPModule) and isinstance(head, torch.nn.Linear)):
-        return None
-
-    def fn(h: torch.Tensor) -> torch.Tensor:
-        weight = head.weight
-        if isinstance(weight, DTensor):
-            raise RuntimeError("FSDP: the output layer is still sharded; run the model's forward "
-                               "before projecting its hidden states")
-        return torch.nn.functional.linear(h, weight, head.bias)
-
-    return fn
+def lm_head_fn(model: Any, vocab: int | None = None,
+               dtype: torch.dtype | None = None) -> Projection:
+    """The model's output layer as a function of hidden states: `projection`."""
+    return projection(model, vocab, dtype)
 
 
 def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor,
@@ -107,38 +165,6 @@ def predicting_positions(loss_mask_BT: torch.Tensor) -> tuple[torch.Tensor, torc
     return rows, cols
 
 
-def chunked_map(fn: Callable[..., tuple[torch.Tensor, ...]], chunk_size: int,
-                *tensors_N: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Apply `fn` to row chunks of the [N, ...] tensors and concatenate its outputs.
-
-    Under autograd, each chunk is checkpointed so its [chunk x V] intermediates are recomputed in
-    backward rather than stored.
-    """
-    n = tensors_N[0].shape[0]
-    outs: list[tuple[torch.Tensor, ...]] = []
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors_N)
-    for s in range(0, n, chunk_size):
-        parts = [t[s: s + chunk_size] for t in tensors_N]
-        if grad:
-            outs.append(checkpoint(fn, *parts, use_reentrant=False))
-        else:
-            outs.append(fn(*parts))
-    if not outs:
-        probe = fn(*[t[:0] for t in tensors_N])
-        return tuple(p for p in probe)
-    return tuple(torch.cat(cols) for cols in zip(*outs))
-
-
-def target_logprobs(head: Head, hidden_NH: torch.Tensor, targets_N: torch.Tensor,
-                    chunk_size: int) -> torch.Tensor:
-    """log p(target) for N positions, with gradients, chunked (the training-time path)."""
-
-    def fn(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor]:
-        return (torch.log_softmax(head(h), dim=-1).gather(-1, y[:, None]).squeeze(-1),)
-
-    return chunked_map(fn, chunk_size, hidden_NH, targets_N)[0]
-
-
 ROWS = 32  # rows per step of the in-place passes below: their temporaries stay [32 x V]
 
 
@@ -157,32 +183,33 @@ def entropy_of(s: torch.Tensor) -> torch.Tensor:
         if s.shape[0] else s.new_zeros(0)
 
 
-def token_logprobs(head: Head, hidden_NH: torch.Tensor, targets_N: torch.Tensor,
+@torch.no_grad()
+def token_logprobs(head: Projection, hidden_NH: torch.Tensor, targets_N: torch.Tensor,
                    chunk_size: int, topk: int = 0, topk_vocab: int | None = None,
                    entropy: bool = True) -> dict[str, torch.Tensor]:
     """log p(target), entropy (NaN with `entropy` false: it costs a third of a chunk's time at
-    a real vocabulary) and optionally top-k (ids, log-probs) for N positions.
-
-    `logp` carries gradients when `hidden_NH` does; entropy and top-k are always detached.
-    Top-k ids are drawn from the first `topk_vocab` rows (log-probs stay full-vocabulary).
-    """
-
-    def fn(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = head(h)
-        # without gradients (scoring) in place: two [chunk x V] tensors at most, not four
-        logp_all = (torch.log_softmax(logits, dim=-1) if torch.is_grad_enabled()
-                    else log_softmax_(logits))
-        logp = logp_all.gather(-1, y[:, None]).squeeze(-1)
-        with torch.no_grad():
-            ent = (entropy_of(logp_all) if entropy
-                   else torch.full_like(logp.detach(), float("nan")))
-            if topk:
-                tv, ti = logp_all[:, :topk_vocab].topk(topk, dim=-1)
-                return logp, ent, tv, ti
-        return logp, ent
-
-    outs = chunked_map(fn, chunk_size, hidden_NH, targets_N)
-    res = {"logp": outs[0], "entropy": outs[1].detach()}
-    if topk:
-        res["topk_logp"], res["topk_ids"] = outs[2].detach(), outs[3]
-    return res
+    a real vocabulary) and optionally top-k (ids, log-probs) for N positions, without
+    gradients (scoring; the losses are in mmopd.training.fused), `chunk_size` rows at a time,
+    each chunk's log-softmax in place. Top-k ids are drawn from the first `topk_vocab` rows
+    (log-probs stay full-vocabulary)."""
+    w, b = head.operands()
+    parts: dict[str, list[torch.Tensor]] = {}
+    for s in range(0, hidden_NH.shape[0], chunk_size):
+        logp_all = log_softmax_(head.logits(hidden_NH[s: s + chunk_size], w, b)[0])
+        y = targets_N[s: s + chunk_size]
+        parts.setdefault("logp", []).append(logp_all.gather(-1, y[:, None]).squeeze(-1))
+        parts.setdefault("entropy", []).append(
+            entropy_of(logp_all) if entropy else torch.full_like(y, float("nan"),
+                                                                 dtype=torch.float32))
+        if topk:
+            tv, ti = logp_all[:, :topk_vocab].topk(topk, dim=-1)
+            parts.setdefault("topk_logp", []).append(tv)
+            parts.setdefault("topk_ids", []).append(ti)
+        del logp_all
+    if not parts:
+        empty = hidden_NH.new_zeros(0, dtype=torch.float32)
+        parts = {"logp": [empty], "entropy": [empty]}
+        if topk:
+            parts["topk_logp"] = [hidden_NH.new_zeros(0, topk, dtype=torch.float32)]
+            parts["topk_ids"] = [targets_N.new_zeros(0, topk)]
+    return {k: torch.cat(v) for k, v in parts.items()}

@@ -21,10 +21,9 @@ from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.utils import DistributedType
 
 from mmopd.config import ModelConfig
-from mmopd.logprobs import lm_head_fn
+from mmopd.logprobs import projection
 from mmopd.models import load_model, load_tokenizer
 from mmopd.objectives import OBJECTIVES
-from mmopd.training.fused import projection
 from mmopd.training.losses import Heads, accumulate_gradients
 from mmopd.training.optim import make_accelerator
 
@@ -62,8 +61,25 @@ def run(mode: str, bundle: dict, fused: bool = False) -> dict[str, dict[str, tor
     else:
         assert type(student.lm_head.weight).__name__ == "DTensor"  # really sharded
     model = accelerator.unwrap_model(student)
-    heads = Heads(lm_head_fn(model), lm_head_fn(model), lm_head_fn(teacher),
-                  projection(model) if fused else None, projection(model) if fused else None)
+    heads = Heads(projection(model), projection(model), projection(teacher))
+    import reference_losses
+
+    from mmopd.training import losses
+
+    swapped = {"divergence_sum": reference_losses.divergence_sum,
+               "_fused_policy_loss": reference_losses.policy_loss,
+               "aux_sum": reference_losses.aux_sum} if not fused else {}
+    saved = {name: getattr(losses, name) for name in swapped}
+    for name, fn in swapped.items():  # the autograd references in place of the fused losses
+        setattr(losses, name, fn)
+    try:
+        return _grads(student, accelerator, model, heads, bundle, rank, tok)
+    finally:
+        for name, fn in saved.items():
+            setattr(losses, name, fn)
+
+
+def _grads(student, accelerator, model, heads, bundle, rank, tok):
     grads = {}
     for name, case in bundle["cases"].items():
         model.zero_grad(set_to_none=True)

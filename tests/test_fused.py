@@ -193,9 +193,12 @@ def test_frozen_output_layer_and_frozen_hidden():
 def test_training_with_the_fused_path_equals_autograd(tiny_overrides, tmp_path, extra,
                                                      monkeypatch):
     """Four steps, two minibatches per rollout batch, micro-batches of 3 (gradient accumulation):
-    the same losses and the same final weights either way, to float32 tolerance."""
+    the trainer (fused losses, its only path) and the trainer with its losses swapped for the
+    autograd references (tests/reference_losses.py) give the same losses and final weights, to
+    float32 tolerance."""
     import json
 
+    import reference_losses
     from safetensors.torch import load_file
 
     from mmopd.config import TrainConfig, load_config
@@ -207,9 +210,11 @@ def test_training_with_the_fused_path_equals_autograd(tiny_overrides, tmp_path, 
     monkeypatch.setattr(losses, "fused_loss", lambda *a: calls.append(1) or real(*a))
     runs = {}
     for fused in (True, False):
+        if not fused:
+            reference_losses.use_autograd(monkeypatch)
         out = tmp_path / str(fused)
         train(load_config(TrainConfig, None, [
-            *tiny_overrides, *extra, f"trainer.fused_loss={str(fused).lower()}",
+            *tiny_overrides, *extra,
             "trainer.steps=4", "eval.num_problems=2", "eval.pass_k=0",
             "trainer.report_to=none", f"trainer.output_dir={out}"]))
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -245,3 +250,27 @@ def test_bf16_output_layer_keeps_dtypes_and_matches_autograd():
     assert g_fused[0].dtype == torch.float32 and g_fused[1].dtype == torch.bfloat16
     for a, b in zip(g_ref, g_fused):  # bf16 has 8 mantissa bits: compare as vectors
         assert float((a.float() - b.float()).norm() / a.float().norm()) < 2e-2
+
+
+def test_bf16_compute_over_float32_master_weights():
+    """trainer.bf16 with float32 master weights: the fused path's GEMMs take bf16 operands (the
+    weight cast once per call) with float32 accumulation; loss and gradients agree with autograd
+    through the same bf16-rounded operands, and the gradients come back in the float32
+    parameter's and hidden states' dtypes."""
+    layer = _layer(False, 0)
+    proj = Projection(layer, None, None, V, dtype=torch.bfloat16)
+    t, w = _teacher(zeros=False), torch.rand(N)
+    torch.manual_seed(1)
+    h = torch.randn(N, H, requires_grad=True)
+
+    def head(x):
+        return (x.bfloat16().float() @ layer.weight.bfloat16().float().T)[:, :V]
+    ref = (full_vocab_divergence("rkl", head(h), t, 0.5) * w).sum()
+    g_ref = _grads(ref, h, layer)
+    fused = fused_loss(proj, h, full_divergence_chunks("rkl", 0.5, lambda sl: t[sl].clone(), w),
+                       8)
+    g_fused = _grads(fused, h, layer)
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-4)
+    assert g_fused[0].dtype == g_fused[1].dtype == torch.float32
+    for a, b in zip(g_ref, g_fused):  # the logits' gradient is rounded to bf16 for the GEMMs
+        assert float((a - b).norm() / a.norm()) < 1e-2

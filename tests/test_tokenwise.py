@@ -84,7 +84,6 @@ def test_reopold_exploration_drops_tokens_inside_the_loss(tiny_overrides, sft_te
     from mmopd.rollout.render import ChatRenderer
     from mmopd.rollout.sampler import HFSampler, SamplingParams
     from mmopd.teachers.scorer import HFScorer
-    from mmopd.training.fused import projection
     from mmopd.training.losses import Heads, accumulate_gradients
     from mmopd.training.optim import make_accelerator
     from mmopd.training.scoring import score_batch
@@ -99,8 +98,7 @@ def test_reopold_exploration_drops_tokens_inside_the_loss(tiny_overrides, sft_te
     eps = collect_episodes([make_env(cfg.env.id, level=1) for _ in range(8)],
                            [{"seed": i} for i in range(4)], HFSampler(student, tok),
                            ChatRenderer(tok), SamplingParams(n=2, max_new_tokens=8))
-    heads = Heads(lm_head_fn(student), lm_head_fn(student), lm_head_fn(teacher),
-                  sampled_proj=projection(student), student_proj=projection(student))
+    heads = Heads(lm_head_fn(student), lm_head_fn(student), lm_head_fn(teacher))
     t_scorer = HFScorer(teacher, tok.pad_token_id)
     tb, teach, slices, _ = score_batch(eps, HFScorer(student, tok.pad_token_id), t_scorer)
     plan = make_plan(obj, tb, 0, 10, cfg.objective)

@@ -76,9 +76,6 @@ class TrainerConfig:
     # experiment trackers: "auto" (tensorboard when installed), "none", or a list of
     # tensorboard / wandb / trackio / mlflow; metrics.jsonl and eval.jsonl are written either way
     report_to: str | list[str] = "auto"
-    # losses computed with their gradients in one pass over each chunk's logits (closed-form
-    # backward, one output-layer gradient buffer); false: autograd through checkpointed chunks
-    fused_loss: bool = True
     # with one optimiser step per rollout batch (rollout.minibatches 1, so rho = 1), take
     # log pi_old and the entropy from the training forward instead of a separate student pass,
     # where the objective's plan reads them token by token (mmopd.objectives.tokenwise)

@@ -95,10 +95,16 @@ def _tools_for(spec: Any, env_id: str) -> dict[str, Tool] | None:
 
 
 def env_tools(env: gym.Env, env_id: str = "env") -> dict[str, Tool] | None:
-    """The tools an env offers at its first reset (info["tools"]), built once: a tool that
-    cannot be set up on this machine raises ToolSetupError now, before any model loads."""
-    _, info = env.reset(seed=0)
-    return _tools_for(info.get("tools") if isinstance(info, dict) else None, env_id)
+    """The tools an env offers (info["tools"] of the first of a few resets that works: a bad
+    data row is the rollout's to record), built once: a tool that cannot be set up on this
+    machine raises ToolSetupError now, before any model loads."""
+    for seed in range(8):
+        try:
+            _, info = env.reset(seed=seed)
+        except Exception:
+            continue
+        return _tools_for(info.get("tools") if isinstance(info, dict) else None, env_id)
+    return None
 
 
 class AgentLoop:

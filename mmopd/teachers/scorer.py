@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from mmopd.episode import Episode, pad_right
-from mmopd.logprobs import final_hidden, lm_head_fn, predicting_positions, token_logprobs
+from mmopd.logprobs import final_hidden, predicting_positions, projection, token_logprobs
 from mmopd.training.sharding import lockstep_count
 from mmopd.vision import VisionInputs, forward_kwargs
 
@@ -68,13 +68,14 @@ class HFScorer:
 
     def __init__(self, model: PreTrainedModel, pad_id: int, *, view: str = "student",
                  micro_batch_size: int = 16, chunk_size: int = 256,
-                 topk_vocab: int | None = None, entropy: bool = True) -> None:
+                 topk_vocab: int | None = None, entropy: bool = True,
+                 dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.pad_id = pad_id
         self.view = view  # which prompt view of each episode the model reads (Episode.view)
         self.micro_batch_size = micro_batch_size
         self.chunk_size = chunk_size
-        self.head = lm_head_fn(model)
+        self.head = projection(model, dtype=dtype)  # dtype: the output layer's compute dtype
         self.topk_vocab = topk_vocab  # top-k ids only among rows the student also has
         self.entropy = entropy  # False: entropy_N is NaN (nothing reads it)
 

@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 
 from mmopd.config import ConfigError, TrainConfig, dump_yaml, to_dict
 from mmopd.envs import import_env_modules, make_env
-from mmopd.logprobs import lm_head_fn
+from mmopd.logprobs import projection
 from mmopd.models import (
     is_lora,
     is_vlm,
@@ -47,7 +47,6 @@ from mmopd.training.checkpoint import (
     resolve_resume,
     set_rng_state,
 )
-from mmopd.training.fused import projection
 from mmopd.training.losses import Heads
 from mmopd.training.metrics import JsonlLog
 from mmopd.training.optim import make_accelerator, make_optimizer, make_scheduler
@@ -217,13 +216,14 @@ def assemble(cfg: TrainConfig) -> Run:
     sampler: Sampler = HFSampler(model, tokenizer, batch_size=rcfg.batch_size,
                                  stop_token_ids=renderer.stop_token_ids,
                                  suppress_token_ids=vision.special_ids if vision else None)
-    old_scorer = HFScorer(model, tokenizer.pad_token_id,
-                          micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
-    fused = tcfg.fused_loss
-    heads = Heads(sampled=lm_head_fn(model), student=lm_head_fn(model, vocab),
-                  teacher=lm_head_fn(t_model, vocab) if t_model is not None else None,
-                  sampled_proj=projection(model) if fused else None,
-                  student_proj=projection(model, vocab) if fused else None)
+    # the output layers compute in the training's compute dtype (bf16 under trainer.bf16, not
+    # the float32 master weights), accumulating in float32
+    compute = torch.bfloat16 if tcfg.bf16 else None
+    old_scorer = HFScorer(model, tokenizer.pad_token_id, micro_batch_size=tcfg.micro_batch_size,
+                          chunk_size=tcfg.chunk_size, dtype=compute)
+    heads = Heads(sampled=projection(model, dtype=compute),
+                  student=projection(model, vocab, dtype=compute),
+                  teacher=projection(t_model, vocab) if t_model is not None else None)
     if rcfg.backend == "vllm":
         sampler = make_vllm_sampler(cfg, model, tokenizer, renderer, vision, out)
     rollout_sampler = sampler

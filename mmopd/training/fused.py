@@ -1,13 +1,17 @@
-"""Fused chunked losses over the output layer: loss and gradients in one pass over the logits.
+"""Fused chunked losses over the output layer: loss and gradients in one pass over the logits,
+the only loss path the trainer runs.
 
-The autograd path (`losses.py` through `chunked_map`) builds each chunk's [n x V] logits, runs
-log_softmax and the divergence under autograd, and checkpoints the chunk, so backward computes
-the chunk a second time and materialises a [V x H] output-layer gradient per chunk. Here every
-per-token weight is known before a chunk runs, so each chunk computes its loss and the gradient
-of that loss with respect to its logits in closed form (softmax statistics kept, no autograd
-through log_softmax), and turns it at once into the gradient for the hidden states
-(g_z @ W) and into one float32 [V x H] buffer for the output layer (W += g_z^T @ h). Backward
-only hands those gradients on (scaled by the incoming gradient): nothing is recomputed.
+Autograd through chunked logits (tests/reference_losses.py keeps it, as the reference these
+are checked against) builds each chunk's [n x V] logits, runs log_softmax and the divergence
+under autograd, and checkpoints the chunk, so backward computes the chunk a second time and
+materialises a [V x H] output-layer gradient per chunk. Here every per-token weight is known
+before a chunk runs, so each chunk computes its loss and the gradient of that loss with respect
+to its logits in closed form (softmax statistics kept, no autograd through log_softmax), and
+turns it at once into the gradient for the hidden states (g_z @ W) and into one float32 [V x H]
+buffer for the output layer (W += g_z^T @ h). Backward only hands those gradients on (scaled by
+the incoming gradient): nothing is recomputed. The three GEMMs run in the compute dtype
+(`Projection.dtype`, bf16 under trainer.bf16) with float32 accumulation; logits, softmax
+statistics and the output layer's gradient stay float32.
 
 Closed forms, with s = log softmax(z), p = exp(s), t the teacher's log-probs, q = exp(t):
 
@@ -25,83 +29,20 @@ Soft-capped and scaled logits (Gemma-style) are chained through elementwise.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from mmopd.logprobs import entropy_of, log_softmax_
+from mmopd.logprobs import Projection, addmm_fp32_, entropy_of, log_softmax_, mm_fp32, projection
 from mmopd.objectives.divergences import KINDS
+
+__all__ = ["ChunkGrad", "Projection", "SampledScores", "divergence_grad", "full_divergence_chunks",
+           "fused_loss", "gathered_chunks", "nll_sum", "projection"]
 
 # (logits [n, V] float32, rows of this chunk) -> (sum of the chunk's weighted losses, d/dlogits)
 ChunkGrad = Callable[[torch.Tensor, slice], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Projection:
-    """A model's output layer as the fused path needs it: the linear layer (its weight gets the
-    gradients; read at each use, so a layer FSDP2 has gathered for the forward is seen
-    gathered), logit scale and soft-cap, and the rows kept (`vocab`)."""
-
-    layer: torch.nn.Linear  # weight [V_full, H]
-    scale: float | None = None
-    cap: float | None = None
-    vocab: int | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        w = self.layer.weight
-        if type(w).__name__ == "DTensor":
-            raise RuntimeError("FSDP: the output layer is still sharded; run the model's forward "
-                               "before projecting its hidden states")
-        return w
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.layer.bias
-
-    @property
-    def rows(self) -> int:
-        return self.weight.shape[0] if self.vocab is None else self.vocab
-
-    def pre(self, h: torch.Tensor) -> torch.Tensor:
-        """Float32 logits before scale and cap, rows [:vocab]."""
-        w = self.weight[: self.rows]
-        x = h.to(w.dtype) @ w.T
-        if self.bias is not None:
-            x = x + self.bias[: self.rows]
-        return x.float()
-
-    def logits(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(final logits, tanh of the capped pre-activation or None) for a chunk."""
-        z = self.pre(h)
-        if self.scale is not None:
-            z = z * self.scale
-        if self.cap:
-            th = torch.tanh(z / self.cap)
-            return th * self.cap, th
-        return z, None
-
-    def chain(self, g_z: torch.Tensor, th: torch.Tensor | None) -> torch.Tensor:
-        """d/d(pre-activation logits) from d/d(final logits)."""
-        if th is not None:
-            g_z = g_z * (1.0 - th * th)
-        if self.scale is not None:
-            g_z = g_z * self.scale
-        return g_z
-
-
-def projection(model: Any, vocab: int | None = None) -> Projection | None:
-    """The output layer of `model` for the fused path, or None where it is not a plain linear
-    layer (the autograd path then serves)."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        return None
-    cfg = model.config
-    return Projection(head, getattr(cfg, "logit_scale", None),
-                      getattr(cfg, "final_logit_softcapping", None) or None, vocab)
 
 
 class _FusedChunks(torch.autograd.Function):
@@ -109,7 +50,7 @@ class _FusedChunks(torch.autograd.Function):
     def forward(ctx: Any, h_NH: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 proj: Projection, chunk_grad: ChunkGrad, chunk: int) -> torch.Tensor:
         rows = proj.rows
-        w = weight[:rows]
+        w, b = proj.operands()  # the compute dtype, cast once for every chunk
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         grad_h = torch.zeros_like(h_NH) if need_h else None
@@ -120,18 +61,19 @@ class _FusedChunks(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h_NH.device)
         for s in range(0, h_NH.shape[0], chunk):
             sl = slice(s, s + chunk)
-            h = h_NH[sl]
-            z, th = proj.logits(h)
+            h = h_NH[sl].to(w.dtype)
+            z, th = proj.logits(h, w, b)
             loss, g_z = chunk_grad(z, sl)
             total += loss
             g_x = proj.chain(g_z, th)
             del z, th, g_z
-            if grad_h is not None:
-                grad_h[sl] = (g_x.to(w.dtype) @ w).to(grad_h.dtype)
-            if grad_w is not None:
-                grad_w[:rows].addmm_(g_x.T, h.float())
             if grad_b is not None:
                 grad_b[:rows] += g_x.sum(0)
+            g_x = g_x.to(w.dtype)  # the GEMMs below in the compute dtype, accumulating in fp32
+            if grad_h is not None:
+                grad_h[sl] = mm_fp32(g_x, w).to(grad_h.dtype)
+            if grad_w is not None:
+                addmm_fp32_(grad_w[:rows], g_x.T, h)
             del g_x  # before the next chunk's logits: one [chunk x V] gradient alive, not two
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
@@ -151,6 +93,13 @@ class _FusedChunks(torch.autograd.Function):
                 g = g.mul_(scale.to(g.dtype))
             out.append(g if dtype is None or g.dtype == dtype else g.to(dtype))
         return (*out, None, None, None)
+
+
+def nll_sum(proj: Projection, h_NH: torch.Tensor, targets_N: torch.Tensor,
+            chunk: int) -> torch.Tensor:
+    """-sum log p(target) over N positions (supervised fine-tuning), fused."""
+    return fused_loss(proj, h_NH, gathered_chunks(lambda s, sl: targets_N[sl, None],
+                                                  lambda lp, sl: -lp.sum()), chunk)
 
 
 def fused_loss(proj: Projection, h_NH: torch.Tensor, chunk_grad: ChunkGrad,

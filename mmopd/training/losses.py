@@ -2,7 +2,8 @@
 objectives ask for, teacher-student statistics, and gradient accumulation over micro-batches.
 
 Everything works on the final hidden states of the loss positions and rebuilds logits chunk by
-chunk through the output layers (`Heads`), so no [tokens x vocab] tensor of a whole batch exists.
+chunk through the output layers (`Heads`), fused (fused.py), so no [tokens x vocab] tensor of a
+whole batch exists and no chunk is computed twice.
 """
 
 from __future__ import annotations
@@ -19,17 +20,13 @@ from accelerate import Accelerator
 from mmopd.config import TrainConfig
 from mmopd.episode import Episode, pad_right
 from mmopd.logprobs import (
-    Head,
-    chunked_map,
     final_hidden,
     predicting_positions,
-    target_logprobs,
 )
 from mmopd.objectives import (
     Objective,
     Plan,
     TokenBatch,
-    full_vocab_divergence,
     policy_loss_sum,
     ratio_clipped,
     topk_divergence,
@@ -51,63 +48,31 @@ from mmopd.vision import VisionInputs, forward_kwargs
 
 @dataclasses.dataclass(frozen=True)
 class Heads:
-    """Output layers as functions: `sampled` (the student's full layer, for log-probs of sampled
-    tokens) and `student` / `teacher` trimmed to their shared rows (for distributions)."""
+    """Output layers: `sampled` (the student's whole layer, for log-probs of sampled tokens) and
+    `student` / `teacher` trimmed to their shared rows (for distributions)."""
 
-    sampled: Head
-    student: Head
-    teacher: Head | None
-    # the same layers for the fused path (trainer.fused_loss); None: the autograd path
-    sampled_proj: Projection | None = None
-    student_proj: Projection | None = None
+    sampled: Projection
+    student: Projection
+    teacher: Projection | None
 
 
-def divergence_sum(kind: str, k: int, cfg: TrainConfig, s_head: Head, t_head: Head,
-                    h_NH: torch.Tensor, scores: TokenScores, tok: torch.Tensor,
-                    keep_N: torch.Tensor, s_proj: Projection | None = None,
-                    sink: SampledScores | None = None) -> torch.Tensor:
+def divergence_sum(kind: str, k: int, cfg: TrainConfig, heads: Heads, h_NH: torch.Tensor,
+                   scores: TokenScores, tok: torch.Tensor, keep_N: torch.Tensor,
+                   sink: SampledScores | None = None) -> torch.Tensor:
     """sum over kept tokens of the per-token divergence `kind` (full vocabulary for k = 0, else
-    top-k + tail), times its weight: fused (`s_proj`, fused.py; `sink` receives the sampled
-    tokens' log-probs and the entropies) or chunked and checkpointed."""
-    beta = cfg.objective.jsd_beta
-    chunk = cfg.trainer.chunk_size
-    if sink is not None and s_proj is None:
-        raise ValueError("the sampled tokens' log-probs come from the fused path only")
+    top-k + tail), times its weight, fused (fused.py); `sink` receives the sampled tokens'
+    log-probs and the entropies."""
     if kind == "uld":
-        return _uld_sum(cfg, s_head, h_NH, scores, tok, keep_N, s_proj, sink)
-    if s_proj is not None:
-        return _fused_divergence(kind, k, cfg, s_proj, t_head, h_NH, scores, tok, keep_N, sink)
-    if k == 0:
-        def fn(h, ht):
-            return (full_vocab_divergence(kind, s_head(h), t_head(ht), beta),)
-        (d,) = chunked_map(fn, chunk, h_NH, scores.hidden_NH[tok.to(scores.hidden_NH.device)])
-    elif cfg.objective.topk_source == "student":
-        def fn(h, ht):
-            s = torch.log_softmax(s_head(h), -1)
-            ids = s.detach().topk(k, -1).indices
-            t = torch.log_softmax(t_head(ht), -1)
-            return (topk_divergence(kind, s.gather(-1, ids), t.gather(-1, ids), beta),)
-        (d,) = chunked_map(fn, chunk, h_NH, scores.hidden_NH[tok.to(scores.hidden_NH.device)])
-    else:
-        dev = h_NH.device
-
-        def fn(h, ids, tlp):
-            s = torch.log_softmax(s_head(h), -1)
-            return (topk_divergence(kind, s.gather(-1, ids), tlp, beta),)
-        (d,) = chunked_map(fn, chunk, h_NH, scores.topk_ids_NK[tok].to(dev),
-                           scores.topk_logp_NK[tok].to(dev))
-    return (d * keep_N.to(d.device)).sum()
-
-
-def _fused_divergence(kind: str, k: int, cfg: TrainConfig, s_proj: Projection, t_head: Head,
-                      h_NH: torch.Tensor, scores: TokenScores, tok: torch.Tensor,
-                      keep_N: torch.Tensor, sink: SampledScores | None = None) -> torch.Tensor:
+        return _uld_sum(cfg, heads.student, h_NH, scores, tok, keep_N, sink)
     beta, dev, w = cfg.objective.jsd_beta, h_NH.device, keep_N.to(h_NH.device).float()
     if k == 0 or cfg.objective.topk_source == "student":
+        assert heads.teacher is not None and scores.hidden_NH is not None
+        t_head = heads.teacher
         ht = scores.hidden_NH[tok.to(scores.hidden_NH.device)]
+        tw, tb = t_head.operands()
 
         def teacher(sl: slice) -> torch.Tensor:
-            return torch.log_softmax(t_head(ht[sl]).to(dev), -1)
+            return torch.log_softmax(t_head.logits(ht[sl], tw, tb)[0].to(dev), -1)
         if k == 0:
             fn = full_divergence_chunks(kind, beta, teacher, w, sink)
         else:
@@ -124,11 +89,11 @@ def _fused_divergence(kind: str, k: int, cfg: TrainConfig, s_proj: Projection, t
         t_ids, t_lp = scores.topk_ids_NK[tok].to(dev), scores.topk_logp_NK[tok].to(dev)
         fn = gathered_chunks(lambda s, sl: t_ids[sl], lambda lp, sl: (
             topk_divergence(kind, lp, t_lp[sl], beta) * w[sl]).sum(), sink=sink)
-    return fused_loss(s_proj, h_NH, fn, cfg.trainer.chunk_size)
+    return fused_loss(heads.student, h_NH, fn, cfg.trainer.chunk_size)
 
 
-def _uld_sum(cfg: TrainConfig, s_head: Head, h_NH: torch.Tensor, scores: TokenScores,
-             tok: torch.Tensor, keep_N: torch.Tensor, s_proj: Projection | None,
+def _uld_sum(cfg: TrainConfig, s_proj: Projection, h_NH: torch.Tensor, scores: TokenScores,
+             tok: torch.Tensor, keep_N: torch.Tensor,
              sink: SampledScores | None = None) -> torch.Tensor:
     """ULD over kept tokens: the student's top-K probabilities (K: the teacher's) against the
     teacher's, each sorted; no token ids are compared."""
@@ -137,20 +102,14 @@ def _uld_sum(cfg: TrainConfig, s_head: Head, h_NH: torch.Tensor, scores: TokenSc
     dev = h_NH.device
     t_lp = torch.nan_to_num(scores.topk_logp_NK[tok].to(dev).float(), nan=-math.inf)
     k, w = t_lp.shape[1], keep_N.to(dev).float()
-    if s_proj is not None:
-        return fused_loss(s_proj, h_NH, gathered_chunks(
-            lambda s, sl: s.topk(k, -1).indices,
-            lambda lp, sl: (uld_distance(lp, t_lp[sl]) * w[sl]).sum(), sink=sink),
-            cfg.trainer.chunk_size)
-
-    def fn(h, t):
-        return (uld_distance(torch.log_softmax(s_head(h).float(), -1).topk(k, -1).values, t),)
-    (d,) = chunked_map(fn, cfg.trainer.chunk_size, h_NH, t_lp)
-    return (d * w).sum()
+    return fused_loss(s_proj, h_NH, gathered_chunks(
+        lambda s, sl: s.topk(k, -1).indices,
+        lambda lp, sl: (uld_distance(lp, t_lp[sl]) * w[sl]).sum(), sink=sink),
+        cfg.trainer.chunk_size)
 
 
 def aux_sum(objective: Objective, cfg: TrainConfig, heads: Heads, h_NH: torch.Tensor,
-             teach: TokenScores, tok: torch.Tensor, aux_N: torch.Tensor) -> torch.Tensor:
+            teach: TokenScores, tok: torch.Tensor, aux_N: torch.Tensor) -> torch.Tensor:
     """An objective's auxiliary divergence, summed over the tokens where its weight is > 0:
     EOPD's forward KL over the teacher's top-k (renormalised), or AOPD's full divergence."""
     sel = (aux_N > 0).nonzero().squeeze(-1)
@@ -162,17 +121,11 @@ def aux_sum(objective: Objective, cfg: TrainConfig, heads: Heads, h_NH: torch.Te
         ids = teach.topk_ids_NK[tok[sel], :k].to(dev)
         tlp = teach.topk_logp_NK[tok[sel], :k].to(dev)
         w = aux_N[sel].to(dev)
-        if heads.student_proj is not None:
-            return fused_loss(heads.student_proj, h_NH[sel.to(dev)], gathered_chunks(
-                lambda s, sl: ids[sl], lambda lp, sl: (teacher_topk_fkl(lp, tlp[sl])
-                                                       * w[sl]).sum()), cfg.trainer.chunk_size)
-
-        def fn(h, i, t):
-            return (teacher_topk_fkl(torch.log_softmax(heads.student(h), -1).gather(-1, i), t),)
-        (d,) = chunked_map(fn, cfg.trainer.chunk_size, h_NH[sel.to(dev)], ids, tlp)
-        return (d * w).sum()
-    return divergence_sum(cfg.objective.aopd_divergence, 0, cfg, heads.student, heads.teacher,
-                           h_NH[sel.to(dev)], teach, tok[sel], aux_N[sel], heads.student_proj)
+        return fused_loss(heads.student, h_NH[sel.to(dev)], gathered_chunks(
+            lambda s, sl: ids[sl], lambda lp, sl: (teacher_topk_fkl(lp, tlp[sl])
+                                                   * w[sl]).sum()), cfg.trainer.chunk_size)
+    return divergence_sum(cfg.objective.aopd_divergence, 0, cfg, heads, h_NH[sel.to(dev)],
+                          teach, tok[sel], aux_N[sel])
 
 
 @torch.no_grad()
@@ -181,20 +134,21 @@ def pair_pass(heads: Heads, h_old_NH: torch.Tensor, h_teacher_NH: torch.Tensor,
     """`pair_stats` of student (pi_old) and teacher distributions at positions `idx`, rebuilt
     chunk by chunk from both models' final hidden states."""
     assert heads.teacher is not None
+    (sw, sb), (tw, tb) = heads.student.operands(), heads.teacher.operands()
     parts: dict[str, list[torch.Tensor]] = {}
     for c in idx.split(chunk_size):
-        out = pair_stats(heads.student(h_old_NH[c.to(h_old_NH.device)]),
-                         heads.teacher(h_teacher_NH[c.to(h_teacher_NH.device)]), k)
+        out = pair_stats(heads.student.logits(h_old_NH[c.to(h_old_NH.device)], sw, sb)[0],
+                         heads.teacher.logits(h_teacher_NH[c.to(h_teacher_NH.device)], tw,
+                                              tb)[0].to(h_old_NH.device), k)
         for name, v in out.items():
             parts.setdefault(name, []).append(v.float().cpu())
     return {name: torch.cat(v) for name, v in parts.items()}
 
 
-def whole_vocabulary(proj: Projection | None) -> bool:
-    """Does the fused path's output layer keep all its rows (its log-probs are then the
-    model's own, not renormalised over the rows a teacher shares)?"""
-    return proj is not None and (proj.vocab is None
-                                 or proj.vocab >= proj.layer.weight.shape[0])
+def whole_vocabulary(proj: Projection) -> bool:
+    """Does the output layer keep all its rows (its log-probs are then the model's own, not
+    renormalised over the rows a teacher shares)?"""
+    return proj.vocab is None or proj.vocab >= proj.layer.weight.shape[0]
 
 
 class UpdateStats(NamedTuple):
@@ -229,10 +183,9 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
     tok_all = torch.cat(slices)
     collect = collect or planner is not None
     found: dict[str, list[torch.Tensor]] = {"logp": [], "entropy": []}
-    if collect and (heads.sampled_proj is None or objective.kind != "pg"
-                    and not whole_vocabulary(heads.student_proj)):
-        raise ValueError("log pi_old from the training forward needs the fused loss path over "
-                         "the student's whole output layer")
+    if collect and objective.kind != "pg" and not whole_vocabulary(heads.student):
+        raise ValueError("log pi_old from the training forward needs a divergence over the "
+                         "student's whole output layer")
     if planner is not None:  # the divisor is known after the last micro-batch: applied then
         if objective.kind != "pg":
             raise ValueError("a plan made inside the loss needs a policy-gradient objective")
@@ -269,8 +222,8 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                 on_hidden(h.detach(), tok)
             sink = SampledScores(batch.input_ids[rows, cols]) if collect else None
             if planner is not None:
-                assert heads.sampled_proj is not None and sink is not None
-                loss_sum, keep = _planned_policy_loss(heads.sampled_proj, h, tok.to(device),
+                assert sink is not None
+                loss_sum, keep = _planned_policy_loss(heads.sampled, h, tok.to(device),
                                                       planner, sink, cfg.trainer.chunk_size)
                 ratio, n_clipped = float(keep.sum()), 0  # rho = 1 on every token
                 if not idle:
@@ -280,12 +233,8 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                 y = batch.input_ids[rows, cols]
                 logp_old = tb.logp_old_N[tok].to(device)
                 adv, clip = plan.advantage_N[tok].to(device), cfg.objective.ratio_clip
-                if heads.sampled_proj is not None:
-                    loss_sum, logp = _fused_policy_loss(heads.sampled_proj, h, y, logp_old, adv,
-                                                        keep.to(device), clip, cfg)
-                else:
-                    logp = target_logprobs(heads.sampled, h, y, cfg.trainer.chunk_size)
-                    loss_sum = policy_loss_sum(logp, logp_old, adv, keep.to(device), clip)
+                loss_sum, logp = _fused_policy_loss(heads.sampled, h, y, logp_old, adv,
+                                                    keep.to(device), clip, cfg)
                 with torch.no_grad():
                     ratio = float((torch.exp(logp - logp_old) * keep.to(device)).sum())
                     n_clipped = 0 if clip is None else int(
@@ -297,8 +246,7 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                 assert plan is not None and keep is not None
                 weight = keep if plan.weight_N is None else keep * plan.weight_N[tok]
                 loss_sum = divergence_sum(objective.divergence, cfg.objective.topk, cfg,
-                                           heads.student, heads.teacher, h, teach, tok, weight,
-                                           heads.student_proj, sink)
+                                          heads, h, teach, tok, weight, sink)
                 ratio, n_clipped = float(keep.sum()), 0
             if sink is not None and not idle:
                 logp, ent = sink.result()

@@ -24,13 +24,13 @@ from mmopd.training.scoring import diagnostic_metrics, diagnostic_positions, log
 
 def old_in_forward(run: Run, step: int) -> bool:
     """Does the training forward give log pi_old for the rollout batch starting at `step`? One
-    optimiser step per batch (rho = 1), the fused loss, a plan made token by token at this step
+    optimiser step per batch (rho = 1), a plan made token by token at this step
     (mmopd.objectives.tokenwise), a teacher on the student's tokens and a student without
     dropout (whose training forward would differ from its rollout)."""
     cfg = run.cfg
     return (cfg.trainer.old_from_forward and cfg.rollout.minibatches == 1
-            and run.heads.sampled_proj is not None and run.teacher_scorer is not None
-            and (run.objective.kind == "pg" or whole_vocabulary(run.heads.student_proj))
+            and run.teacher_scorer is not None
+            and (run.objective.kind == "pg" or whole_vocabulary(run.heads.student))
             and not any(t.cross_tokenizer for t in cfg.teacher_list)
             and not has_dropout(run.model)
             and plannable(run.objective, step, cfg.trainer.steps, cfg.objective) is None)

@@ -20,6 +20,8 @@ def make_accelerator(bf16: bool = False, log_with: list[str] | None = None,
     it is reset first so that several runs in one process (a notebook, the demo, tests) may use
     different precisions. The distributed state (PartialState) is kept."""
     AcceleratorState._reset_state()
+    if torch.cuda.is_available():  # TF32 for the float32 matmuls that remain (optimiser, norms)
+        torch.set_float32_matmul_precision("high")
     accelerator = Accelerator(
         mixed_precision="bf16" if bf16 else "no", log_with=log_with or None,
         project_config=ProjectConfiguration(project_dir, os.path.join(project_dir, "tensorboard"))

@@ -19,11 +19,12 @@ from tqdm.auto import tqdm
 from mmopd.config import ConfigError, SFTConfig, dump_yaml
 from mmopd.envs import import_env_modules, make_env
 from mmopd.episode import pad_right
-from mmopd.logprobs import final_hidden, lm_head_fn, predicting_positions, target_logprobs
+from mmopd.logprobs import final_hidden, predicting_positions, projection
 from mmopd.models import load_model, load_tokenizer, load_vision
 from mmopd.rollout.agent_loop import collect_demonstrations
 from mmopd.rollout.evaluate import EnvPool, evaluate
 from mmopd.rollout.render import ChatRenderer
+from mmopd.training.fused import nll_sum
 from mmopd.training.metrics import JsonlLog
 from mmopd.training.optim import make_accelerator, make_optimizer, make_scheduler
 from mmopd.vision import VisionInputs, forward_kwargs
@@ -135,7 +136,7 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
     scheduler = make_scheduler(optimizer, cfg.optim, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    head = lm_head_fn(unwrapped)
+    head = projection(unwrapped)
     log = JsonlLog(out / "sft_log.jsonl")
     gen = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(total=total, desc="sft", unit="step", disable=None)
@@ -149,9 +150,8 @@ def sft(cfg: SFTConfig) -> dict[str, Any]:
             hidden = final_hidden(model, batch.input_ids, batch.attention_mask,
                                   **forward_kwargs(unwrapped, batch.input_ids, images))
             rows, cols = predicting_positions(batch.loss_mask)
-            logp = target_logprobs(head, hidden[rows, cols - 1], batch.input_ids[rows, cols],
-                                   256)
-            loss = -logp.mean()
+            loss = nll_sum(head, hidden[rows, cols - 1], batch.input_ids[rows, cols],
+                           256) / max(len(rows), 1)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
             optimizer.step()

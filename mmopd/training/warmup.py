@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from mmopd.config import TrainConfig
 from mmopd.episode import pad_right
-from mmopd.logprobs import final_hidden, predicting_positions, target_logprobs
+from mmopd.logprobs import final_hidden, predicting_positions
 from mmopd.rollout.agent_loop import collect_episodes
 from mmopd.rollout.evaluate import EnvPool
 from mmopd.rollout.render import ChatRenderer
@@ -17,6 +17,7 @@ from mmopd.rollout.sampler import HFSampler, SamplingParams
 from mmopd.rollout.seeds import WARMUP, derived_seed
 from mmopd.rollout.toolcalls import make_parser
 from mmopd.teachers.scorer import HFScorer
+from mmopd.training.fused import nll_sum
 from mmopd.training.losses import Heads, divergence_sum
 from mmopd.training.metrics import JsonlLog
 from mmopd.training.scoring import token_slices
@@ -63,11 +64,11 @@ def off_policy_warmup(cfg: TrainConfig, student: torch.nn.Module, accelerator: A
             rows, cols = predicting_positions(batch.loss_mask)
             h = hidden[rows, cols - 1]
             if wcfg.kind == "sft":
-                loss_sum = -target_logprobs(heads.sampled, h, batch.input_ids[rows, cols],
-                                            tcfg.chunk_size).sum()
+                loss_sum = nll_sum(heads.sampled, h, batch.input_ids[rows, cols],
+                                   tcfg.chunk_size)
             else:
-                loss_sum = divergence_sum("fkl", 0, cfg, heads.student, heads.teacher, h, teach,
-                                           tok, torch.ones(len(tok)))
+                loss_sum = divergence_sum("fkl", 0, cfg, heads, h, teach, tok,
+                                          torch.ones(len(tok)))
             accelerator.backward(loss_sum / denom)
             total += loss_sum.item() / denom
         grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.optim.max_grad_norm)
