@@ -119,11 +119,26 @@ class Episode:
 
 @dataclass
 class PaddedBatch:
-    """Right-padded tensors for a forward pass over several episodes."""
+    """Tensors for a forward pass over several episodes: right-padded rows, or all of them packed
+    into one row without padding (`position_ids` restart at each sequence; no attention mask:
+    transformers masks packed sequences block-diagonally from the restarts)."""
 
-    input_ids: torch.Tensor  # [B, T] long
-    attention_mask: torch.Tensor  # [B, T] long
+    input_ids: torch.Tensor  # [B, T] long (packed: [1, total tokens])
+    attention_mask: torch.Tensor | None  # [B, T] long; None when packed
     loss_mask: torch.Tensor  # [B, T] bool
+    position_ids: torch.Tensor | None = None  # [1, T] long when packed
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the forward besides input_ids."""
+        if self.position_ids is not None:
+            return {"attention_mask": None, "position_ids": self.position_ids}
+        return {"attention_mask": self.attention_mask}
+
+    @property
+    def padding(self) -> int:
+        """Padding positions the forward computes."""
+        n = self.input_ids.numel()
+        return 0 if self.attention_mask is None else n - int(self.attention_mask.sum())
 
 
 def pad_right(seqs: list[list[int]], masks: list[list[int]], pad_id: int,
@@ -138,3 +153,42 @@ def pad_right(seqs: list[list[int]], masks: list[list[int]], pad_id: int,
         att[i, : len(s)] = 1
         lm[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
     return PaddedBatch(ids.to(device), att.to(device), lm.to(device))
+
+
+def pack(seqs: list[list[int]], masks: list[list[int]],
+         device: torch.device | str = "cpu") -> PaddedBatch:
+    """Token lists packed into one row, in order, with positions restarting at each (no
+    padding). A loss token is never a sequence's first, so the hidden state before each loss
+    token belongs to its own sequence."""
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])
+    lm = torch.tensor([bool(x) for s, m in zip(seqs, masks)
+                       for x in list(m) + [0] * (len(s) - len(m))], dtype=torch.bool)
+    return PaddedBatch(ids[None].to(device), None, lm[None].to(device), pos[None].to(device))
+
+
+def collate(seqs: list[list[int]], masks: list[list[int]], pad_id: int,
+            device: torch.device | str, packed: bool) -> PaddedBatch:
+    """`pack` or `pad_right`."""
+    return pack(seqs, masks, device) if packed else pad_right(seqs, masks, pad_id, device)
+
+
+def balanced_parts(lengths: list[int], max_items: int, max_tokens: int = 0) -> list[list[int]]:
+    """Indices 0..n-1 split into as few parts as hold at most `max_items` each (and about
+    `max_tokens` tokens each when > 0), the parts' token counts balanced: longest first, each
+    onto the lightest part with room. Each part lists its indices in order."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    k = -(-n // max_items)
+    if max_tokens > 0:
+        k = max(k, -(-sum(lengths) // max_tokens))
+    k = min(k, n)
+    parts: list[list[int]] = [[] for _ in range(k)]
+    loads = [0] * k
+    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+        j = min((j for j in range(k) if len(parts[j]) < max_items),
+                key=lambda j: (loads[j], j))
+        parts[j].append(i)
+        loads[j] += lengths[i]
+    return [sorted(p) for p in parts]

@@ -127,9 +127,11 @@ def lm_head_fn(model: Any, vocab: int | None = None,
 
 
 def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None, **extra: torch.Tensor | None
+                 ) -> torch.Tensor:
     """Final (normed) hidden states [B, T, H], in the forward's compute dtype; the forward skips
-    the full-sequence logits. `extra`: further model inputs (a VLM's pixel_values, ...).
+    the full-sequence logits. `extra`: further model inputs (position_ids of packed sequences,
+    a VLM's pixel_values, ...).
 
     They are taken from the decoder's output by a hook while the whole model runs (its wrappers'
     hooks, FSDP2's and accelerate's, run as usual), not with output_hidden_states=True: that

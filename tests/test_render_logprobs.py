@@ -142,6 +142,39 @@ def test_scorer_keeps_hidden_states_of_the_asked_tokens_only(model):
     assert scorer.score(eps).hidden_NH is None
 
 
+def test_packed_scoring_equals_padded(model):
+    """Episodes packed into one row per micro-batch (positions restarting, no padding) score as
+    right-padded rows do, to float32 precision, and come back in episode order whatever
+    micro-batch the balance put them in."""
+    from mmopd.episode import balanced_parts
+    from mmopd.teachers.scorer import HFScorer
+
+    g = torch.Generator().manual_seed(0)
+    eps = []
+    for n_reply in (3, 17, 1, 5, 9, 2, 30):
+        ep = Episode([], [], [], [], prompt_len=0)
+        n_prompt = int(torch.randint(2, 20, (1,), generator=g))
+        ep.append(torch.randint(3, 90, (n_prompt,), generator=g).tolist(), student=False)
+        ep.prompt_len = n_prompt
+        ep.append(torch.randint(3, 90, (n_reply,), generator=g).tolist(), student=True)
+        eps.append(ep)
+    padded = HFScorer(model, 0, micro_batch_size=3, packed=False).score(eps, topk=3,
+                                                                         keep_hidden=True)
+    for micro in (3, 100):
+        packed = HFScorer(model, 0, micro_batch_size=micro, packed=True).score(
+            eps, topk=3, keep_hidden=True)
+        torch.testing.assert_close(packed.logp_N, padded.logp_N, atol=1e-5, rtol=0)
+        torch.testing.assert_close(packed.entropy_N, padded.entropy_N, atol=1e-5, rtol=0)
+        assert torch.equal(packed.topk_ids_NK, padded.topk_ids_NK)
+        torch.testing.assert_close(packed.hidden_NH, padded.hidden_NH, atol=1e-5, rtol=0)
+    lengths = [len(ep.input_ids) for ep in eps]
+    parts = balanced_parts(lengths, 3)
+    assert len(parts) == 3 and sorted(i for p in parts for i in p) == list(range(7))
+    loads = [sum(lengths[i] for i in p) for p in parts]
+    assert max(loads) - min(loads) <= max(lengths)
+    assert len(balanced_parts(lengths, 100, max_tokens=40)) == -(-sum(lengths) // 40)
+
+
 def test_entropy_can_be_left_out(model):
     torch.manual_seed(0)
     ids = torch.randint(3, 90, (2, 9))

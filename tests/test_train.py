@@ -77,7 +77,8 @@ def test_variants_run(extra, tiny_overrides):
 ])
 def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir, teacher_dir):
     """Token mean over the whole minibatch: 1 sequence per micro-batch gives the same gradient
-    as the whole minibatch at once (the normaliser is the minibatch's kept-token count)."""
+    as the whole minibatch at once (the normaliser is the minibatch's kept-token count), and
+    packed micro-batches the same as padded ones."""
     from mmopd.envs import make_env
     from mmopd.logprobs import lm_head_fn
     from mmopd.models import load_model, load_tokenizer
@@ -114,11 +115,13 @@ def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir
     if obj.aux:  # some tokens carry the auxiliary divergence, some the policy gradient
         assert 0 < int((plan.aux_N > 0).sum()) < len(plan.keep_N) or name == "eopd"
     grads = []
-    for micro in (1, 3, 8):
-        cfg.trainer.micro_batch_size = micro
+    # micro-batches of 1, 3 and 8 episodes, packed into one row each and padded: one gradient
+    for micro, packing in ((1, True), (3, True), (8, True), (3, False), (8, False)):
+        cfg.trainer.micro_batch_size, cfg.trainer.packing = micro, packing
         student.zero_grad()
-        accumulate_gradients(student, make_accelerator(), eps, slices, tb, plan, teach, obj, cfg,
-                             heads, tok.pad_token_id)
+        out = accumulate_gradients(student, make_accelerator(), eps, slices, tb, plan, teach,
+                                   obj, cfg, heads, tok.pad_token_id)
+        assert (out.padding == 0) == (packing or micro == 1)
         grads.append({k: p.grad.clone() for k, p in student.named_parameters()})
     for g in grads[1:]:
         for k in g:

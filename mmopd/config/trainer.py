@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .base import ConfigError, _check
 
@@ -76,15 +76,27 @@ class TrainerConfig:
     # experiment trackers: "auto" (tensorboard when installed), "none", or a list of
     # tensorboard / wandb / trackio / mlflow; metrics.jsonl and eval.jsonl are written either way
     report_to: str | list[str] = "auto"
+    # micro-batches hold at most micro_batch_size episodes (and, when > 0, about
+    # micro_batch_tokens tokens), their token counts balanced; with `packing` the episodes of a
+    # micro-batch run as one row without padding (text models; VLMs' rows are padded)
+    micro_batch_tokens: int = 0
+    packing: bool = True
     # with one optimiser step per rollout batch (rollout.minibatches 1, so rho = 1), take
     # log pi_old and the entropy from the training forward instead of a separate student pass,
     # where the objective's plan reads them token by token (mmopd.objectives.tokenwise)
     old_from_forward: bool = True
 
+    def batching(self) -> dict[str, Any]:
+        """How an in-process scorer (HFScorer) groups its forwards: these micro-batch settings."""
+        return {"micro_batch_size": self.micro_batch_size, "chunk_size": self.chunk_size,
+                "micro_batch_tokens": self.micro_batch_tokens,
+                "packed": None if self.packing else False}
+
     def __post_init__(self) -> None:
         _check(self.steps > 0, "trainer.steps", "must be positive")
         _check(self.micro_batch_size > 0, "trainer.micro_batch_size", "must be positive")
         _check(self.chunk_size > 0, "trainer.chunk_size", "must be positive")
+        _check(self.micro_batch_tokens >= 0, "trainer.micro_batch_tokens", "must be >= 0")
         _check(self.keep_last >= 1, "trainer.keep_last", "must be >= 1")
         _check(self.max_skipped_steps >= 1, "trainer.max_skipped_steps", "must be >= 1")
         from mmopd.training.tracking import resolve_report_to

@@ -11,15 +11,15 @@ get log pi_old.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from transformers import PreTrainedModel
 
-from mmopd.episode import Episode, pad_right
+from mmopd.episode import Episode, balanced_parts, collate
 from mmopd.logprobs import final_hidden, predicting_positions, projection, token_logprobs
 from mmopd.training.sharding import lockstep_count
-from mmopd.vision import VisionInputs, forward_kwargs
+from mmopd.vision import VisionInputs, forward_kwargs, is_vision_model
 
 
 @dataclass
@@ -63,17 +63,29 @@ class Teacher(Protocol):
         ...
 
 
+def packs(model: Any) -> bool:
+    """Whether forwards of `model` run on packed sequences: text models. A VLM's multimodal
+    rope positions (3-D, computed from image grids) are computed per padded row."""
+    return not is_vision_model(model)
+
+
 class HFScorer:
     """No-grad chunked scoring with an in-process Hugging Face model."""
 
     def __init__(self, model: PreTrainedModel, pad_id: int, *, view: str = "student",
                  micro_batch_size: int = 16, chunk_size: int = 256,
                  topk_vocab: int | None = None, entropy: bool = True,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, micro_batch_tokens: int = 0,
+                 packed: bool | None = None) -> None:
         self.model = model
         self.pad_id = pad_id
         self.view = view  # which prompt view of each episode the model reads (Episode.view)
+        # micro-batches: at most micro_batch_size episodes (and about micro_batch_tokens tokens),
+        # token counts balanced; packed into one row without padding (default: text models;
+        # Qwen-VL's 3-D rope positions are computed per padded row)
         self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
+        self.packed = packs(model) if packed is None else packed
         self.chunk_size = chunk_size
         self.head = projection(model, dtype=dtype)  # dtype: the output layer's compute dtype
         self.topk_vocab = topk_vocab  # top-k ids only among rows the student also has
@@ -82,47 +94,66 @@ class HFScorer:
     @torch.no_grad()
     def score(self, episodes: list[Episode], *, topk: int = 0,
               keep_hidden: KeepHidden = False) -> TokenScores:
+        if not episodes:
+            raise ValueError("score() needs at least one episode")
         was_training = self.model.training
         kept = keep_hidden if isinstance(keep_hidden, torch.Tensor) else None
-        offset = 0  # flat index of the micro-batch's first token
         self.model.eval()
-        parts: dict[str, list[torch.Tensor]] = {}
         device = self.model.device
-        starts = list(range(0, len(episodes), self.micro_batch_size))
+        views = [ep.view(self.view) for ep in episodes]
+        counts = [sum(1 for m in v[1] if m) for v in views]
+        first = [0]
+        for c in counts:
+            first.append(first[-1] + c)
+        parts = balanced_parts([len(v[0]) for v in views], self.micro_batch_size,
+                               self.micro_batch_tokens)
         # a sharded model (FSDP2) runs as many forwards on every rank as the busiest rank has
         # micro-batches; the extra ones repeat the first and are dropped
-        n_runs = lockstep_count(len(starts), self.model) if starts else 0
+        n_runs = lockstep_count(len(parts), self.model)
+        got: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         try:
             for j in range(n_runs):
-                repeat = j >= len(starts)
-                s = starts[0] if repeat else starts[j]
-                views = [ep.view(self.view) for ep in episodes[s: s + self.micro_batch_size]]
-                batch = pad_right([v[0] for v in views], [v[1] for v in views], self.pad_id,
-                                  device)
-                vision = VisionInputs.cat(v[2] for v in views)
-                hidden = final_hidden(self.model, batch.input_ids, batch.attention_mask,
+                part = parts[j] if j < len(parts) else parts[0]
+                batch = collate([views[i][0] for i in part], [views[i][1] for i in part],
+                                self.pad_id, device, self.packed)
+                vision = VisionInputs.cat(views[i][2] for i in part)
+                hidden = final_hidden(self.model, batch.input_ids, **batch.model_inputs(),
                                       **forward_kwargs(self.model, batch.input_ids, vision))
                 rows, cols = predicting_positions(batch.loss_mask)
                 h = hidden[rows, cols - 1]
                 res = token_logprobs(self.head, h, batch.input_ids[rows, cols], self.chunk_size,
                                      topk, self.topk_vocab, self.entropy)
-                if repeat:
+                if j >= len(parts):
                     continue
-                if kept is not None:  # the kept tokens of this micro-batch only
-                    lo, hi = torch.searchsorted(kept, torch.tensor([offset, offset + len(h)]))
-                    res["hidden"] = h[(kept[lo:hi] - offset).to(h.device)]
-                elif keep_hidden:
+                tok = torch.cat([torch.arange(first[i], first[i + 1]) for i in part])
+                res = {k: v.cpu() for k, v in res.items()}
+                if keep_hidden is True:
                     res["hidden"] = h
-                offset += len(h)
-                for k, v in res.items():
-                    parts.setdefault(k, []).append(v.cpu() if k != "hidden" else v)
+                elif kept is not None:  # the kept tokens of this micro-batch only
+                    pick = torch.isin(tok, kept)
+                    res["hidden"], res["hidden_at"] = h[pick.to(h.device)], tok[pick]
+                got.append((tok, res))
         finally:
             self.model.train(was_training)
-        if not parts:
-            raise ValueError("score() needs at least one episode")
-        cat = {k: torch.cat(v) for k, v in parts.items()}
+        out = {k: _in_order(first[-1], [(t, r[k]) for t, r in got])
+               for k in got[0][1] if k not in ("hidden", "hidden_at")}
+        hidden = None
+        if kept is not None:
+            at = torch.cat([r["hidden_at"] for _, r in got])
+            hidden = torch.cat([r["hidden"] for _, r in got])[torch.argsort(at).to(device)]
+        elif keep_hidden is True:
+            hidden = _in_order(first[-1], [(t, r["hidden"]) for t, r in got])
         return TokenScores(
-            logp_N=cat["logp"].float(), entropy_N=cat["entropy"].float(),
-            topk_ids_NK=cat.get("topk_ids"), topk_logp_NK=cat.get("topk_logp"),
-            hidden_NH=cat.get("hidden"), hidden_rows_N=kept if "hidden" in cat else None,
-        )
+            logp_N=out["logp"].float(), entropy_N=out["entropy"].float(),
+            topk_ids_NK=out.get("topk_ids"), topk_logp_NK=out.get("topk_logp"),
+            hidden_NH=hidden, hidden_rows_N=kept if hidden is not None and kept is not None
+            else None)
+
+
+def _in_order(n: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Rows of each micro-batch's result placed at its flat token indices (episode order)."""
+    v0 = parts[0][1]
+    out = v0.new_empty((n, *v0.shape[1:]))
+    for tok, v in parts:
+        out[tok.to(out.device)] = v
+    return out

@@ -154,8 +154,7 @@ def assemble(cfg: TrainConfig) -> Run:
     ref_scorer = None
     if "ref" in needs:
         ref_model = plain_copy(student).to(resolve_dtype(cfg.model.dtype)).requires_grad_(False)
-        ref_scorer = HFScorer(ref_model.to(device), tokenizer.pad_token_id,
-                              micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
+        ref_scorer = HFScorer(ref_model.to(device), tokenizer.pad_token_id, **tcfg.batching())
 
     resume_dir = resolve_resume(tcfg.resume, out / "checkpoints")
     if resume_dir is not None:
@@ -211,7 +210,7 @@ def assemble(cfg: TrainConfig) -> Run:
     resumed_at = start_step if resume_dir else None
 
     negative_scorer = (HFScorer(t_model, tokenizer.pad_token_id, view="negative",
-                                micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size)
+                                **tcfg.batching())
                        if cfg.objective.episode_gating == "vzero" and t_model is not None else None)
     sampler: Sampler = HFSampler(model, tokenizer, batch_size=rcfg.batch_size,
                                  stop_token_ids=renderer.stop_token_ids,
@@ -219,8 +218,7 @@ def assemble(cfg: TrainConfig) -> Run:
     # the output layers compute in the training's compute dtype (bf16 under trainer.bf16, not
     # the float32 master weights), accumulating in float32
     compute = torch.bfloat16 if tcfg.bf16 else None
-    old_scorer = HFScorer(model, tokenizer.pad_token_id, micro_batch_size=tcfg.micro_batch_size,
-                          chunk_size=tcfg.chunk_size, dtype=compute)
+    old_scorer = HFScorer(model, tokenizer.pad_token_id, dtype=compute, **tcfg.batching())
     heads = Heads(sampled=projection(model, dtype=compute),
                   student=projection(model, vocab, dtype=compute),
                   teacher=projection(t_model, vocab) if t_model is not None else None)

@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from mmopd.config import TrainConfig
-from mmopd.episode import Episode, pad_right
+from mmopd.episode import Episode, balanced_parts, collate
 from mmopd.logprobs import (
     final_hidden,
     predicting_positions,
@@ -34,7 +34,7 @@ from mmopd.objectives import (
 from mmopd.objectives.divergences import uld_distance
 from mmopd.objectives.tokenwise import TokenPlanner
 from mmopd.objectives.zoo import pair_stats, teacher_topk_fkl
-from mmopd.teachers.scorer import TokenScores
+from mmopd.teachers.scorer import TokenScores, packs
 from mmopd.training.fused import (
     Projection,
     SampledScores,
@@ -161,6 +161,7 @@ class UpdateStats(NamedTuple):
     # with `planner` or `collect`: the training forward's log pi_old and entropy of the
     # minibatch's tokens
     scores: dict[str, torch.Tensor] | None = None
+    padding: int = 0  # padding positions the forwards computed
 
 
 def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
@@ -182,7 +183,7 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
     unwrapped = accelerator.unwrap_model(student)
     tok_all = torch.cat(slices)
     collect = collect or planner is not None
-    found: dict[str, list[torch.Tensor]] = {"logp": [], "entropy": []}
+    found: dict[str, list[torch.Tensor]] = {"tok": [], "logp": [], "entropy": []}
     if collect and objective.kind != "pg" and not whole_vocabulary(heads.student):
         raise ValueError("log pi_old from the training forward needs a divergence over the "
                          "student's whole output layer")
@@ -197,24 +198,29 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
         n_keep = accelerator.reduce(plan.counted_N[tok_all].sum().to(device) * (not idle),
                                     "sum")
         denom = max(float(n_keep), 1.0)
-    mb = cfg.trainer.micro_batch_size
-    loss_total, ratio_sum, seq_tokens, clipped = 0.0, 0.0, 0, 0
-    parts = list(range(0, len(episodes), mb))
+    tcfg = cfg.trainer
+    loss_total, ratio_sum, seq_tokens, clipped, padding = 0.0, 0.0, 0, 0, 0
+    # micro-batches of at most micro_batch_size episodes, token counts balanced, each packed
+    # into one row without padding (text students; a VLM's rows are padded)
+    parts = [] if idle else balanced_parts([len(e.input_ids) for e in episodes],
+                                           tcfg.micro_batch_size, tcfg.micro_batch_tokens)
+    packed = tcfg.packing and packs(unwrapped)
     # FSDP: every rank runs as many sharded passes as the rank with the most micro-batches; the
     # extra ones repeat the first at zero weight (the same modules gather in the same order)
-    n_parts = lockstep_count(0 if idle else len(parts), unwrapped)
+    n_parts = lockstep_count(len(parts), unwrapped)
     if idle:  # DDP reduces gradients in the last backward: every rank must run one
-        n_parts, parts = max(n_parts, 1), []
+        n_parts = max(n_parts, 1)
     for j in range(n_parts):
         idle = j >= len(parts)
-        s = parts[j] if not idle else 0
-        eps, tok = episodes[s: s + mb], torch.cat(slices[s: s + mb])
-        batch = pad_right([e.input_ids for e in eps], [e.loss_mask for e in eps], pad_id, device)
+        part = parts[j] if not idle else [0]
+        eps, tok = [episodes[i] for i in part], torch.cat([slices[i] for i in part])
+        batch = collate([e.input_ids for e in eps], [e.loss_mask for e in eps], pad_id, device,
+                        packed)
         keep = plan.keep_N[tok] if plan is not None else None
         sync = j == n_parts - 1
         vision = VisionInputs.cat(e.vision for e in eps)
         with accelerator.no_sync(student) if not sync else nullcontext():
-            hidden = final_hidden(student, batch.input_ids, batch.attention_mask,
+            hidden = final_hidden(student, batch.input_ids, **batch.model_inputs(),
                                   **forward_kwargs(unwrapped, batch.input_ids, vision))
             rows, cols = predicting_positions(batch.loss_mask)
             h = hidden[rows, cols - 1]
@@ -250,6 +256,7 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                 ratio, n_clipped = float(keep.sum()), 0
             if sink is not None and not idle:
                 logp, ent = sink.result()
+                found["tok"].append(tok)
                 found["logp"].append(logp.cpu())
                 found["entropy"].append(ent.cpu())
             loss = loss_sum / denom * world  # DDP averages over ranks; undo it for a token mean
@@ -257,15 +264,23 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
         if not idle:
             loss_total += loss_sum.item() / denom
             ratio_sum, clipped = ratio_sum + ratio, clipped + n_clipped
-            seq_tokens += int(batch.attention_mask.sum())
-    scores = {k: torch.cat(v) for k, v in found.items() if v} if collect else None
+            seq_tokens += sum(len(e.input_ids) for e in eps)
+            padding += batch.padding
+    scores = None
+    if collect and found["tok"]:  # the training forward's log pi_old and entropy, in the
+        at = torch.empty(int(tok_all.max()) + 1, dtype=torch.long)  # order of `slices`
+        at[tok_all] = torch.arange(len(tok_all))
+        order = at[torch.cat(found["tok"])]
+        scores = {k: torch.empty_like(torch.cat(found[k])).index_copy_(0, order,
+                                                                       torch.cat(found[k]))
+                  for k in ("logp", "entropy")}
     if planner is None:
-        return UpdateStats(loss_total, ratio_sum, seq_tokens, clipped, scores)
+        return UpdateStats(loss_total, ratio_sum, seq_tokens, clipped, scores, padding)
     denom = max(float(accelerator.reduce(kept, "sum")), 1.0)
     for p in student.parameters():  # the token mean, now that every rank's kept count is known
         if p.grad is not None:
             p.grad.div_(denom)
-    return UpdateStats(loss_total / denom, ratio_sum, seq_tokens, clipped, scores)
+    return UpdateStats(loss_total / denom, ratio_sum, seq_tokens, clipped, scores, padding)
 
 
 def _planned_policy_loss(proj: Projection, h: torch.Tensor, tok: torch.Tensor,

@@ -150,8 +150,7 @@ def one_teacher(cfg: TrainConfig, t: TeacherConfig, student: torch.nn.Module, to
                 t_model.get_output_embeddings().weight.shape[0])
     scorer = HFScorer(t_model, tokenizer.pad_token_id,
                       view="teacher" if t.view == "privileged" else "student",
-                      micro_batch_size=tcfg.micro_batch_size, chunk_size=tcfg.chunk_size,
-                      topk_vocab=vocab, entropy=entropy)
+                      topk_vocab=vocab, entropy=entropy, **tcfg.batching())
     return scorer, t_model, None, vocab
 
 

@@ -35,8 +35,7 @@ def off_policy_warmup(cfg: TrainConfig, student: torch.nn.Module, accelerator: A
     wcfg, rcfg, tcfg = cfg.warmup, cfg.rollout, cfg.trainer
     device, pad = accelerator.device, renderer.tokenizer.pad_token_id
     unwrapped = accelerator.unwrap_model(student)
-    scorer = HFScorer(teacher, pad, micro_batch_size=tcfg.micro_batch_size,
-                      chunk_size=tcfg.chunk_size)
+    scorer = HFScorer(teacher, pad, **tcfg.batching())
     params = SamplingParams(n=1, temperature=rcfg.temperature, top_p=rcfg.top_p,
                             max_new_tokens=rcfg.max_new_tokens, stop=rcfg.stop)
     for k in tqdm(range(wcfg.steps), desc="warm-up", unit="step", disable=None):
