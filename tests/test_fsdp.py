@@ -205,7 +205,6 @@ def test_worlds_train_sharded(world, tiny_overrides, tmp_path):
 
 @pytest.mark.parametrize("extra, match", [
     (["teacher.kind=ema", "teacher.view=privileged"], "teacher.kind=ema"),
-    (["rollout.backend=vllm"], "rollout.backend=vllm"),
     (["warmup.steps=2"], "warmup.steps"),
     (["model.lora={r: 4}"], "model.lora"),
 ])

@@ -69,6 +69,38 @@ def test_variants_run(extra, tiny_overrides):
     assert len(_rows(Path(res["run_dir"]) / "metrics.jsonl")) == 2
 
 
+def test_bf16_run_generates_from_a_compute_dtype_copy(tiny_overrides, monkeypatch):
+    """trainer.bf16 with float32 master weights: rollouts and evaluation sample from a bf16 copy
+    of the student (generating from the float32 weights under autocast re-casts every weight
+    at every decode step), which follows every optimiser step; the run's sampler evaluates."""
+    import mmopd.training.loop as loop
+
+    seen = {}
+    real_eval = loop.evaluation_episodes
+
+    def spy(model, *a, sampler=None, **k):
+        seen["eval"] = sampler
+        return real_eval(model, *a, sampler=sampler, **k)
+
+    monkeypatch.setattr(loop, "evaluation_episodes", spy)
+    real_assemble = loop.assemble
+
+    def keep(cfg):
+        seen["run"] = run = real_assemble(cfg)
+        return run
+
+    monkeypatch.setattr(loop, "assemble", keep)
+    train(_cfg(tiny_overrides, ["trainer.bf16=true"]))
+    run = seen["run"]
+    gen = run.sampler.model
+    assert gen is not run.model and seen["eval"] is run.sampler
+    assert {p.dtype for p in gen.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in run.model.parameters()} == {torch.float32}
+    mine = dict(gen.named_parameters())
+    for name, p in run.model.named_parameters():  # synced after the last step
+        torch.testing.assert_close(mine[name], p.detach().to(torch.bfloat16), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name, extra", [
     ("reopold", []), ("grpo", []), ("rkl", []),
     ("jsd", ["objective.topk=4", "objective.topk_source=teacher"]),

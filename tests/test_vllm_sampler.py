@@ -254,6 +254,27 @@ def test_every_rank_of_a_launch_has_its_own_engine(model_dir, teacher_dir, tmp_p
                                                        for r in rows)
 
 
+def test_a_sharded_student_rolls_out_in_vllm(model_dir, teacher_dir, tmp_path):
+    """FSDP2 over two ranks (gloo) with vLLM rollouts: each rank's engine receives the student
+    gathered weight by weight after every step (the sharded run was refused before), and
+    samples with the trainer's weights."""
+    from test_distributed import _torchrun
+    from test_fsdp import FSDP_ENV
+
+    from mmopd.config import dump_yaml
+
+    run = tmp_path / "run"
+    (tmp_path / "train.yaml").write_text(dump_yaml(_train_cfg(
+        model_dir, teacher_dir, run, "trainer.steps=2", "rollout.minibatches=1")))
+    p = _torchrun("-m", "mmopd", "train", str(tmp_path / "train.yaml"), timeout=600,
+                  env=FSDP_ENV)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "student sharded with FSDP2 across 2 processes" in p.stdout
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["rollout/logprob_gap"] < 1e-3
+                                                       for r in rows)
+
+
 def test_lora_student_syncs_its_merged_weights(engine, model_dir, tokenizer):
     from mmopd.config import LoraSettings
     from mmopd.models import add_lora

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mmopd.episode import Episode
 from mmopd.rollout.agent_loop import collect_episodes
 from mmopd.rollout.render import ChatRenderer
-from mmopd.rollout.sampler import HFSampler, SamplingParams
+from mmopd.rollout.sampler import HFSampler, Sampler, SamplingParams
 from mmopd.vision import VisionProcessor
 
 
@@ -40,14 +40,15 @@ def evaluation_episodes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
                         seed: int = 0, stop: list[str] | None = None, max_turns: int = 8,
                         max_episode_tokens: int = 0, env_id: str = "env",
                         vision: VisionProcessor | None = None, env_timeout_s: float = 0.0,
-                        share: tuple[int, int] = (0, 1),
+                        share: tuple[int, int] = (0, 1), sampler: Sampler | None = None,
                         ) -> tuple[list[Episode], list[Episode]]:
     """The episodes `evaluate` scores: one greedy episode for each of problems
     0..num_problems-1 (fewer when the env has fewer), and with pass_k > 0 also pass_k sampled
     ones per problem, in problem order. Sampling uses its own RNG stream, so an evaluation never
     changes the training run's random state. `share` (rank, ranks): only the problems whose
     index is rank modulo ranks (each rank's part of an evaluation split across processes; its
-    sampling stream is seeded per rank)."""
+    sampling stream is seeded per rank). `sampler`: the one that samples (the run's own, vLLM
+    included); None: HF generate on `model`."""
     probe = pool.take(1)[0].unwrapped
     total = num_problems
     if getattr(probe, "num_problems", None) is not None:
@@ -58,9 +59,9 @@ def evaluation_episodes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     if not num:
         return [], []
     renderer = ChatRenderer(tokenizer, vision)
-    sampler = HFSampler(model, tokenizer, batch_size=batch_size,
-                        stop_token_ids=renderer.stop_token_ids,
-                        suppress_token_ids=vision.special_ids if vision else None)
+    sampler = sampler or HFSampler(model, tokenizer, batch_size=batch_size,
+                                   stop_token_ids=renderer.stop_token_ids,
+                                   suppress_token_ids=vision.special_ids if vision else None)
     starts = [{"options": {"index": i}} for i in indices]
     stop = stop or []
     limits = {"max_turns": max_turns, "max_episode_tokens": max_episode_tokens, "env_id": env_id,

@@ -60,6 +60,17 @@ class Sampler(Protocol):
         ...
 
 
+def generation_copy(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """A frozen copy of `model` for generation, in `dtype` (a LoRA student's adapters merged),
+    without a mixed-precision wrapper around its forward (its weights are in the compute dtype
+    already)."""
+    from mmopd.models import plain_copy
+
+    copy = plain_copy(model).to(dtype).requires_grad_(False).eval()
+    copy.__dict__.pop("forward", None)  # accelerate's autocast wrapper, if the model had one
+    return copy
+
+
 def awake(sampler: Any) -> contextlib.AbstractContextManager[None]:
     """Around one rollout batch (all its turns) or one evaluation: an engine that frees its
     memory between rollouts (vLLM's sleep mode) holds it inside and releases it on leaving;
@@ -69,11 +80,17 @@ def awake(sampler: Any) -> contextlib.AbstractContextManager[None]:
 
 
 class HFSampler:
-    """`transformers` generate on an in-process model (shared with the trainer on one device)."""
+    """`transformers` generate on an in-process model: the trainer's own, or (`dtype`, when the
+    model's weights are in another dtype) a copy in that compute dtype, which `load_weights`
+    keeps equal to the trainer's model. Generating from float32 master weights under bf16
+    autocast re-casts every weight at every decode step."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  batch_size: int = 64, stop_token_ids: set[int] | None = None,
-                 suppress_token_ids: set[int] | None = None) -> None:
+                 suppress_token_ids: set[int] | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        if dtype is not None and next(model.parameters()).dtype != dtype:
+            model = generation_copy(model, dtype)
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -89,8 +106,17 @@ class HFSampler:
         self.eos_ids = sorted(eos)
 
     def load_weights(self, model: PreTrainedModel) -> None:
-        if model is not self.model:  # same object when trainer and sampler share the module
-            self.model.load_state_dict(model.state_dict())
+        """Copy `model`'s weights (a LoRA student's merged) into the sampler's own model, one
+        tensor at a time; nothing when they are the same module."""
+        if model is self.model:
+            return
+        from mmopd.models import merged_weights
+
+        mine = self.model.state_dict()
+        with torch.no_grad():
+            for name, w in merged_weights(model):
+                if name in mine:
+                    mine[name].copy_(w)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams,

@@ -67,18 +67,25 @@ def check_cpu_head_size(config: Any) -> None:
 
 def state_dict_for_inference(model: PreTrainedModel) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of the weights a checkpoint of `model` would hold, as vLLM loads
-    them, one at a time (the engine copies each as it comes; nothing is gathered first): a LoRA
-    student's merged weights under the base model's names, and the output layer under lm_head
-    even when tied (vLLM skips the name where it ties them itself)."""
+    them, one at a time (the engine copies each as it comes; nothing is gathered first; an
+    FSDP2 student's gathered weight by weight): a LoRA student's merged weights under the base
+    model's names, and the output layer under lm_head even when tied (vLLM skips the name where
+    it ties them itself)."""
     from mmopd.models import merged_weights
 
     has_head = False
     for name, w in merged_weights(model):
         has_head |= name == "lm_head.weight"
-        yield name, w.detach()
+        yield name, _whole(w.detach())
     out = model.get_output_embeddings()
     if out is not None and not has_head:
-        yield "lm_head.weight", out.weight.detach()
+        yield "lm_head.weight", _whole(out.weight.detach())
+
+
+def _whole(w: torch.Tensor) -> torch.Tensor:
+    """A weight FSDP2 shards (a DTensor) gathered on every rank, one at a time: every rank's
+    engine holds the whole model, and the ranks sync their engines together (a collective)."""
+    return w.full_tensor() if type(w).__name__ == "DTensor" else w
 
 
 def check_vllm_vision() -> None:

@@ -52,6 +52,7 @@ from mmopd.training.metrics import JsonlLog
 from mmopd.training.optim import make_accelerator, make_optimizer, make_scheduler
 from mmopd.training.sharding import (
     check_sharded_run,
+    full_state_dict,
     is_sharded,
     load_optimizer,
     shard_frozen,
@@ -212,18 +213,20 @@ def assemble(cfg: TrainConfig) -> Run:
     negative_scorer = (HFScorer(t_model, tokenizer.pad_token_id, view="negative",
                                 **tcfg.batching())
                        if cfg.objective.episode_gating == "vzero" and t_model is not None else None)
+    # the output layers compute in the training's compute dtype (bf16 under trainer.bf16, not
+    # the float32 master weights), accumulating in float32; HF generate runs on a copy in it
+    # (a sharded student is gathered in it already)
+    compute = torch.bfloat16 if tcfg.bf16 else None
     sampler: Sampler = HFSampler(model, tokenizer, batch_size=rcfg.batch_size,
                                  stop_token_ids=renderer.stop_token_ids,
-                                 suppress_token_ids=vision.special_ids if vision else None)
-    # the output layers compute in the training's compute dtype (bf16 under trainer.bf16, not
-    # the float32 master weights), accumulating in float32
-    compute = torch.bfloat16 if tcfg.bf16 else None
+                                 suppress_token_ids=vision.special_ids if vision else None,
+                                 dtype=None if is_sharded(model) else compute)
     old_scorer = HFScorer(model, tokenizer.pad_token_id, dtype=compute, **tcfg.batching())
     heads = Heads(sampled=projection(model, dtype=compute),
                   student=projection(model, vocab, dtype=compute),
                   teacher=projection(t_model, vocab) if t_model is not None else None)
     if rcfg.backend == "vllm":
-        sampler = make_vllm_sampler(cfg, model, tokenizer, renderer, vision, out)
+        sampler = make_vllm_sampler(cfg, model, tokenizer, renderer, vision, out, accelerator)
     rollout_sampler = sampler
     if cfg.objective.drift_stop and t_model is not None and heads.teacher is not None:
         ocfg = cfg.objective  # Prune-OPD: stop sampling replies that drift from the teacher
@@ -263,7 +266,8 @@ def _tracked(accelerator: Any, prefix: str) -> Any:
 
 
 def make_vllm_sampler(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
-                      renderer: ChatRenderer, vision: Any, out: Path) -> Sampler:
+                      renderer: ChatRenderer, vision: Any, out: Path,
+                      accelerator: Any) -> Sampler:
     """A colocated vLLM engine holding the student's current weights. It starts from the
     checkpoint directory when there is one; a tiny (built in memory) or separately tokenised
     student is saved under the run directory first."""
@@ -272,10 +276,14 @@ def make_vllm_sampler(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
     path = cfg.model.path
     if cfg.model.tiny is not None or cfg.model.tokenizer or path is None:
         path = str(out / "vllm_init")
-        save_merged(model, path)
-        tokenizer.save_pretrained(path)
-        if vision is not None:
-            vision.save_pretrained(path)
+        # a sharded student's weights gathered to rank 0, which writes the folder
+        state = full_state_dict(model) if is_sharded(model) else None
+        if accelerator.is_main_process:
+            save_merged(model, path, state_dict=state)
+            tokenizer.save_pretrained(path)
+            if vision is not None:
+                vision.save_pretrained(path)
+        accelerator.wait_for_everyone()
     v = cfg.rollout.vllm
     gen_eos = model.generation_config.eos_token_id
     stop = set(renderer.stop_token_ids) | set(

@@ -306,14 +306,15 @@ def run_eval(run: Run, step: int) -> dict[str, Any] | None:
     console."""
     cfg, ecfg, rcfg = run.cfg, run.cfg.eval, run.cfg.rollout
     share = (run.rank, run.accelerator.num_processes)
-    with full_weights(run.model):
+    with full_weights(run.model), awake(run.sampler):  # the run's own sampler (vLLM too)
         greedy, sampled = evaluation_episodes(
             run.model, run.tokenizer, run.eval_pool, num_problems=ecfg.num_problems,
             pass_k=ecfg.pass_k, temperature=ecfg.temperature,
             max_new_tokens=ecfg.max_new_tokens or rcfg.max_new_tokens,
             batch_size=rcfg.batch_size, seed=cfg.trainer.seed, stop=rcfg.stop,
             max_turns=rcfg.max_turns, max_episode_tokens=rcfg.max_episode_tokens,
-            env_id=cfg.env.id, vision=run.vision, env_timeout_s=rcfg.env_timeout_s, share=share)
+            env_id=cfg.env.id, vision=run.vision, env_timeout_s=rcfg.env_timeout_s, share=share,
+            sampler=run.sampler)
     mine = outcomes(greedy, sampled, ecfg.pass_k)
     rows = gather_object(mine) if share[1] > 1 else mine
     if not run.main:

@@ -177,9 +177,6 @@ def check_sharded_run(cfg: TrainConfig) -> None:
         refused.append("model.lora (a sharded peft model trains, but generating on its "
                        "gathered weights fails inside peft's LoRA layers; LoRA students train "
                        "under DDP, where their frozen base needs no optimiser state)")
-    if cfg.rollout.backend == "vllm":
-        refused.append("rollout.backend=vllm (the engine's weight sync reads an unsharded "
-                       "student; use rollout.backend=hf)")
     if any(t.kind == "ema" for t in cfg.teacher_list):
         refused.append("teacher.kind=ema (the EMA copy tracks unsharded weights; use "
                        "teacher.kind=self for a frozen copy of the initial student)")
