@@ -8,9 +8,14 @@ per GPU, in GiB:
 - student, full training: float32 weights, gradients and AdamW's two moments: 16 bytes per
   parameter (DDP: on every GPU; FSDP2: divided by the GPUs, plus two gathered decoder layers in
   flight); LoRA: the frozen base in its load dtype plus 16 bytes per adapter parameter;
-- FSDP2 rollouts: the student gathered whole on every GPU while it generates and is scored
-  (2 bytes per parameter under bf16, else 4) beside its weight and optimizer shards; FSDP2 rolls
-  out with HF generate (no vLLM engine), so its peak is the larger of that and training;
+- FSDP2 rollouts with HF generate: the student gathered whole on every GPU while it generates
+  and is scored (2 bytes per parameter under bf16, else 4) beside its weight and optimizer
+  shards, so its peak is the larger of that and training (with vLLM: the engine, as below);
+- the fused loss's float32 [V x H] gradient buffer of a trained output layer, plus under bf16
+  the output layer cast once per micro-batch (DDP; FSDP2 gathers it in bf16); under bf16 HF
+  generate samples from a bf16 copy of the student (2 bytes per parameter; not FSDP2);
+- the teacher-student diagnostics: the hidden states of trainer.diagnostics_tokens tokens of
+  both models;
 - activations of one micro-batch (micro_batch_size x the longest episode: `--prompt-tokens` +
   max_new_tokens x `--turns`, at most rollout.max_episode_tokens): about 34 x hidden bytes per
   token and layer under bf16 autocast with a fused attention kernel (Korthikanti et al., 2022;
@@ -18,8 +23,9 @@ per GPU, in GiB:
   layer's full set; plus the loss's logit chunks;
 - an in-process teacher (bf16 weights, on every GPU; an EMA teacher float32; under FSDP2 with
   teacher.shard its blocks divided by the GPUs plus two in flight and its root gathered), the
-  reference model of G-OPD,
-  the teacher's kept hidden states for full-vocabulary objectives; a served teacher: nothing;
+  reference model of G-OPD, the teacher's final hidden states of every loss token of the
+  rollout batch for full-vocabulary objectives (kept through its updates); a served teacher:
+  nothing;
 - a colocated vLLM engine: rollout.vllm.gpu_memory_utilization of the card; with sleep mode it is
   released while the trainer works, so the peak is the larger of the two phases, not their sum;
   HF generate instead: its KV cache for rollout.batch_size episodes (2 x layers x KV heads x head
@@ -170,8 +176,21 @@ def estimate(cfg: Any, gpus: int, gpu_gib: float, prompt_tokens: int = 512, turn
     t_sharded = (teacher if not (t.shard and ts is not None) else
                  teacher / gpus + t_bytes * (2 * ts.layer_params + 2 * ts.vocab * ts.hidden))
     kept = 0
+    episodes = r.prompts_per_batch * r.samples_per_prompt  # one rank's rollout batch
     if needs_teacher_hidden(obj, cfg.objective) and t_shape is not None:
-        kept = tr.micro_batch_size * (seq - prompt_tokens) * t_shape.hidden * 2
+        # the teacher's final hidden states of every loss token of the rollout batch, kept
+        # through its minibatch updates (the losses rebuild its logits from them)
+        kept = episodes * (seq - prompt_tokens) * t_shape.hidden * t_bytes
+    # the teacher-student diagnostics: the hidden states of their sampled tokens, both models
+    diag = tr.diagnostics_tokens * 2 * s.hidden * 4 if obj.needs_teacher else 0
+    # the fused loss's float32 output-layer gradient buffer [V x H] (a trained output layer),
+    # and under bf16 the output layer cast once per micro-batch (FSDP2 gathers it in bf16)
+    head = s.vocab * s.hidden
+    out_grad = {"DDP": 4 * head + (2 * head if tr.bf16 else 0),
+                "FSDP2": 4 * head, "LoRA": 0}
+    # HF generate under bf16 samples from a copy of the student in bf16 (an FSDP2 student is
+    # gathered in bf16 instead)
+    gen_copy = 2 * s.params if (r.backend == "hf" and tr.bf16) else 0
     ref = s.params * 2 if "ref" in needed_scores(obj, cfg.objective) else 0
     vllm = r.vllm.gpu_memory_utilization * gpu_gib * GIB if r.backend == "vllm" else 0.0
     states = {"DDP": 16 * s.params,
@@ -182,18 +201,21 @@ def estimate(cfg: Any, gpus: int, gpu_gib: float, prompt_tokens: int = 512, turn
     rows: dict[str, dict[str, float]] = {}
     for name, st in states.items():
         teacher_here = (t_sharded if name == "FSDP2" else teacher) + kept
-        train = st + act + logits + teacher_here + ref
+        copy = 0 if name == "FSDP2" else gen_copy
+        train = st + act + logits + out_grad[name] + teacher_here + ref + diag + copy
         gathered, engine, kv = 0.0, vllm, kv_cache if r.backend == "hf" else 0.0
-        if name == "FSDP2":  # HF generate on the gathered student beside its shards
+        if name == "FSDP2" and r.backend == "hf":  # generate on the gathered student
             gathered, engine, kv = s.params * (2 if tr.bf16 else 4), 0.0, kv_cache
             total = max(train, 12 * s.params / gpus + gathered + teacher_here + ref + kv)
         elif r.backend == "hf":  # no gradients while generating: weights and AdamW state
-            total = max(train, st * 12 / 16 + teacher_here + ref + kv)
+            total = max(train, st * 12 / 16 + teacher_here + ref + copy + kv)
         else:
             total = max(train, engine) if r.vllm.sleep else train + engine
         rows[name] = {"weights + grads + optimizer": st / GIB, "activations": act / GIB,
-                      "loss chunks": logits / GIB, "teacher": teacher_here / GIB,
-                      "reference model": ref / GIB, "vLLM engine": engine / GIB,
+                      "loss chunks": logits / GIB, "output-layer gradient": out_grad[name] / GIB,
+                      "teacher": teacher_here / GIB, "reference model": ref / GIB,
+                      "diagnostics": diag / GIB, "vLLM engine": engine / GIB,
+                      "generation copy (bf16)": copy / GIB,
                       "gathered for rollout": gathered / GIB, "KV cache (HF generate)": kv / GIB,
                       "context": OVERHEAD_GIB,
                       "total": (total + OVERHEAD_GIB * GIB) / GIB}
@@ -229,9 +251,10 @@ def render(rows: dict[str, dict[str, float]], info: dict[str, Any], gpus: int, g
     lora = (f"LoRA: r={16} on every attention and MLP projection (model.lora unset)"
             if info["lora_is_default"] else "LoRA: the config's model.lora")
     lines += ["", f"{lora}, {info['lora_params'] / 1e6:.1f} M adapter parameters. FSDP2: the "
-              "student sharded over all GPUs and gathered whole to roll out with HF generate "
-              "(configs/accelerate/fsdp.yaml; docs/scale-out.md); an in-process teacher is on "
-              "every GPU unless teacher.shard=true."]
+              "student sharded over all GPUs, gathered whole to roll out with HF generate or "
+              "weight by weight into each rank's vLLM engine (configs/accelerate/fsdp.yaml; "
+              "docs/scale-out.md); an in-process teacher is on every GPU unless "
+              "teacher.shard=true."]
     return "\n".join(lines)
 
 
@@ -239,13 +262,11 @@ def launch_command(config: str, gpus: int, nodes: int, rows: dict[str, dict[str,
                    = None, gpu_gib: float = 80.0, vllm: bool = False, lora: bool = False,
                    ) -> str:
     """How to start the run on that many GPUs: DDP through accelerate (a LoRA student always),
-    or FSDP2 where the plan says DDP does not fit and FSDP2 does (its rollouts use HF
-    generate)."""
+    or FSDP2 where the plan says DDP does not fit and FSDP2 does."""
     fsdp = (rows is not None and not lora
             and rows["DDP"]["total"] > gpu_gib >= rows["FSDP2"]["total"])
     head = f"accelerate launch --config_file configs/accelerate/{'fsdp' if fsdp else 'ddp'}.yaml"
-    tail = f"-m mmopd train {config} trainer.bf16=true" + (
-        " rollout.backend=hf" if fsdp and vllm else "")
+    tail = f"-m mmopd train {config} trainer.bf16=true"
     if nodes == 1:
         return f"{head} --num_processes {gpus} {tail}"
     return (f"# on each of the {nodes} nodes (NODE_RANK 0..{nodes - 1}; MAIN: node 0's address)\n"

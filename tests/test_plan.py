@@ -39,14 +39,26 @@ def test_strategies_add_up():
     train = sum(v for k, v in ddp.items() if k not in ("vLLM engine", "context", "total"))
     assert ddp["total"] == pytest.approx(max(train, ddp["vLLM engine"]) + ddp["context"])
     assert ddp["total"] > 80 and rows["FSDP2"]["total"] < 80 and rows["LoRA"]["total"] < 80
-    # FSDP2 rolls out with HF generate on the whole student, gathered in bf16, beside its shards
-    fsdp = rows["FSDP2"]
+    # the fused loss's float32 output-layer gradient, plus its bf16 cast under DDP
+    vh = 152064 * 3584
+    assert ddp["output-layer gradient"] == pytest.approx(6 * vh / GIB)
+    assert rows["FSDP2"]["output-layer gradient"] == pytest.approx(4 * vh / GIB)
+    assert rows["LoRA"]["output-layer gradient"] == 0  # a frozen output layer
+    assert ddp["diagnostics"] == pytest.approx(2048 * 2 * 3584 * 4 / GIB)
+    # with HF generate, FSDP2 rolls out on the whole student, gathered in bf16, beside its
+    # shards; DDP on a bf16 copy of the student
+    hf_rows, _ = estimate(load_config(TrainConfig, ROOT / "configs" /
+                                      "qwen2.5-7b-from-32b-served.yaml",
+                                      ["rollout.backend=hf", "trainer.bf16=true"]), 8, 80.0)
+    fsdp = hf_rows["FSDP2"]
     assert fsdp["vLLM engine"] == 0 and fsdp["gathered for rollout"] == pytest.approx(2 * p / GIB)
     assert fsdp["total"] >= fsdp["gathered for rollout"] + 12 * p / 8 / GIB + fsdp["context"]
+    assert hf_rows["DDP"]["generation copy (bf16)"] == pytest.approx(2 * p / GIB)
+    assert fsdp["generation copy (bf16)"] == 0
     from mmopd.plan import launch_command
 
     assert "fsdp.yaml" in launch_command("c.yaml", 8, 1, rows, 80.0, vllm=True)
-    assert "rollout.backend=hf" in launch_command("c.yaml", 8, 1, rows, 80.0, vllm=True)
+    assert "rollout.backend" not in launch_command("c.yaml", 8, 1, rows, 80.0, vllm=True)
     assert "ddp.yaml" in launch_command("c.yaml", 8, 1, rows, 80.0, lora=True)
 
 
