@@ -101,3 +101,13 @@ def test_cross_tokenizer_reports_a_failed_premise_without_training(tmp_path):
     text = (tmp_path / "cross_tokenizer.md").read_text()
     assert "Premise check failed" in text and "student after" not in text
     assert json.loads((tmp_path / "cross_tokenizer.json").read_text())["premise_gap"] == 0.05
+
+
+def test_gpu_smoke_runs_on_cpu(tmp_path):
+    """The prepared GPU run's checks and both worlds, at tiny shapes on this CPU (`--smoke`;
+    with vLLM installed, on its engine): the script a session lent a GPU runs as it is."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py"), "--smoke",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "every check passed" in p.stdout and "FAILED" not in p.stdout
+    assert not list(tmp_path.iterdir())  # a smoke run writes no results
