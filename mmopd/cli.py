@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", "--pass-k", dest="pass_k", type=int, default=0,
                    help="sampled replies per problem for pass@n and maj@n (0: greedy only)")
     e.add_argument("--temperature", type=float, default=1.0, help="of the sampled replies")
+    e.add_argument("--top-p", type=float, default=1.0,
+                   help="of the sampled replies (REOPOLD's paper: --temperature 0.6 --top-p 0.95 "
+                        "for math and visual reasoning)")
     e.add_argument("--out", help="JSONL of every generation (default: runs/eval/MODEL.jsonl)")
     e.add_argument("--max-new-tokens", type=int, default=64)
     e.add_argument("--max-turns", type=int, default=8, help="assistant turns (multi-turn envs)")
@@ -244,6 +247,8 @@ def _eval(args: argparse.Namespace) -> int:
                                      ("subset", args.subset)) if v is not None})
     if args.num_problems < 1 or args.pass_k < 0:
         raise ConfigError("--num-problems must be positive and --samples >= 0")
+    if not 0 < args.top_p <= 1 or args.temperature < 0:
+        raise ConfigError("--top-p must be in (0, 1] and --temperature >= 0")
     name = Path(args.model.rstrip("/")).name or "model"
     out = Path(args.out) if args.out else Path("runs") / "eval" / f"{name}.jsonl"
     pool = EnvPool(lambda: make_env(args.env, **kwargs))
@@ -256,7 +261,8 @@ def _eval(args: argparse.Namespace) -> int:
     vision = load_vision(cfg, tok)
     greedy, sampled = evaluation_episodes(
         load_model(cfg, tok, vision=vision), tok, pool, num_problems=args.num_problems,
-        pass_k=args.pass_k, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+        pass_k=args.pass_k, temperature=args.temperature, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
         max_turns=args.max_turns, env_id=args.env, vision=vision, env_timeout_s=args.env_timeout)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:

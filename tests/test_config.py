@@ -53,6 +53,8 @@ def test_overrides_and_yaml_number_quirk():
     (["objective.ratio_clip=[-0.2, 1.28]"], r"objective.ratio_clip: .* negative bound"),
     (["objective.ratio_clip=[1.1, 1.3]"], r"objective.ratio_clip: \[1.1, 1.3\] must contain 1"),
     (["objective.ratio_clip=[0.8]"], r"objective.ratio_clip"),
+    (["eval.top_p=0"], r"eval.top_p: must be in \(0, 1\]"),
+    (["eval.max_turns=0"], r"eval.max_turns: must be positive"),
     (["objective.name=rkl", "objective.ratio_clip=[0.8, 1.28]"], r"ratio_clip: .*divergence"),
 ])
 def test_bad_values_name_the_field(overrides, match):

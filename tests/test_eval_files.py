@@ -108,3 +108,21 @@ def test_compare_and_eval_bad_input(tmp_path, capsys):
                  "--env-kwargs", '{"fields": {"question": "prompt"}}']) == 2
     assert "fields name column(s) the data does not have: question='prompt'" in \
         capsys.readouterr().err
+
+
+def test_eval_samples_at_the_given_temperature_and_top_p(student_dir, tmp_path, capsys,
+                                                         monkeypatch):
+    """`mmopd eval --temperature 0.6 --top-p 0.95` (REOPOLD's evaluation sampling) reaches the
+    sampled replies; the greedy ones stay greedy."""
+    from mmopd.rollout import evaluate
+
+    seen = []
+    real = evaluate.collect_episodes
+    monkeypatch.setattr(evaluate, "collect_episodes",
+                        lambda envs, starts, sampler, renderer, params, **k:
+                        seen.append(params) or real(envs, starts, sampler, renderer, params, **k))
+    _eval(capsys, student_dir, tmp_path / "p.jsonl", "--samples", "2", "--temperature", "0.6",
+          "--top-p", "0.95")
+    assert [(p.n, p.temperature, p.top_p) for p in seen] == [(1, 0.0, 1.0), (2, 0.6, 0.95)]
+    assert main(["eval", str(student_dir), "--top-p", "0"]) == 2
+    assert "--top-p must be in (0, 1]" in capsys.readouterr().err

@@ -47,9 +47,19 @@ class EvalConfig:
     every: int = 0  # optimiser steps between evals (0 = only at the start and the end)
     num_problems: int = 100
     pass_k: int = 4  # samples per problem for pass@k (0 = greedy only)
+    # the sampled replies' (pass@k) sampling: REOPOLD's paper evaluates math and visual
+    # reasoning at 0.6 / 0.95, its agentic tool use at 1.0 / 1.0
     temperature: float = 1.0
+    top_p: float = 1.0
     max_new_tokens: int | None = None  # defaults to rollout.max_new_tokens
+    max_turns: int | None = None  # defaults to rollout.max_turns (the paper: 2 in training, 5 here)
     at_start: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.temperature >= 0, "eval.temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "eval.top_p", "must be in (0, 1]")
+        _check(self.max_turns is None or self.max_turns > 0, "eval.max_turns",
+               "must be positive")
 
 
 @dataclass

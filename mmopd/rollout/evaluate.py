@@ -36,7 +36,8 @@ class EnvPool:
 
 def evaluation_episodes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                         pool: EnvPool, *, num_problems: int, pass_k: int = 0,
-                        temperature: float = 1.0, max_new_tokens: int = 64, batch_size: int = 64,
+                        temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
+                        batch_size: int = 64,
                         seed: int = 0, stop: list[str] | None = None, max_turns: int = 8,
                         max_episode_tokens: int = 0, env_id: str = "env",
                         vision: VisionProcessor | None = None, env_timeout_s: float = 0.0,
@@ -76,7 +77,7 @@ def evaluation_episodes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
             torch.manual_seed(seed + 7919 * rank)
             sampled = collect_episodes(
                 pool.take(num * pass_k), starts, sampler, renderer,
-                SamplingParams(pass_k, temperature, 1.0, max_new_tokens, stop),
+                SamplingParams(pass_k, temperature, top_p, max_new_tokens, stop),
                 desc=f"eval pass@{pass_k}", **limits)
     return greedy, sampled
 

@@ -309,10 +309,10 @@ def run_eval(run: Run, step: int) -> dict[str, Any] | None:
     with full_weights(run.model), awake(run.sampler):  # the run's own sampler (vLLM too)
         greedy, sampled = evaluation_episodes(
             run.model, run.tokenizer, run.eval_pool, num_problems=ecfg.num_problems,
-            pass_k=ecfg.pass_k, temperature=ecfg.temperature,
+            pass_k=ecfg.pass_k, temperature=ecfg.temperature, top_p=ecfg.top_p,
             max_new_tokens=ecfg.max_new_tokens or rcfg.max_new_tokens,
             batch_size=rcfg.batch_size, seed=cfg.trainer.seed, stop=rcfg.stop,
-            max_turns=rcfg.max_turns, max_episode_tokens=rcfg.max_episode_tokens,
+            max_turns=ecfg.max_turns or rcfg.max_turns, max_episode_tokens=rcfg.max_episode_tokens,
             env_id=cfg.env.id, vision=run.vision, env_timeout_s=rcfg.env_timeout_s, share=share,
             sampler=run.sampler)
     mine = outcomes(greedy, sampled, ecfg.pass_k)
