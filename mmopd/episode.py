@@ -192,3 +192,19 @@ def balanced_parts(lengths: list[int], max_items: int, max_tokens: int = 0) -> l
         parts[j].append(i)
         loads[j] += lengths[i]
     return [sorted(p) for p in parts]
+
+
+def group_parts(groups: list[int], lengths: list[int], max_items: int,
+                max_tokens: int = 0) -> list[list[int]]:
+    """`balanced_parts` of whole groups (the responses to one query stay together): parts of
+    at most `max_items` episodes, or of one group where a group holds more."""
+    keys = list(dict.fromkeys(groups))
+    members: dict[int, list[int]] = {g: [] for g in keys}
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    if not keys:
+        return []
+    per_part = max(1, max_items // max(len(m) for m in members.values()))
+    units = balanced_parts([sum(lengths[i] for i in members[g]) for g in keys], per_part,
+                           max_tokens)
+    return [sorted(i for u in part for i in members[keys[u]]) for part in units]

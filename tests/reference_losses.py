@@ -76,10 +76,16 @@ def divergence_sum(kind, k, cfg, heads, h_NH, scores, tok, keep_N, sink=None):
     return (d * keep_N.to(d.device)).sum()
 
 
-def policy_loss(proj, h, y, logp_old, adv, keep, clip, cfg):
-    """`mmopd.training.losses._fused_policy_loss` through autograd: (loss sum, log-probs)."""
+def policy_loss(proj, h, y, logp_old, adv, weight, clip, cfg, reward_grad=False, sink=None):
+    """`mmopd.training.losses._fused_policy_loss` through autograd: (loss sum, log-probs);
+    `sink` gets the sampled tokens' log-probs and entropies from a no-grad pass."""
     logp = target_logprobs(proj, h, y, cfg.trainer.chunk_size)
-    return policy_loss_sum(logp, logp_old, adv, keep, clip), logp.detach()
+    if sink is not None:
+        with torch.no_grad():
+            for s in range(0, h.shape[0], cfg.trainer.chunk_size):
+                sink.take(torch.log_softmax(proj(h[s: s + cfg.trainer.chunk_size]), -1),
+                          slice(s, s + cfg.trainer.chunk_size))
+    return policy_loss_sum(logp, logp_old, adv, weight, clip, reward_grad), logp.detach()
 
 
 def aux_sum(objective, cfg, heads, h_NH, teach, tok, aux_N):

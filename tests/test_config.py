@@ -41,7 +41,7 @@ def test_overrides_and_yaml_number_quirk():
     (["objective.lamda=0.2"], r"objective.lamda: unknown field \(did you mean 'lam'\?\)"),
     (["objective.name=reopld"], r"unknown objective 'reopld'.*did you mean 'reopold'"),
     (["trainer.steps=ten"], r"trainer.steps: expected an integer, got 'ten'"),
-    (["objective.lam=1.5"], r"objective.lam: 1.5 is outside \(0, 1\)"),
+    (["objective.lam=1.5"], r"objective.lam: 1.5 is outside \[0, 1\)"),
     (["trainer.steps=3"], r"trainer.steps: 3 is not a multiple of rollout.minibatches=2"),
     (["rollout.temperature=0"], r"rollout.temperature"),
     (["teacher.kind=self"], r"view=privileged"),

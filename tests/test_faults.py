@@ -255,14 +255,18 @@ def test_every_rollout_batch_takes_its_minibatches_when_episodes_fail_to_start(t
                                                                              tmp_path):
     """8 episodes per batch, 2 fail to start, 4 minibatches: still 4 optimiser steps per batch
     (6 episodes do not chunk into 4 pieces of equal size: torch.chunk gave 3, and a rank with
-    failed episodes would have taken fewer steps than the others and hung them)."""
+    failed episodes would have taken fewer steps than the others and hung them). Minibatches
+    hold whole queries, their counts differing by at most one."""
     from mmopd.training.loop import minibatches
 
     gen = torch.Generator().manual_seed(0)
-    for n in (6, 8, 3, 1):
-        parts = minibatches(n, 4, gen)
-        assert len(parts) == 4 and sorted(i for p in parts for i in p) == list(range(n))
-        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    for groups in ([0, 0, 1, 1, 2, 3], [0, 0, 1, 1, 2, 2, 3, 3], [5, 7, 7], [2], [1] * 4):
+        parts = minibatches(groups, 4, gen)
+        assert len(parts) == 4 and sorted(i for p in parts for i in p) == list(range(len(groups)))
+        queries = [{groups[i] for i in p} for p in parts]
+        assert max(map(len, queries)) - min(map(len, queries)) <= 1
+        for part, qs in zip(parts, queries):
+            assert sorted(part) == [i for i, g in enumerate(groups) if g in qs]
     train(_cfg(tiny_overrides, [
         "env.id=faulty/FlakyMath-v0", "env.imports=[_faulty]", "rollout.env_timeout_s=0.5",
         "rollout.minibatches=4", "trainer.steps=8",

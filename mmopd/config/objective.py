@@ -8,16 +8,37 @@ from typing import Literal
 
 from .base import _check
 
+# REOPOLD (arXiv 2603.11137, Eq. 4-5) trains with the clipped PPO ratio of verl, the reward at
+# the parameters being updated and the kept tokens of each query as the normaliser; its RKL
+# baseline (token_rkl) with the same clip and reward. "auto" takes these for them, and mmopd's
+# own choices (no clip, the reward of the rollout, the minibatch's kept tokens) for the rest.
+PAPER_FORM: dict[str, dict[str, object]] = {
+    "reopold": {"ratio_clip": (0.8, 1.2), "reward_at": "current", "normaliser": "query"},
+    "token_rkl": {"ratio_clip": (0.8, 1.2), "reward_at": "current", "normaliser": "batch"},
+}
+OWN_FORM: dict[str, object] = {"ratio_clip": None, "reward_at": "rollout", "normaliser": "batch"}
+
+
+@dataclass(frozen=True)
+class Form:
+    """How a policy-gradient objective is trained (ObjectiveConfig.form)."""
+
+    ratio_clip: tuple[float, float] | None
+    reward_at: Literal["current", "rollout"]
+    normaliser: Literal["query", "batch"]
+
 
 @dataclass
 class ObjectiveConfig:
     """The distillation objective and its hyper-parameters (see ALGORITHMS in the README)."""
 
     name: str = "reopold"
-    lam: float = 0.3  # REOPOLD mixture clip: floor ln(lam)/(1-lam)
+    lam: float = 0.3  # REOPOLD mixture clip: floor ln(lam)/(1-lam); 0 = no floor
     beta: float = 0.2  # REOPOLD: keep the top-beta fraction of tokens by student entropy
-    switch_frac: float = 1 / 3  # REOPOLD exploration -> refinement at this fraction of steps
-    switch_step: int | None = None  # explicit optimiser step; overrides switch_frac
+    # REOPOLD exploration -> refinement at this fraction of the run's rollout iterations, or at
+    # rollout iteration switch_step (the paper's T_switch: math 1.5B 100 of 300)
+    switch_frac: float = 1 / 3
+    switch_step: int | None = None
     jsd_beta: float = 0.5  # generalised JSD mixture weight
     topk: int = 0  # distribution-level objectives: 0 = full vocabulary, k > 0 = top-k + tail
     topk_source: Literal["student", "teacher"] = "student"
@@ -28,8 +49,15 @@ class ObjectiveConfig:
     sod_eps: float = 1e-6
     outcome_coef: float = 0.0  # add coef * GRPO episode advantage to policy-gradient objectives
     # PPO-style clipped ratio for policy-gradient objectives: [1 - eps_low, 1 + eps_high], e.g.
-    # [0.8, 1.28] (SOD's 0.2 / 0.28); None = the plain surrogate -rho * A
-    ratio_clip: tuple[float, float] | None = None
+    # [0.8, 1.28] (SOD's 0.2 / 0.28); None = the plain surrogate -rho * A. "auto" (here and
+    # below): PAPER_FORM for reopold and token_rkl, OWN_FORM otherwise
+    ratio_clip: tuple[float, float] | None | Literal["auto"] = "auto"
+    # the token reward R = log pi_T - log pi: "current" at the parameters being updated (plans
+    # made again on every micro-batch from the training forward), "rollout" at pi_old
+    reward_at: Literal["auto", "current", "rollout"] = "auto"
+    # the token mean's divisor: "query" the kept tokens of each query's responses (the loss
+    # averages the queries of the minibatch), "batch" the kept tokens of the whole minibatch
+    normaliser: Literal["auto", "query", "batch"] = "auto"
     # V-Zero: weigh each episode by its teacher's positive-vs-negative view preference
     episode_gating: Literal["none", "vzero"] = "none"
     vzero_gamma: float = 1.0
@@ -74,12 +102,14 @@ class ObjectiveConfig:
         _check(self.sod_eps > 0, f"{w}.sod_eps", "must be > 0")
         _check(self.vzero_gamma >= 0, f"{w}.vzero_gamma", "must be >= 0")
         _check(self.vzero_alpha >= 0, f"{w}.vzero_alpha", "must be >= 0")
-        _check(0 < self.lam < 1, f"{w}.lam", f"{self.lam} is outside (0, 1)")
+        _check(0 <= self.lam < 1, f"{w}.lam", f"{self.lam} is outside [0, 1)")
         _check(0 < self.beta <= 1, f"{w}.beta", f"{self.beta} is outside (0, 1]")
         _check(0 <= self.switch_frac <= 1, f"{w}.switch_frac", "must be in [0, 1]")
         _check(0 <= self.jsd_beta <= 1, f"{w}.jsd_beta", "must be in [0, 1]")
         _check(self.topk >= 0, f"{w}.topk", "must be >= 0")
-        if self.ratio_clip is not None:
+        _check(self.switch_step is None or self.switch_step >= 0, f"{w}.switch_step",
+               f"{self.switch_step} must be >= 0 (a rollout iteration)")
+        if self.ratio_clip is not None and self.ratio_clip != "auto":
             low, high = self.ratio_clip
             _check(low >= 0 and high >= 0, f"{w}.ratio_clip",
                    f"{list(self.ratio_clip)} has a negative bound; give [1 - eps_low, "
@@ -88,3 +118,12 @@ class ObjectiveConfig:
                    "[0.8, 1.28]")
             _check(low <= 1 <= high, f"{w}.ratio_clip", f"[{low}, {high}] must contain 1 (the "
                    "ratio of the first update), e.g. [0.8, 1.28]")
+
+    @property
+    def form(self) -> Form:
+        """ratio_clip, reward_at and normaliser with "auto" replaced by the objective's form
+        (PAPER_FORM for reopold and token_rkl, OWN_FORM for the rest). The fields keep "auto",
+        so a config derived with another objective.name takes that objective's form."""
+        own = PAPER_FORM.get(self.name, OWN_FORM)
+        return Form(*(own[k] if getattr(self, k) == "auto" else getattr(self, k)
+                      for k in ("ratio_clip", "reward_at", "normaliser")))

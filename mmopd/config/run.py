@@ -34,6 +34,12 @@ class TrainConfig:
         _check(self.trainer.steps % self.rollout.minibatches == 0, "trainer.steps",
                f"{self.trainer.steps} is not a multiple of rollout.minibatches="
                f"{self.rollout.minibatches} (each rollout batch gives that many optimiser steps)")
+        iters = self.trainer.steps // self.rollout.minibatches
+        sw = self.objective.switch_step
+        _check(sw is None or 0 <= sw <= iters, "objective.switch_step",
+               f"{sw} is beyond the run's {iters} rollout iterations (trainer.steps "
+               f"{self.trainer.steps} / rollout.minibatches {self.rollout.minibatches}); it "
+               "counts rollout iterations, as the paper's T_switch does")
         from mmopd.objectives import OBJECTIVES  # late import: objectives import torch
 
         if self.objective.name not in OBJECTIVES and self.env.imports:
@@ -53,10 +59,15 @@ class TrainConfig:
             raise ConfigError(f"objective.outcome_coef: the episode advantage is added to "
                               f"policy-gradient objectives; {obj.name!r} is a divergence "
                               "(use opd or reopold, or set outcome_coef=0)")
-        if self.objective.ratio_clip is not None and obj.kind != "pg":
+        if self.objective.ratio_clip not in (None, "auto") and obj.kind != "pg":
             raise ConfigError(f"objective.ratio_clip: clips the importance ratio of "
                               f"policy-gradient objectives; {obj.name!r} is a divergence "
                               "(use opd, reopold or grpo, or drop ratio_clip)")
+        if (self.objective.form.reward_at == "current" and obj.kind == "pg"
+                and not obj.token_local):
+            raise ConfigError(f"objective.reward_at: current makes the plan again on each "
+                              f"micro-batch's tokens; {obj.name!r} does not declare its plan "
+                              "token-local (Objective.token_local); use reward_at: rollout")
         if obj.divergence == "uld" and self.objective.topk == 0:
             self.objective.topk = 32  # ULD compares top-k probabilities; the resolved config says
         if self.teachers:

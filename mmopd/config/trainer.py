@@ -93,7 +93,7 @@ class TrainerConfig:
     packing: bool = True
     # with one optimiser step per rollout batch (rollout.minibatches 1, so rho = 1), take
     # log pi_old and the entropy from the training forward instead of a separate student pass,
-    # where the objective's plan reads them token by token (mmopd.objectives.tokenwise)
+    # where the objective's plan reads them token by token (mmopd.training.old_policy)
     old_from_forward: bool = True
 
     def batching(self) -> dict[str, Any]:

@@ -162,7 +162,7 @@ def full_divergence_chunks(kind: str, beta: float, teacher_logp: Callable[[slice
 class SampledScores:
     """Collects, chunk by chunk, each position's log-prob of its sampled token and the entropy
     of the student's distribution there: with one optimiser step per rollout batch, the
-    training forward's log pi_old and entropy (mmopd.objectives.tokenwise)."""
+    training forward's log pi_old and entropy (mmopd.training.old_policy)."""
 
     def __init__(self, sampled_N: torch.Tensor) -> None:
         self.sampled_N = sampled_N

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from mmopd.config import RolloutConfig, TrainConfig
 from mmopd.episode import STOP_TIMEOUT, Episode
-from mmopd.objectives import TokenBatch, make_plan
+from mmopd.objectives import TokenBatch, make_plan, reward_weights
 from mmopd.rollout.agent_loop import collect_episodes
 from mmopd.rollout.drift import DriftStopSampler
 from mmopd.rollout.evaluate import (
@@ -50,7 +50,14 @@ from mmopd.training.faults import (
 )
 from mmopd.training.losses import accumulate_gradients
 from mmopd.training.metrics import episode_stats, plot_curves, step_flops, summary_line
-from mmopd.training.old_policy import old_in_forward, old_metrics, update_in_forward
+from mmopd.training.old_policy import (
+    Sources,
+    iteration,
+    old_metrics,
+    replanner,
+    sources,
+    update_from_forward,
+)
 from mmopd.training.scoring import batch_gather, score_batch
 from mmopd.training.sharding import (
     full_state_dict,
@@ -95,9 +102,10 @@ def _train(run: Run, signals: StopSignals) -> dict[str, Any]:
             t_rollout = time.perf_counter() - t0
             stop = signals.stop_now(run.accelerator)
             # ---- scoring: log pi_old and entropy from the student (or, trained by one step,
-            # from the training forward: tokenwise), log pi_T from the teacher
+            # from the training forward: old_policy), log pi_T from the teacher
             t0 = time.perf_counter()
-            one = old_in_forward(run, step)
+            src = sources(run, step)
+            one = src.old_from_forward
             if not stop:
                 tb, teach, slices, diagnostics = score_batch(
                     episodes, None if one else run.old_scorer, run.teacher_scorer,
@@ -111,6 +119,7 @@ def _train(run: Run, signals: StopSignals) -> dict[str, Any]:
         tb.gather = batch_gather(run.accelerator)  # batch statistics over every rank's share
         floored = (floor_teacher_logprobs(tb, teacher_floor(run, slices))
                    if run.teacher_scorer is not None else 0)
+        tb = reward_weights(tb, cfg.objective)[0]  # once per batch; its plans read them
         stats = batch_stats(run, episodes, tb, flops_total, failed=failed, prefix=prefix,
                             diagnostics=diagnostics, t_rollout=t_rollout, t_teacher=t_teacher)
         if not one:
@@ -119,10 +128,9 @@ def _train(run: Run, signals: StopSignals) -> dict[str, Any]:
 
         # ---- minibatch updates: several optimiser steps per rollout batch (rho != 1 after one)
         shuffle = torch.Generator().manual_seed(derived_seed(tcfg.seed, it, SHUFFLE, run.rank))
-        for mb in minibatches(len(episodes), mbs, shuffle):
+        for mb in minibatches([ep.group for ep in episodes], mbs, shuffle):
             row = {"step": step + 1, **stats,
-                   **update(run, episodes, slices, tb, teach, mb, step, skips,
-                            it if one else None)}
+                   **update(run, episodes, slices, tb, teach, mb, step, skips, src, it)}
             step += 1
             run.metrics_log.write(row)
             bar.update(1)
@@ -194,11 +202,16 @@ def rollout(run: Run, it: int, step: int) -> tuple[list[Episode], list[Episode],
     return [ep for ep in episodes if ep.input_ids], failed, prefix
 
 
-def minibatches(n: int, mbs: int, generator: torch.Generator) -> list[list[int]]:
-    """A shuffled split of n episodes into exactly `mbs` minibatches (sizes differ by at most
-    one; empty ones when n < mbs): every rank takes the same number of optimiser steps per
-    rollout batch even when episodes failed to start (torch.chunk would give fewer pieces)."""
-    return [mb.tolist() for mb in torch.randperm(n, generator=generator).tensor_split(mbs)]
+def minibatches(groups: list[int], mbs: int, generator: torch.Generator) -> list[list[int]]:
+    """A shuffled split of the episodes (their query groups given) into exactly `mbs`
+    minibatches of whole queries, as the paper's minibatches of prompts (query counts differ
+    by at most one; empty minibatches when there are fewer queries): every rank takes the same
+    number of optimiser steps per rollout batch even when episodes failed to start
+    (torch.chunk would give fewer pieces)."""
+    keys = list(dict.fromkeys(groups))
+    order = torch.randperm(len(keys), generator=generator).tensor_split(mbs)
+    return [[i for i, g in enumerate(groups) if g in chosen]
+            for chosen in ({keys[int(k)] for k in part} for part in order)]
 
 
 def batch_stats(run: Run, episodes: list[Episode], tb: TokenBatch, flops_total: dict[str, float],
@@ -230,30 +243,33 @@ def batch_stats(run: Run, episodes: list[Episode], tb: TokenBatch, flops_total: 
 
 
 def update(run: Run, episodes: list[Episode], slices: list[torch.Tensor], tb: TokenBatch,
-           teach: TokenScores, mb: list[int], step: int, skips: SkipCounter,
-           one: int | None = None) -> dict[str, float]:
-    """One optimiser step on the minibatch `mb` (episode indices); returns its metrics. A
-    minibatch with non-finite log-probs, loss or gradient norm is skipped (see faults). With
-    `one` (the rollout batch's index), the batch is the minibatch and the training forward
-    gives log pi_old: the plan is made inside the loss, and the metrics reading log pi_old
-    after it (a drifted vLLM engine still stops the run before the optimiser steps)."""
+           teach: TokenScores, mb: list[int], step: int, skips: SkipCounter, src: Sources,
+           it: int) -> dict[str, float]:
+    """One optimiser step on the minibatch `mb` (episode indices) of rollout batch `it`;
+    returns its metrics. A minibatch with non-finite log-probs, loss or gradient norm is
+    skipped (see faults). `src` says where the log-probs come from (old_policy.sources): with
+    log pi_old from the training forward, the metrics reading it come after the loss (a
+    drifted vLLM engine still stops the run before the optimiser steps)."""
+    one = src.old_from_forward
     cfg = run.cfg
     t0 = time.perf_counter()
     idle = not mb  # no episode for this step here: a stand-in at zero weight keeps the ranks
     mb = mb or [0]  # in step (each reduces gradients in every optimiser step)
     tok = torch.cat([slices[i] for i in mb])
     bad = nonfinite_inputs(tb, tok)
-    bad = agreed(run.accelerator, bad[:1] + [False] if one is not None else bad)
+    bad = agreed(run.accelerator, bad[:1] + [False] if one else bad)
     if any(bad):  # nothing to learn from: no forward, no backward
         return _skipped(run, step, skips, [n for n, b in zip(INPUTS, bad) if b])
     eps, sl, extra = [episodes[i] for i in mb], [slices[i] for i in mb], {}
-    if one is None:
-        plan = make_plan(run.objective, tb, step, cfg.trainer.steps, cfg.objective)
+    if not one:
+        now, total = iteration(cfg, step)
+        plan = make_plan(run.objective, tb, now, total, cfg.objective)
+        replan = replanner(run.objective, tb, now, total, cfg) if src.replan else None
         out = accumulate_gradients(run.student, run.accelerator, eps, sl, tb, plan, teach,
                                    run.objective, cfg, run.heads, run.tokenizer.pad_token_id,
-                                   idle=idle)
+                                   replan=replan, idle=idle)
     else:
-        out, plan, extra = update_in_forward(run, episodes, slices, tb, teach, mb, step, one)
+        out, plan, extra = update_from_forward(run, episodes, slices, tb, teach, mb, step, it)
     grad_norm = float(run.accelerator.clip_grad_norm_(run.student.parameters(),
                                                       cfg.optim.max_grad_norm))
     # each rank's share of the token mean, summed: the minibatch's loss over all ranks
@@ -271,12 +287,13 @@ def update(run: Run, episodes: list[Episode], slices: list[torch.Tensor], tb: To
     if run.ema is not None:
         ema_update(run.ema, run.model, run.ema_decay)
     t_train = time.perf_counter() - t0
-    n_kept = max(int(plan.keep_N[tok].sum()) * (not idle), 1)
+    n_kept = max(out.kept * (not idle), 1)
     per_teacher = (kept_by_teacher(run.router.last_routes, slices, mb, plan.keep_N)
                    if run.router is not None else {})
     return {"loss": out.loss, **plan.metrics, **extra, **per_teacher,
             "ratio_mean": out.ratio_sum / n_kept,
-            **({"ratio_clipped_frac": out.clipped / n_kept} if cfg.objective.ratio_clip else {}),
+            "update_kept_frac": out.kept / max(len(tok) * (not idle), 1),
+            **({"ratio_clipped_frac": out.clipped / n_kept} if cfg.objective.form.ratio_clip else {}),
             "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0],
             "train_tokens_per_s": out.tokens / max(t_train, 1e-9), "time_train_s": t_train,
             "train_padding_frac": out.padding / max(out.tokens + out.padding, 1),

@@ -18,10 +18,11 @@ import torch
 from accelerate import Accelerator
 
 from mmopd.config import TrainConfig
-from mmopd.episode import Episode, balanced_parts, collate
+from mmopd.episode import Episode, balanced_parts, collate, group_parts
 from mmopd.logprobs import (
     final_hidden,
     predicting_positions,
+    token_logprobs,
 )
 from mmopd.objectives import (
     Objective,
@@ -32,7 +33,6 @@ from mmopd.objectives import (
     topk_divergence,
 )
 from mmopd.objectives.divergences import uld_distance
-from mmopd.objectives.tokenwise import TokenPlanner
 from mmopd.objectives.zoo import pair_stats, teacher_topk_fkl
 from mmopd.teachers.scorer import TokenScores, packs
 from mmopd.training.fused import (
@@ -154,56 +154,86 @@ def whole_vocabulary(proj: Projection) -> bool:
 class UpdateStats(NamedTuple):
     """What one minibatch's gradient accumulation measured."""
 
-    loss: float  # the minibatch loss (token mean)
+    loss: float  # the minibatch loss (its normalised sum)
     ratio_sum: float  # sum of rho over kept tokens (policy gradient; the kept count otherwise)
     tokens: int  # non-padding tokens through the student
     clipped: int  # kept tokens that the ratio clip took out of the gradient
-    # with `planner` or `collect`: the training forward's log pi_old and entropy of the
-    # minibatch's tokens
+    # with `collect`: the training forward's log pi_old and entropy of the minibatch's tokens
     scores: dict[str, torch.Tensor] | None = None
     padding: int = 0  # padding positions the forwards computed
+    kept: int = 0  # tokens in the loss (kept, or with an auxiliary term), as trained
+
+
+# (the micro-batch's flat token indices, their log-probs under the weights being updated) ->
+# the plan of those tokens at the current policy
+Replan = Callable[[torch.Tensor, torch.Tensor], Plan]
 
 
 def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                          episodes: list[Episode], slices: list[torch.Tensor], tb: TokenBatch,
                          plan: Plan | None, teach: TokenScores, objective: Objective,
                          cfg: TrainConfig, heads: Heads, pad_id: int,
-                         planner: TokenPlanner | None = None, collect: bool = False,
+                         replan: Replan | None = None, old_from_forward: bool = False,
+                         collect: bool = False,
                          on_hidden: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
                          idle: bool = False) -> UpdateStats:
-    """Accumulate gradients of one minibatch, with `plan`'s advantages and keep mask, or with
-    `planner`'s, made inside the loss from the training forward's log-probs as log pi_old
-    (rho = 1; mmopd.objectives.tokenwise). With `planner` or `collect`, the training forward's
-    log pi_old and entropy are returned (the fused path; a divergence objective's output layer
-    must be the student's whole one). `on_hidden(h, tok)` sees each micro-batch's detached
-    final hidden states and their token indices while the output layers are gathered
-    (FSDP2). `idle`: this rank has no episode for this optimiser step; `episodes` is a stand-in
-    that runs at zero weight, so every rank takes part in the step's gradient reduction."""
+    """Accumulate gradients of one minibatch with `plan`'s tokens and advantages (made on the
+    rollout batch at pi_old) or, with `replan`, each micro-batch's plan at the current policy:
+    made from the log-probs of the training forward (a no-grad pass of the output layer over
+    the micro-batch before its loss), the reward R = log pi_T - log pi_theta of the parameters
+    being updated. `old_from_forward`: those log-probs are log pi_old too (one optimiser step
+    trains the rollout batch: rho = 1). With `collect`, the training forward's log-probs and
+    entropies come back (the fused path; a divergence objective's output layer must be the
+    student's whole one).
+
+    The loss is normalised per `objective.normaliser`: "query", each kept token weighs
+    1 / (Q K_q) (K_q the kept tokens of its query's responses, Q the minibatch's queries over
+    all ranks; micro-batches hold whole queries, so K_q is known before their loss); "batch",
+    1 / K (K the minibatch's kept tokens over all ranks: known before the first micro-batch,
+    or, planned at the current policy, after the last, when the gradients are divided).
+
+    `on_hidden(h, tok)` sees each micro-batch's detached final hidden states and their token
+    indices while the output layers are gathered (FSDP2). `idle`: this rank has no episode for
+    this optimiser step; `episodes` is a stand-in that runs at zero weight, so every rank takes
+    part in the step's gradient reduction."""
     device, world = accelerator.device, accelerator.num_processes
     unwrapped = accelerator.unwrap_model(student)
     tok_all = torch.cat(slices)
-    collect = collect or planner is not None
+    collect = collect or old_from_forward
     found: dict[str, list[torch.Tensor]] = {"tok": [], "logp": [], "entropy": []}
     if collect and objective.kind != "pg" and not whole_vocabulary(heads.student):
         raise ValueError("log pi_old from the training forward needs a divergence over the "
                          "student's whole output layer")
-    if planner is not None:  # the divisor is known after the last micro-batch: applied then
-        if objective.kind != "pg":
-            raise ValueError("a plan made inside the loss needs a policy-gradient objective")
-        denom, kept = 1.0, torch.zeros((), dtype=torch.long, device=device)
-    else:
-        # Token mean over the whole minibatch (and all ranks): the divisor is known before any
-        # micro-batch runs, so accumulation gives exactly the full-batch gradient.
+    if replan is None and plan is None:
+        raise ValueError("accumulate_gradients needs a plan or a replan")
+    if old_from_forward and objective.kind == "pg" and replan is None:
+        raise ValueError("log pi_old from the training forward needs the plan made inside the "
+                         "loss (replan)")
+    per_query = cfg.objective.form.normaliser == "query"
+    query_N = tb.group_E[tb.episode_N]  # the query (prompt group) of each token
+    denom = 1.0  # "batch" planned at the current policy: applied after the last micro-batch
+    if per_query:  # the minibatch's queries over all ranks
+        n_queries = 0 if idle else len({int(ep.group) for ep in episodes})
+        queries = max(float(accelerator.reduce(torch.tensor(n_queries, device=device), "sum")),
+                      1.0)
+    elif replan is None:
+        # the divisor is known before any micro-batch runs, so accumulation gives exactly the
+        # full-batch gradient
         assert plan is not None
         n_keep = accelerator.reduce(plan.counted_N[tok_all].sum().to(device) * (not idle),
                                     "sum")
         denom = max(float(n_keep), 1.0)
     tcfg = cfg.trainer
     loss_total, ratio_sum, seq_tokens, clipped, padding = 0.0, 0.0, 0, 0, 0
-    # micro-batches of at most micro_batch_size episodes, token counts balanced, each packed
-    # into one row without padding (text students; a VLM's rows are padded)
-    parts = [] if idle else balanced_parts([len(e.input_ids) for e in episodes],
-                                           tcfg.micro_batch_size, tcfg.micro_batch_tokens)
+    kept = torch.zeros((), dtype=torch.long, device=device)
+    # micro-batches of at most micro_batch_size episodes (whole queries under the per-query
+    # normaliser), token counts balanced, each packed into one row without padding (text
+    # students; a VLM's rows are padded)
+    lengths = [len(e.input_ids) for e in episodes]
+    parts = [] if idle else (
+        group_parts([int(e.group) for e in episodes], lengths, tcfg.micro_batch_size,
+                    tcfg.micro_batch_tokens) if per_query else
+        balanced_parts(lengths, tcfg.micro_batch_size, tcfg.micro_batch_tokens))
     packed = tcfg.packing and packs(unwrapped)
     # FSDP: every rank runs as many sharded passes as the rank with the most micro-batches; the
     # extra ones repeat the first at zero weight (the same modules gather in the same order)
@@ -216,7 +246,6 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
         eps, tok = [episodes[i] for i in part], torch.cat([slices[i] for i in part])
         batch = collate([e.input_ids for e in eps], [e.loss_mask for e in eps], pad_id, device,
                         packed)
-        keep = plan.keep_N[tok] if plan is not None else None
         sync = j == n_parts - 1
         vision = VisionInputs.cat(e.vision for e in eps)
         with accelerator.no_sync(student) if not sync else nullcontext():
@@ -224,46 +253,61 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
                                   **forward_kwargs(unwrapped, batch.input_ids, vision))
             rows, cols = predicting_positions(batch.loss_mask)
             h = hidden[rows, cols - 1]
+            y = batch.input_ids[rows, cols]
             if on_hidden is not None and not idle:
                 on_hidden(h.detach(), tok)
-            sink = SampledScores(batch.input_ids[rows, cols]) if collect else None
-            if planner is not None:
-                assert sink is not None
-                loss_sum, keep = _planned_policy_loss(heads.sampled, h, tok.to(device),
-                                                      planner, sink, cfg.trainer.chunk_size)
-                ratio, n_clipped = float(keep.sum()), 0  # rho = 1 on every token
-                if not idle:
-                    kept += keep.sum()
-            elif objective.kind == "pg":
-                assert plan is not None and keep is not None
-                y = batch.input_ids[rows, cols]
-                logp_old = tb.logp_old_N[tok].to(device)
-                adv, clip = plan.advantage_N[tok].to(device), cfg.objective.ratio_clip
-                loss_sum, logp = _fused_policy_loss(heads.sampled, h, y, logp_old, adv,
-                                                    keep.to(device), clip, cfg)
-                with torch.no_grad():
-                    ratio = float((torch.exp(logp - logp_old) * keep.to(device)).sum())
-                    n_clipped = 0 if clip is None else int(
-                        (ratio_clipped(logp, logp_old, adv, clip) & keep.to(device)).sum())
-                if plan.aux_N is not None:
-                    loss_sum = loss_sum + aux_sum(objective, cfg, heads, h, teach, tok,
-                                                   plan.aux_N[tok])
+            sink = SampledScores(y) if collect else None
+            now = None
+            if replan is not None:  # the plan of these tokens at the current policy
+                now = token_logprobs(heads.sampled, h.detach(), y, tcfg.chunk_size,
+                                     entropy=False)["logp"]
+                mine = replan(tok, now)
             else:
-                assert plan is not None and keep is not None
-                weight = keep if plan.weight_N is None else keep * plan.weight_N[tok]
+                assert plan is not None
+                mine = Plan(plan.keep_N[tok], plan.advantage_N[tok], {},
+                            plan.weight_N[tok] if plan.weight_N is not None else None,
+                            plan.aux_N[tok] if plan.aux_N is not None else None)
+            keep, counted = mine.keep_N, mine.counted_N
+            # each counted token's share of the normaliser
+            if per_query:
+                q = torch.unique(query_N[tok], return_inverse=True)[1]
+                k_q = torch.zeros(int(q.max()) + 1 if len(q) else 0).index_add_(
+                    0, q, counted.float())
+                share = (counted.float() / (queries * k_q[q].clamp(min=1.0))).to(device)
+            else:
+                share = torch.full((len(tok),), 1.0 / denom, device=device)
+            if objective.kind == "pg":
+                logp_old = now if old_from_forward else tb.logp_old_N[tok].to(device)
+                adv, clip = mine.advantage_N.to(device), cfg.objective.form.ratio_clip
+                weight = keep.to(device).float() * share
+                loss_sum, logp = _fused_policy_loss(heads.sampled, h, y, logp_old, adv,
+                                                    weight, clip, cfg,
+                                                    reward_grad=not objective.stop_gradient,
+                                                    sink=sink)
+                with torch.no_grad():
+                    k = keep.to(device)
+                    ratio = float((torch.exp(logp - logp_old) * k).sum())
+                    n_clipped = 0 if clip is None else int(
+                        (ratio_clipped(logp, logp_old, adv, clip) & k).sum())
+                if mine.aux_N is not None:
+                    loss_sum = loss_sum + aux_sum(objective, cfg, heads, h, teach, tok,
+                                                   mine.aux_N * share.cpu())
+            else:
+                weight = keep.float() if mine.weight_N is None else keep * mine.weight_N
                 loss_sum = divergence_sum(objective.divergence, cfg.objective.topk, cfg,
-                                          heads, h, teach, tok, weight, sink)
+                                          heads, h, teach, tok, weight * share.cpu(), sink)
                 ratio, n_clipped = float(keep.sum()), 0
             if sink is not None and not idle:
                 logp, ent = sink.result()
                 found["tok"].append(tok)
                 found["logp"].append(logp.cpu())
                 found["entropy"].append(ent.cpu())
-            loss = loss_sum / denom * world  # DDP averages over ranks; undo it for a token mean
+            loss = loss_sum * world  # DDP averages over ranks; undo it for the normalised sum
             accelerator.backward(loss * 0.0 if idle else loss)
         if not idle:
-            loss_total += loss_sum.item() / denom
+            loss_total += loss_sum.item()
             ratio_sum, clipped = ratio_sum + ratio, clipped + n_clipped
+            kept += counted.sum().to(device)
             seq_tokens += sum(len(e.input_ids) for e in eps)
             padding += batch.padding
     scores = None
@@ -274,45 +318,28 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
         scores = {k: torch.empty_like(torch.cat(found[k])).index_copy_(0, order,
                                                                        torch.cat(found[k]))
                   for k in ("logp", "entropy")}
-    if planner is None:
-        return UpdateStats(loss_total, ratio_sum, seq_tokens, clipped, scores, padding)
+    n_kept = int(kept)
+    if per_query or replan is None:
+        return UpdateStats(loss_total, ratio_sum, seq_tokens, clipped, scores, padding, n_kept)
     denom = max(float(accelerator.reduce(kept, "sum")), 1.0)
     for p in student.parameters():  # the token mean, now that every rank's kept count is known
         if p.grad is not None:
             p.grad.div_(denom)
-    return UpdateStats(loss_total / denom, ratio_sum, seq_tokens, clipped, scores, padding)
-
-
-def _planned_policy_loss(proj: Projection, h: torch.Tensor, tok: torch.Tensor,
-                         planner: TokenPlanner, sink: SampledScores, chunk: int
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The policy-gradient loss sum with each chunk planned from its own log-probs as
-    log pi_old (rho = 1, so a ratio clip has no effect), and the keep mask; `sink` holds the
-    sampled tokens (and receives their log-probs and the entropies)."""
-    kept: list[torch.Tensor] = []
-    y = sink.sampled_N
-
-    def loss(lp: torch.Tensor, sl: slice) -> torch.Tensor:
-        lp = lp.squeeze(-1)
-        old = lp.detach()
-        adv, keep = planner(tok[sl], old)
-        kept.append(keep)
-        return policy_loss_sum(lp, old, adv, keep)
-
-    total = fused_loss(proj, h, gathered_chunks(lambda s, sl: y[sl, None], loss, sink=sink),
-                       chunk)
-    return total, torch.cat(kept) if kept else y.new_zeros(0, dtype=torch.bool)
+    return UpdateStats(loss_total / denom, ratio_sum, seq_tokens, clipped, scores, padding,
+                       n_kept)
 
 
 def _fused_policy_loss(proj: Projection, h: torch.Tensor, y: torch.Tensor,
-                       logp_old: torch.Tensor, adv: torch.Tensor, keep: torch.Tensor,
-                       clip: tuple[float, float] | None, cfg: TrainConfig
+                       logp_old: torch.Tensor, adv: torch.Tensor, weight: torch.Tensor,
+                       clip: tuple[float, float] | None, cfg: TrainConfig,
+                       reward_grad: bool = False, sink: SampledScores | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The policy-gradient loss sum, fused, and the sampled tokens' log-probs (detached)."""
+    """The policy-gradient loss sum (each token's term times its `weight`), fused, and the
+    sampled tokens' log-probs (detached); `sink` receives them and the entropies."""
     got: list[torch.Tensor] = []
     loss = fused_loss(proj, h, gathered_chunks(
         lambda s, sl: y[sl, None], lambda lp, sl: policy_loss_sum(
-            lp.squeeze(-1), logp_old[sl], adv[sl], keep[sl], clip), keep=got),
-        cfg.trainer.chunk_size)
+            lp.squeeze(-1), logp_old[sl], adv[sl], weight[sl], clip, reward_grad),
+        keep=got, sink=sink), cfg.trainer.chunk_size)
     logp = torch.cat(got).squeeze(-1) if got else h.new_zeros(0)
     return loss, logp

@@ -1,19 +1,33 @@
-"""Log pi_old, the student's log-probs under the weights that sampled the rollout batch: from
-the separate scoring pass, or, when one optimiser step trains the batch, from the training forward
-itself (mmopd.objectives.tokenwise); and what reads it besides the plan."""
+"""Where each optimiser step's log-probs come from, decided in one place (`sources`).
+
+log pi_old, the student's log-probs under the weights that sampled the rollout batch, has two
+sources: the separate no-grad pass of the student over the batch (scoring), or, when one
+optimiser step trains the batch (rho = 1), the training forward itself, whose log-probs at that
+step are the rollout's. The reward R = log pi_T - log pi has two: pi_old (the batch's plan, made
+once per rollout batch) or the parameters being updated (REOPOLD's Eq. 4-5: each micro-batch's
+plan made again from the training forward, `objective.reward_at: current`).
+
+With the reward at the current policy, pi_old is read only by the ratio rho = pi_theta / pi_old
+and by statistics of the whole batch that come before the loss (REOPOLD's entropy threshold,
+token selection, SOD's per-turn means, drift and vOPD's full distributions); the separate pass
+runs for those, and for rho whenever several optimiser steps train one rollout batch.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
+from mmopd.config import TrainConfig
 from mmopd.episode import Episode
-from mmopd.objectives import Plan, TokenBatch, make_plan
-from mmopd.objectives.tokenwise import plannable, token_planner
+from mmopd.objectives import Objective, Plan, TokenBatch, make_plan, needed_scores
 from mmopd.teachers.router import teacher_metrics
 from mmopd.teachers.scorer import TokenScores
 from mmopd.training.assemble import Run
 from mmopd.training.losses import (
+    Replan,
     UpdateStats,
     accumulate_gradients,
     pair_pass,
@@ -22,18 +36,85 @@ from mmopd.training.losses import (
 from mmopd.training.scoring import diagnostic_metrics, diagnostic_positions, logprob_gap
 
 
-def old_in_forward(run: Run, step: int) -> bool:
-    """Does the training forward give log pi_old for the rollout batch starting at `step`? One
-    optimiser step per batch (rho = 1), a plan made token by token at this step
-    (mmopd.objectives.tokenwise), a teacher on the student's tokens and a student without
-    dropout (whose training forward would differ from its rollout)."""
-    cfg = run.cfg
-    return (cfg.trainer.old_from_forward and cfg.rollout.minibatches == 1
-            and run.teacher_scorer is not None
-            and (run.objective.kind == "pg" or whole_vocabulary(run.heads.student))
-            and not any(t.cross_tokenizer for t in cfg.teacher_list)
-            and not has_dropout(run.model)
-            and plannable(run.objective, step, cfg.trainer.steps, cfg.objective) is None)
+@dataclass(frozen=True)
+class Sources:
+    """Where one rollout batch's optimiser steps take their log-probs from."""
+
+    # log pi_old from the training forward (no separate pass); else why the pass runs
+    old_from_forward: bool
+    why_pass: str | None
+    # plans made again on each micro-batch from the training forward (the reward at the
+    # current policy, or at pi_old when the forward gives it)
+    replan: bool
+
+
+def sources(run: Run, step: int) -> Sources:
+    """The sources for the rollout batch starting at optimiser step `step`."""
+    cfg, obj = run.cfg, run.objective
+    why = pass_needed(cfg, obj, step, has_dropout(run.model), run.teacher_scorer is not None,
+                      whole_vocabulary(run.heads.student))
+    forward = why is None
+    at_current = obj.kind == "pg" and cfg.objective.form.reward_at == "current"
+    return Sources(forward, why, obj.kind == "pg" and (forward or at_current))
+
+
+def pass_needed(cfg: TrainConfig, obj: Objective, step: int, dropout: bool, teacher: bool,
+                whole_vocab: bool) -> str | None:
+    """Why log pi_old needs the separate pass at optimiser step `step` (None: the training
+    forward gives it)."""
+    it, total = iteration(cfg, step)
+    if not cfg.trainer.old_from_forward:
+        return "trainer.old_from_forward is off"
+    if cfg.rollout.minibatches > 1:
+        return "several optimiser steps train each rollout batch: rho needs pi_old"
+    if not teacher:
+        return "no teacher scores the student's tokens"
+    if obj.kind != "pg" and not whole_vocab:
+        return "a divergence over part of the student's output layer"
+    if any(t.cross_tokenizer for t in cfg.teacher_list):
+        return "a cross-tokenizer teacher's spans are spread with pi_old"
+    if dropout:
+        return "the student's dropout makes its training forward differ from its rollout"
+    if obj.kind == "pg":  # a divergence objective's plan reads no pi_old
+        return before_loss(obj, it, total, cfg)
+    return None
+
+
+def before_loss(obj: Objective, it: int, total: int, cfg) -> str | None:
+    """Why the plan at rollout iteration `it` reads the whole batch's pi_old before the loss
+    (None: each micro-batch's tokens can be planned from their own log-probs)."""
+    if not obj.token_local:
+        return f"objective {obj.name}'s plan is not token-local"
+    if cfg.objective.step_weighting != "none":
+        return "step weighting averages pi_old over each turn"
+    if cfg.objective.token_selection != "none":
+        return "token selection ranks the whole batch"
+    if cfg.objective.drift_threshold > 0 or needed_scores(obj, cfg.objective) & {"kl",
+                                                                                  "overlap"}:
+        return "the plan reads the student's whole distribution next to the teacher's"
+    if obj.batch_stats is not None:
+        return obj.batch_stats(it, total, cfg.objective)
+    return None
+
+
+def iteration(cfg: TrainConfig, step: int) -> tuple[int, int]:
+    """(the rollout iteration optimiser step `step` belongs to, the run's rollout iterations):
+    what plans count in (REOPOLD's switch), as the paper counts them."""
+    mbs = cfg.rollout.minibatches
+    return step // mbs, cfg.trainer.steps // mbs
+
+
+def replanner(obj: Objective, tb: TokenBatch, it: int, total: int, cfg: TrainConfig) -> Replan:
+    """The plan of a micro-batch's tokens from their log-probs at the current policy (the
+    reward at the parameters being updated), reading the whole batch's statistics; `tb` has
+    its reward weights (objectives.reward_weights)."""
+    if not tb.weighted:
+        raise ValueError("plans at the current policy read the batch's reward weights: "
+                         "apply objectives.reward_weights to the batch first")
+
+    def plan(tok: torch.Tensor, logp: torch.Tensor) -> Plan:
+        return make_plan(obj, tb.part(tok, logp.detach()), it, total, cfg.objective)
+    return plan
 
 
 def old_metrics(run: Run, episodes: list[Episode], slices: list[torch.Tensor],
@@ -63,10 +144,6 @@ def check_sync(run: Run, episodes: list[Episode], tb: TokenBatch, it: int) -> di
     return gap
 
 
-def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    return (a is None) == (b is None) and (a is None or torch.equal(a, b))
-
-
 def has_dropout(model: PreTrainedModel) -> bool:
     """Dropout active in training mode (a module, a LoRA adapter's, or the config's attention
     or hidden dropout): the training forward then is not the rollout's distribution."""
@@ -81,20 +158,18 @@ def has_dropout(model: PreTrainedModel) -> bool:
                for c in configs for n in names)
 
 
-def update_in_forward(run: Run, episodes: list[Episode], slices: list[torch.Tensor],
-                       tb: TokenBatch, teach: TokenScores, mb: list[int], step: int, it: int
-                       ) -> tuple[UpdateStats, Plan, dict[str, float]]:
-    """`update`'s gradients with the plan made inside the loss (a divergence objective's,
-    which reads no log pi_old, before it); log pi_old and the entropy of the training forward
-    go into `tb`, and the whole batch's plan is made from them for the metrics. That plan must
-    keep the tokens the loss kept, or the run stops before the optimiser steps."""
-    cfg, device, obj = run.cfg, run.accelerator.device, run.objective
-    total = cfg.trainer.steps
-    before = planner = None
-    if obj.kind == "pg":
-        planner = token_planner(obj, tb, step, total, cfg.objective, device)
-    else:
-        before = make_plan(obj, tb, step, total, cfg.objective)
+def update_from_forward(run: Run, episodes: list[Episode], slices: list[torch.Tensor],
+                        tb: TokenBatch, teach: TokenScores, mb: list[int], step: int, it: int
+                        ) -> tuple[UpdateStats, Plan, dict[str, float]]:
+    """`update`'s gradients with log pi_old from the training forward (one optimiser step
+    trains the rollout batch): a policy-gradient plan is made on each micro-batch from its
+    log-probs, a divergence objective's (which reads no log pi_old) before the loss. The
+    forward's log pi_old and entropy then go into `tb`, and the whole batch's plan is made
+    from them for the metrics."""
+    cfg, obj = run.cfg, run.objective
+    now, total = iteration(cfg, step)
+    pg = obj.kind == "pg"
+    before = None if pg else make_plan(obj, tb, now, total, cfg.objective)
     tok = torch.cat([slices[i] for i in mb])
     diag = (cfg.trainer.diagnostics_tokens > 0 and run.heads.teacher is not None
             and teach.hidden_NH is not None and len(tok) > 0)
@@ -115,19 +190,12 @@ def update_in_forward(run: Run, episodes: list[Episode], slices: list[torch.Tens
     out = accumulate_gradients(
         run.student, run.accelerator, [episodes[i] for i in mb], [slices[i] for i in mb], tb,
         before, teach, obj, cfg, run.heads, run.tokenizer.pad_token_id,
-        planner=planner, collect=True, on_hidden=on_hidden)
+        replan=replanner(obj, tb, now, total, cfg) if pg else None, old_from_forward=True,
+        collect=True, on_hidden=on_hidden)
     scores = out.scores or {}
     if len(tok):
         tb.logp_old_N[tok], tb.entropy_N[tok] = scores["logp"].float(), scores["entropy"].float()
-    plan = make_plan(obj, tb, step, total, cfg.objective)
-    kept = (int(plan.keep_N[tok].sum()) == round(out.ratio_sum) if before is None else
-            torch.equal(before.keep_N, plan.keep_N) and _same(before.weight_N, plan.weight_N))
-    if not kept:
-        raise RuntimeError(
-            f"objective {obj.name}: its plan over the batch keeps other tokens (or weights) than "
-            "the loss did with log pi_old from the training forward; its `tokens` must give "
-            "each token's keep mask and advantage as its plan does (or set "
-            "trainer.old_from_forward=false)")
+    plan = make_plan(obj, tb, now, total, cfg.objective)
     extra = old_metrics(run, episodes, slices, tb, it)
     if stats:
         extra.update(diagnostic_metrics({k: torch.cat(v) for k, v in stats.items()}))

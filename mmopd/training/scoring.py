@@ -35,7 +35,7 @@ def score_batch(episodes: list[Episode], old_scorer: HFScorer | None,
     what the objective needs besides (log pi_ref, the teacher under a negative view, per-token
     KL and top-k overlap), flat over tokens; plus teacher-student diagnostics on a sample.
 
-    Without `old_scorer` (the training forward gives log pi_old: mmopd.objectives.tokenwise)
+    Without `old_scorer` (the training forward gives log pi_old: mmopd.training.old_policy)
     log pi_old and the entropy are NaN until the caller fills them in, and the diagnostics wait
     for the training forward's hidden states (the teacher's are kept for them)."""
     pair = bool({"kl", "overlap"} & needs) and teacher_scorer is not None

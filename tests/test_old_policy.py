@@ -1,6 +1,7 @@
-"""log pi_old from the training forward (one optimiser step per rollout batch, rho = 1): the plan
-made inside the loss's chunks gives the same gradients, plans and metrics as the separate
-student scoring pass, which it skips."""
+"""Where log pi_old comes from (mmopd.training.old_policy): with one optimiser step per rollout
+batch (rho = 1) the training forward gives it, and the plans made on each micro-batch from its
+log-probs give the same gradients, plans and metrics as the separate student scoring pass,
+which they skip."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ import torch
 
 import mmopd.training.loop as loop
 from mmopd.config import ObjectiveConfig, TrainConfig, load_config
-from mmopd.objectives import OBJECTIVES, make_plan
-from mmopd.objectives.tokenwise import plannable, token_planner
-from mmopd.training.old_policy import has_dropout
+from mmopd.objectives import OBJECTIVES, make_plan, reward_weights
+from mmopd.training.old_policy import before_loss, has_dropout, replanner
 
 SCORE_BATCH = loop.score_batch
 COMPARED = ("loss", "grad_norm", "kept_frac", "floor_frac", "distill_reward", "kl_estimate",
@@ -74,9 +74,13 @@ def test_training_forward_gives_the_separate_pass_results(extra, in_forward, tin
     assert moved < 1e-5
 
 
-def test_reopold_exploration_drops_tokens_inside_the_loss(tiny_overrides, sft_teacher_dir):
-    """The kept count depends on log pi_old: the divisor comes after accumulation, and the
-    gradients equal the separate pass's plan for 1, 3 and 8 sequences per micro-batch."""
+@pytest.mark.parametrize("normaliser", ["query", "batch"])
+def test_reopold_exploration_drops_tokens_inside_the_loss(normaliser, tiny_overrides,
+                                                          sft_teacher_dir):
+    """The kept tokens depend on log pi_old: planned from the training forward, the gradients
+    equal the separate pass's plan for 1, 3 and 8 sequences per micro-batch, under either
+    normaliser (the per-query one keeps each query's responses in one micro-batch; the batch
+    one divides after the last micro-batch)."""
     from mmopd.envs import make_env
     from mmopd.logprobs import lm_head_fn
     from mmopd.models import load_model, load_tokenizer
@@ -90,6 +94,7 @@ def test_reopold_exploration_drops_tokens_inside_the_loss(tiny_overrides, sft_te
 
     # a trained teacher: the random student's tokens often fall below the floor
     cfg = load_config(TrainConfig, None, [*tiny_overrides, "objective.name=reopold",
+                                          f"objective.normaliser={normaliser}",
                                           f"teacher.model.path={sft_teacher_dir}"])
     obj = OBJECTIVES["reopold"]
     tok = load_tokenizer(cfg.model)
@@ -101,24 +106,27 @@ def test_reopold_exploration_drops_tokens_inside_the_loss(tiny_overrides, sft_te
     heads = Heads(lm_head_fn(student), lm_head_fn(student), lm_head_fn(teacher))
     t_scorer = HFScorer(teacher, tok.pad_token_id)
     tb, teach, slices, _ = score_batch(eps, HFScorer(student, tok.pad_token_id), t_scorer)
+    tb = reward_weights(tb, cfg.objective)[0]
     plan = make_plan(obj, tb, 0, 10, cfg.objective)
     assert 0 < int(plan.keep_N.sum()) < len(plan.keep_N)  # the floor drops some tokens
     blank, _, _, _ = score_batch(eps, None, t_scorer)
     assert blank.logp_old_N.isnan().all()
+    blank = reward_weights(blank, cfg.objective)[0]
     grads = {}
     for mode, micro in (("plan", 3), ("inside", 1), ("inside", 3), ("inside", 8)):
         cfg.trainer.micro_batch_size = micro
         student.zero_grad()
-        planner = (token_planner(obj, blank, 0, 10, cfg.objective, torch.device("cpu"))
-                   if mode == "inside" else None)
+        inside = mode == "inside"
         out = accumulate_gradients(student, make_accelerator(), eps, slices,
-                                   blank if planner else tb, None if planner else plan, teach,
-                                   obj, cfg, heads, tok.pad_token_id, planner=planner)
+                                   blank if inside else tb, None if inside else plan, teach,
+                                   obj, cfg, heads, tok.pad_token_id,
+                                   replan=replanner(obj, blank, 0, 10, cfg) if inside else None,
+                                   old_from_forward=inside)
         grads[mode, micro] = {k: p.grad.clone() for k, p in student.named_parameters()}
-        if planner is not None:  # the training forward's log pi_old is the scoring pass's
+        if inside:  # the training forward's log pi_old is the scoring pass's
             assert torch.allclose(out.scores["logp"], tb.logp_old_N, atol=1e-5)
             assert torch.allclose(out.scores["entropy"], tb.entropy_N, atol=1e-4)
-            assert out.ratio_sum == int(plan.keep_N.sum())
+            assert out.ratio_sum == int(plan.keep_N.sum()) == out.kept
     ref = grads["plan", 3]
     assert any(v.abs().sum() > 0 for v in ref.values())
     for key, g in grads.items():
@@ -126,19 +134,23 @@ def test_reopold_exploration_drops_tokens_inside_the_loss(tiny_overrides, sft_te
             assert torch.allclose(g[k], ref[k], atol=1e-6, rtol=1e-4), (key, k)
 
 
-def test_where_the_plan_needs_the_whole_batch():
-    assert plannable(OBJECTIVES["rkl"], 5, 9, ObjectiveConfig(name="rkl")) is None
-    reopold = ObjectiveConfig(name="reopold")  # switches at a third of the steps
-    assert plannable(OBJECTIVES["reopold"], 2, 9, reopold) is None
-    assert "whole batch at step 3" in plannable(OBJECTIVES["reopold"], 3, 9, reopold)
-    for name, extra, why in [
+def test_where_the_plan_needs_the_whole_batch(tiny_overrides):
+    def why(name, it=0, **extra):
+        cfg = load_config(TrainConfig, None, [*tiny_overrides, "trainer.steps=9",
+                                              "rollout.minibatches=1", f"objective.name={name}",
+                                              *[f"objective.{k}={v}" for k, v in extra.items()]])
+        return before_loss(OBJECTIVES[name], it, 9, cfg)
+
+    assert why("rkl", 5) is None
+    assert why("reopold", 2) is None  # switches at a third of the rollout iterations
+    assert "ranks the batch's student entropy" in why("reopold", 3)
+    for name, extra, reason in [
         ("opd", {"step_weighting": "sod"}, "turn"),
         ("opd", {"token_selection": "entropy"}, "ranks"),
-        ("vopd", {}, "no token-by-token plan"),
-        ("eopd", {}, "no token-by-token plan"),
+        ("vopd", {}, "whole distribution"),
         ("rkl", {"token_selection": "tip"}, "ranks"),
     ]:
-        assert why in plannable(OBJECTIVES[name], 0, 9, ObjectiveConfig(name=name, **extra))
+        assert reason in why(name, **extra)
 
 
 def test_dropout_keeps_the_separate_pass(student_dir):
@@ -153,20 +165,20 @@ def test_dropout_keeps_the_separate_pass(student_dir):
     assert has_dropout(model)
 
 
-def test_a_token_plan_that_disagrees_with_its_plan_stops_the_run(tiny_overrides, tmp_path):
+def test_a_plan_not_declared_token_local(tiny_overrides, tmp_path, monkeypatch):
+    """A registered plan that does not say it is token-local is made on the whole batch only:
+    the separate pass runs for it, and a reward at the current policy is refused."""
+    from mmopd.config import ConfigError
     from mmopd.objectives import Objective, register_objective
 
-    opd = OBJECTIVES["opd"]
-
-    def wrong(tb, step, total, cfg):  # keeps every other token the plan keeps all of
-        adv, keep = opd.tokens(tb, step, total, cfg)
-        return adv, keep & (torch.arange(len(keep), device=keep.device) % 2 == 0)
-
-    register_objective(Objective("wrong_tokens", "pg", opd.plan, tokens=wrong))
+    register_objective(Objective("whole_opd", "pg", OBJECTIVES["opd"].plan))
     try:
-        with pytest.raises(RuntimeError, match="keeps other tokens"):
-            loop.train(load_config(TrainConfig, None, [
-                *tiny_overrides, "objective.name=wrong_tokens", "rollout.minibatches=1",
-                "trainer.steps=1", f"trainer.output_dir={tmp_path / 'run'}"]))
+        with pytest.raises(ConfigError, match="token-local"):
+            load_config(TrainConfig, None, [*tiny_overrides, "objective.name=whole_opd",
+                                            "objective.reward_at=current"])
+        _, _, passes = _train([*tiny_overrides, "objective.name=whole_opd",
+                               "rollout.minibatches=1", "trainer.steps=1",
+                               f"trainer.output_dir={tmp_path / 'run'}"], monkeypatch)
+        assert passes == [True]
     finally:
-        OBJECTIVES.pop("wrong_tokens")
+        OBJECTIVES.pop("whole_opd")
