@@ -92,6 +92,43 @@ def _aime(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "answer": str(int(answer))}  # "033" -> "33"
 
 
+_IMAGE_TAG = re.compile(r"\s*<image>\s*")  # a placeholder the env's own image message replaces
+
+
+def _message_text(content: Any) -> str | None:
+    """A chat message's text: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content
+                         if isinstance(p, dict) and p.get("type", "text") == "text") or None
+    return None
+
+
+def _verl(row: dict[str, Any]) -> dict[str, Any]:
+    prompt = row.get("question")
+    if isinstance(prompt, list):  # the chat: the last user message is the question
+        users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        if not users:
+            raise ValueError("the prompt has no user message (verl format)")
+        prompt = _message_text(users[-1].get("content"))
+    reward = row.get("answer")
+    answer = reward.get("ground_truth") if isinstance(reward, dict) else reward
+    target = row.get("solution")
+    if isinstance(target, list):  # LUFFY's off-policy solution, as a chat
+        target = next((_message_text(m.get("content")) for m in reversed(target)
+                       if isinstance(m, dict) and m.get("role") == "assistant"), None)
+    if isinstance(answer, list):  # some sets list the accepted answers; the first is kept
+        answer = answer[0] if answer else None
+    return {**row, "question": _IMAGE_TAG.sub(" ", prompt).strip() if isinstance(prompt, str)
+            else prompt, "answer": answer, "solution": target}
+
+
+def _easyr1(row: dict[str, Any]) -> dict[str, Any]:
+    q = row.get("question")
+    return {**row, "question": _IMAGE_TAG.sub(" ", q).strip() if isinstance(q, str) else q}
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """Column names of a common format (first present column wins) and what it derives."""
@@ -115,6 +152,14 @@ PRESETS: dict[str, Preset] = {
     "aime": Preset({"question": ("problem", "question"), "answer": ("answer",),
                     "solution": ("solution",)}, _aime,
                    "AIME-style sets (e.g. AI-MO/aimo-validation-aime): integer answers 0-999"),
+    "verl": Preset({"question": ("prompt",), "answer": ("reward_model",),
+                    "solution": ("target",), "images": ("images",)}, _verl,
+                   "verl's RL parquet (LUFFY's Openr1-Math-46k and valid.parquet): the question "
+                   "is the prompt chat's last user message, the answer "
+                   "reward_model.ground_truth, the solution the target chat's answer"),
+    "easyr1": Preset({"question": ("problem",), "answer": ("answer",), "images": ("images",)},
+                     _easyr1, "EasyR1 / NoisyRollout visual sets (geometry3k): problem (its "
+                     "<image> placeholder dropped), answer, images"),
     "vqa": Preset({"question": ("question",), "answer": ("answer",), "image": ("image",),
                    "images": ("images",), "bbox": ("bbox",)}, None,
                   "visual QA with a datasets Image column 'image' (or a list 'images'), "

@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--source", help="the env's problems: a hub dataset id, a save_to_disk "
                    "folder, or a Parquet / CSV / JSONL file (env kwarg source)")
     e.add_argument("--preset", help="column preset of the source: gsm8k, math, math500, aime, "
-                   "vqa")
+                   "vqa, verl, easyr1")
     e.add_argument("--subset", help="the hub dataset's subset (config name), e.g. main")
     e.add_argument("--num-problems", type=int, default=200)
     e.add_argument("--samples", "--pass-k", dest="pass_k", type=int, default=0,

@@ -89,8 +89,44 @@ def test_aime_preset_csv_and_fields(tmp_path):
         make_env(MATH, source=str(pq), fields={"question": "prompt", "answer": "ans"})
 
 
+def test_verl_preset_reads_luffys_parquet_layout(tmp_path):
+    """verl's RL parquet, as LUFFY ships Openr1-Math-46k and valid.parquet: the question is
+    the prompt chat's user message, the answer reward_model.ground_truth."""
+    pq = tmp_path / "verl.parquet"
+    datasets.Dataset.from_dict({
+        "data_source": ["openr1", "openr1"],
+        "prompt": [[{"role": "system", "content": "Think first."},
+                    {"role": "user", "content": "What is $2+2$? Put it in \\boxed{}."}],
+                   [{"role": "system", "content": "Think first."}]],
+        "target": [[{"role": "assistant", "content": "2+2 = \\boxed{4}"}], []],
+        "reward_model": [{"ground_truth": "4", "style": "rule"},
+                         {"ground_truth": "1", "style": "rule"}],
+    }).to_parquet(str(pq))
+    with pytest.warns(UserWarning, match=r"verl.parquet:1: the prompt has no user message"):
+        env = MathTextEnv(source=str(pq), preset="verl")
+    p = env.problem(0)
+    assert (p.question, p.answer, p.solution) == ("What is $2+2$? Put it in \\boxed{}.", "4",
+                                                  "2+2 = \\boxed{4}")
+
+
+def test_easyr1_preset_drops_the_image_placeholder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "geo"
+    img = Image.new("RGB", (8, 8), (255, 0, 0))
+    datasets.Dataset.from_dict(
+        {"images": [[img]], "problem": ["<image>Find the angle $x$."], "answer": ["30"]},
+        features=datasets.Features({"images": datasets.Sequence(datasets.Image()),
+                                    "problem": datasets.Value("string"),
+                                    "answer": datasets.Value("string")}),
+    ).save_to_disk(str(folder))
+    rows = load_source(source_spec(str(folder), preset="easyr1"), ("question", "answer")).rows
+    assert rows[0]["question"] == "Find the angle $x$." and rows[0]["answer"] == "30"
+    assert len(rows[0]["images"]) == 1
+
+
 def test_bad_arguments_fail_before_any_io(tmp_path):
-    with pytest.raises(DatasetError, match=r"unknown preset 'gsm9k'; presets: aime, gsm8k"):
+    with pytest.raises(DatasetError, match=r"unknown preset 'gsm9k'; presets: aime, easyr1"):
         source_spec("anything", preset="gsm9k")
     with pytest.raises(DatasetError, match=r"fields: unknown name\(s\) \['prompt'\]"):
         source_spec("anything", fields={"prompt": "q"})
