@@ -17,8 +17,9 @@ per GPU, in GiB:
 - the teacher-student diagnostics: the hidden states of trainer.diagnostics_tokens tokens of
   both models;
 - activations of one micro-batch (micro_batch_size x the longest episode: `--prompt-tokens` +
-  max_new_tokens x `--turns`, at most rollout.max_episode_tokens): about 34 x hidden bytes per
-  token and layer under bf16 autocast with a fused attention kernel (Korthikanti et al., 2022;
+  max_new_tokens x `--turns`, at most rollout.max_episode_tokens; under the per-query
+  normaliser a micro-batch holds whole queries, at least samples_per_prompt episodes): about
+  34 x hidden bytes per token and layer under bf16 autocast with a fused attention kernel (Korthikanti et al., 2022;
   twice that in float32); with gradient checkpointing 2 x hidden per token and layer plus one
   layer's full set; plus the loss's logit chunks;
 - an in-process teacher (bf16 weights, on every GPU; an EMA teacher float32; under FSDP2 with
@@ -58,28 +59,47 @@ _QWEN25 = {  # hidden, layers, heads, kv heads, intermediate, vocab, tied embedd
 }
 
 
-def _text(size: str) -> dict[str, Any]:
-    h, n_layers, heads, kv, inter, vocab, tied = _QWEN25[size]
+def _text(size: str, tied: bool | None = None) -> dict[str, Any]:
+    h, n_layers, heads, kv, inter, vocab, own = _QWEN25[size]
+    tied = own if tied is None else tied
     return {"hidden_size": h, "num_hidden_layers": n_layers, "num_attention_heads": heads,
             "num_key_value_heads": kv, "intermediate_size": inter, "vocab_size": vocab,
             "tie_word_embeddings": tied}
 
 
+# Fine-tuned checkpoints of those architectures, as their config.json give them (the REOPOLD
+# recipes' models): name -> (the Qwen2.5 / Qwen2.5-VL size they are, tied embeddings)
+_ALIASES = {
+    "DeepSeek-R1-Distill-Qwen-1.5B": ("Qwen2.5-1.5B", False),
+    "DeepSeek-R1-Distill-Qwen-7B": ("Qwen2.5-7B", False),
+    "DeepSeek-R1-Distill-Qwen-32B": ("Qwen2.5-32B", False),
+    "Skywork-OR1-Math-7B": ("Qwen2.5-7B", False), "Skywork-OR1-7B": ("Qwen2.5-7B", False),
+    "Skywork-OR1-32B-Preview": ("Qwen2.5-32B", False),
+    "NoisyRollout-Geo3K-32B": ("Qwen2.5-VL-32B", False),
+    "NoisyRollout-Geo3k-7B": ("Qwen2.5-VL-7B", False),
+    "PixelReasoner-RL-v1": ("Qwen2.5-VL-7B", False),
+}
+
+
 def known_config(name: str) -> Any | None:
-    """The config of a known Qwen2.5 / Qwen2.5-VL hub model, or None."""
+    """The config of a known Qwen2.5 / Qwen2.5-VL hub model (or a fine-tune of one listed in
+    _ALIASES), or None."""
     from transformers import AutoConfig
 
     base = name.split("/")[-1].removesuffix("-Instruct")
+    tied = None
+    if base in _ALIASES:
+        base, tied = _ALIASES[base]
     for size in _QWEN25:
         if base in (f"Qwen2.5-{size}", f"Qwen2.5-Math-{size}", f"Qwen2.5-Coder-{size}"):
-            return AutoConfig.for_model("qwen2", **_text(size))
+            return AutoConfig.for_model("qwen2", **_text(size, tied))
         if base == f"Qwen2.5-VL-{size}":
             vision = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
                       "num_heads": 16, "out_hidden_size": _QWEN25[size][0], "patch_size": 14,
                       "spatial_merge_size": 2, "window_size": 112,
                       "fullatt_block_indexes": [7, 15, 23, 31]}
-            return AutoConfig.for_model("qwen2_5_vl", text_config=_text(size),
-                                        vision_config=vision, **_text(size))
+            return AutoConfig.for_model("qwen2_5_vl", text_config=_text(size, tied),
+                                        vision_config=vision, **_text(size, tied))
     return None
 
 
@@ -156,7 +176,11 @@ def estimate(cfg: Any, gpus: int, gpu_gib: float, prompt_tokens: int = 512, turn
     seq = prompt_tokens + r.max_new_tokens * min(turns, r.max_turns)
     if r.max_episode_tokens:
         seq = min(seq, r.max_episode_tokens)
-    tokens = tr.micro_batch_size * seq
+    # micro-batches hold whole queries under the per-query normaliser
+    g = r.samples_per_prompt
+    per_micro = (max(1, tr.micro_batch_size // g) * g if cfg.objective.form.normaliser == "query"
+                 else tr.micro_batch_size)
+    tokens = per_micro * seq
     act_scale = 1 if tr.bf16 else 2
     full_act = 34 * s.hidden * tokens * act_scale
     act = (2 * s.hidden * tokens * act_scale * s.layers + full_act if tr.gradient_checkpointing

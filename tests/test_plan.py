@@ -63,10 +63,10 @@ def test_strategies_add_up():
 
 
 def test_cli_prints_the_table_and_a_launch_command(capsys):
-    assert main(["plan", str(ROOT / "configs" / "qwen2.5-1.5b-from-7b-reopold.yaml"),
+    assert main(["plan", str(ROOT / "configs" / "reopold" / "math-1.5b.yaml"),
                  "trainer.gradient_checkpointing=false", "--gpus", "4", "--nodes", "2"]) == 0
     out = capsys.readouterr().out
-    assert "student 1.54 B parameters, in-process teacher 7.62 B; 8 GPU(s)" in out
+    assert "student 1.78 B parameters, in-process teacher 7.62 B; 8 GPU(s)" in out
     assert "| fits |" in out and "--num_machines 2 --num_processes 8" in out
 
 

@@ -234,3 +234,48 @@ def test_switch_counts_rollout_iterations_and_minibatches_hold_whole_queries(
         assert groups and all(groups.count(g) == 2 for g in groups)
     assert all(0 < r["update_kept_frac"] <= 1 for r in rows)
 
+
+RECIPES = Path(__file__).parent.parent / "configs" / "reopold"
+
+
+# Table 7 and App. C: student, teacher, iterations, lr, beta, T_switch, samples per prompt,
+# prompts per rollout batch / minibatch, max response tokens, evaluation temperature / top-p
+@pytest.mark.parametrize("name, student, teacher, iters, lr, beta, switch, n, batch, mini, "
+                         "max_len, eval_t, eval_p", [
+    ("math-1.5b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Skywork/Skywork-OR1-Math-7B",
+     300, 1e-5, 0.2, 100, 8, 128, 32, 8192, 0.6, 0.95),
+    ("math-7b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "Skywork/Skywork-OR1-32B-Preview",
+     200, 3e-6, 0.2, 50, 8, 128, 32, 8192, 0.6, 0.95),
+    ("visual-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "xyliu6/NoisyRollout-Geo3K-32B",
+     60, 5e-6, 0.2, 20, 12, 128, 64, 2048, 0.6, 0.95),
+    ("visual-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "xyliu6/NoisyRollout-Geo3K-32B",
+     60, 5e-6, 0.2, 20, 12, 128, 64, 2048, 0.6, 0.95),
+    ("agentic-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "TIGER-Lab/PixelReasoner-RL-v1",
+     40, 1e-6, 0.4, 10, 8, 128, 64, 8192, 1.0, 1.0),
+])
+def test_paper_recipes(name, student, teacher, iters, lr, beta, switch, n, batch, mini,
+                       max_len, eval_t, eval_p):
+    """Each recipe is the paper's setting (8 GPUs: per-GPU prompts x 8 = its batch), rolls out
+    in vLLM, and `mmopd plan` fits it on one node of 8 x 80 GB."""
+    from mmopd.plan import estimate
+
+    cfg = load_config(TrainConfig, RECIPES / f"{name}.yaml")
+    r, o = cfg.rollout, cfg.objective
+    assert (cfg.model.path, cfg.teacher.model.path) == (student, teacher)
+    assert cfg.trainer.steps // r.minibatches == iters
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps) == (lr, "constant", 0)
+    assert (o.name, o.lam, o.beta, o.switch_step) == ("reopold", 0.3, beta, switch)
+    assert o.form == Form((0.8, 1.2), "current", "query")
+    assert (r.samples_per_prompt, r.prompts_per_batch * 8, r.minibatches) == (n, batch,
+                                                                              batch // mini)
+    assert (r.max_new_tokens, r.temperature, r.backend) == (max_len, 1.0, "vllm")
+    assert (cfg.eval.temperature, cfg.eval.top_p) == (eval_t, eval_p)
+    turns = r.max_turns if name.startswith("agentic") else 1  # the others answer in one turn
+    rows, _ = estimate(cfg, 8, 80.0, prompt_tokens=1024, turns=turns)
+    assert any(row["total"] <= 80.0 for row in rows.values()), {k: v["total"]
+                                                                 for k, v in rows.items()}
+
+
+def test_agentic_recipe_rounds():
+    cfg = load_config(TrainConfig, RECIPES / "agentic-3b.yaml")
+    assert (cfg.rollout.max_turns, cfg.eval.max_turns, cfg.env.kwargs["zoom"]) == (2, 5, True)
