@@ -1,18 +1,22 @@
-"""Where REOPOLD's relaxation matters: REOPOLD vs OPD on the tiny math world over learning rates
-and optimiser steps per rollout batch.
+"""Where REOPOLD's relaxation matters: REOPOLD (in its paper's form and in mmopd's former one)
+vs OPD on the tiny math world over learning rates and optimiser steps per rollout batch.
 
 REOPOLD's premise is instability — heavy negative token rewards and importance ratios far from 1
 — which its reward floor and token selection are meant to tame. This sweep probes it: for each
 lr in --lrs and each number of minibatches (optimiser steps per rollout batch; more of them move
 rho further from 1 within a batch) in --minibatches, both objectives distil the same careless
 student from the same teacher (the math world's demo of that seed, built by benchmarks/worlds.py
-into runs/worlds/math-seedS, or here if missing) for the same number of optimiser steps. It
+into runs/worlds/math-seedS, or here if missing) for the same number of optimiser steps.
+`reopold` is the paper's form (PPO's ratio clip [0.8, 1.2], the reward at the parameters being
+updated, the per-query normaliser: mmopd's default), `reopold-former` mmopd's former one (the
+reward at pi_old, the minibatch normaliser, no clip), `opd` OPD's own (reward at pi_old, no
+clip). It
 reports final and worst greedy accuracy, the gap closed, whether the run collapsed (accuracy
 below half the start at any evaluation), and the largest |rho - 1| and grad norm seen. Runs
 already finished with the same config are read, not trained again.
 
     python benchmarks/stability.py [--lrs 1e-4,3e-4,1e-3] [--minibatches 1,4] [--seeds 0,1]
-        [--objectives reopold,opd] [--runs runs/worlds] [--out benchmarks/results]
+        [--objectives reopold,reopold-former,opd] [--runs runs/worlds] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ from worlds import demo_is_current
 from mmopd.demo import demo_configs, gap_closed, run_demo
 
 WORLD = "math"
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "reopold": ("objective.name=reopold",),
+    "reopold-former": ("objective.name=reopold", "objective.reward_at=rollout",
+                       "objective.normaliser=batch", "objective.ratio_clip=null"),
+    "opd": ("objective.name=opd",),
+}
 
 
 def one_run(demo: Path, seed: int, objective: str, lr: float, minibatches: int
@@ -37,7 +47,7 @@ def one_run(demo: Path, seed: int, objective: str, lr: float, minibatches: int
     base = demo_configs(demo, world=WORLD, seed=seed)[2]
     run_dir = demo / "stability" / f"{objective}-lr{lr:g}-mb{minibatches}"
     _, reused = train_or_reuse(
-        base, [f"objective.name={objective}", f"optim.lr={lr}",
+        base, [*VARIANTS[objective], f"optim.lr={lr}",
                f"rollout.minibatches={minibatches}", "eval.pass_k=0"],
         run_dir, f"seed {seed}: {objective} lr {lr:g} minibatches {minibatches}")
     evals = jsonl_rows(run_dir / "eval.jsonl")
@@ -45,6 +55,8 @@ def one_run(demo: Path, seed: int, objective: str, lr: float, minibatches: int
     return {"objective": objective, "lr": lr, "minibatches": minibatches, "seed": seed,
             "reused": reused, "accuracy": [e["accuracy"] for e in evals],
             "max_ratio_dev": max(abs(m["ratio_mean"] - 1) for m in steps),
+            "max_clipped_frac": max((m.get("ratio_clipped_frac", 0.0) for m in steps),
+                                    default=0.0),
             "max_grad_norm": max(m["grad_norm"] for m in steps),
             "seconds": run_seconds(run_dir)}
 
@@ -54,7 +66,7 @@ def main() -> None:
     ap.add_argument("--lrs", default="1e-4,3e-4,1e-3")
     ap.add_argument("--minibatches", default="1,4")
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--objectives", default="reopold,opd")
+    ap.add_argument("--objectives", default=",".join(VARIANTS))
     ap.add_argument("--runs", default="runs/worlds")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -63,6 +75,9 @@ def main() -> None:
     mbs = [int(x) for x in args.minibatches.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     objectives = args.objectives.split(",")
+    bad = [o for o in objectives if o not in VARIANTS]
+    if bad:
+        raise SystemExit(f"--objectives: unknown {bad[0]!r}; choose from {','.join(VARIANTS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
@@ -97,24 +112,26 @@ def _cell(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "gap": statistics.fmean(r["gap_closed"] for r in runs),
             "collapsed": sum(r["collapsed"] for r in runs), "n": len(runs),
             "ratio": max(r["max_ratio_dev"] for r in runs),
-            "grad": max(r["max_grad_norm"] for r in runs)}
+            "grad": max(r["max_grad_norm"] for r in runs),
+            "clipped": max(r.get("max_clipped_frac", 0.0) for r in runs)}
 
 
 def markdown(result: dict[str, Any], objectives: list[str], lrs: list[float],
              mbs: list[int]) -> str:
     runs = result["runs"]
     seeds = sorted({r["seed"] for r in runs})
-    lines = ["# Stability: REOPOLD vs OPD over learning rate and minibatches (tiny math world)",
+    lines = ["# Stability: REOPOLD (paper's form, former form) vs OPD over learning rate and "
+             "minibatches (tiny math world)",
              "", f"`{result['command']}`", "",
              f"Machine: {result['machine']}. This invocation: {result['wall_seconds'] / 60:.1f} "
              f"min wall ({sum(r['reused'] for r in runs)} of {len(runs)} runs read back). Seeds "
              f"{', '.join(map(str, seeds))}; each cell: mean final greedy accuracy (per seed), "
              "the worst accuracy at any evaluation, the mean gap closed, collapsed runs (an "
              "evaluation below half the start), and the largest |mean rho - 1| and grad norm of "
-             "any step.", "",
+             "any step, and the largest fraction of kept tokens the ratio clip took out.", "",
              "| objective | lr | minibatches | final | per seed | worst | gap closed | "
-             "collapsed | max abs(rho - 1) | max grad norm |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "collapsed | max abs(rho - 1) | max grad norm | max clipped |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for obj in objectives:
         for lr in lrs:
             for mb in mbs:
@@ -126,7 +143,7 @@ def markdown(result: dict[str, Any], objectives: list[str], lrs: list[float],
                 lines.append(f"| {obj} | {lr:g} | {mb} | {c['final']:.3f} | "
                              f"{', '.join(f'{x:.3f}' for x in c['finals'])} | {c['worst']:.3f} "
                              f"| {c['gap']:.0%} | {c['collapsed']}/{c['n']} | {c['ratio']:.3f} "
-                             f"| {c['grad']:.2f} |")
+                             f"| {c['grad']:.2f} | {c['clipped']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
