@@ -177,7 +177,7 @@ def test_paper_form_by_default(tiny_overrides):
         return o.form.ratio_clip, o.form.reward_at, o.form.normaliser
 
     assert form() == ((0.8, 1.2), "current", "query")  # reopold, the default objective
-    assert form("objective.name=token_rkl") == ((0.8, 1.2), "current", "batch")
+    assert form("objective.name=token_rkl") == ((0.8, 1.2), "current", "query")
     assert form("objective.name=opd") == (None, "rollout", "batch")
     assert form("objective.name=rkl") == (None, "rollout", "batch")
     assert form("objective.ratio_clip=null", "objective.reward_at=rollout",

@@ -10,12 +10,10 @@ from .base import _check
 
 # REOPOLD (arXiv 2603.11137, Eq. 4-5) trains with the clipped PPO ratio of verl, the reward at
 # the parameters being updated and the kept tokens of each query as the normaliser; its RKL
-# baseline (token_rkl) with the same clip and reward. "auto" takes these for them, and mmopd's
-# own choices (no clip, the reward of the rollout, the minibatch's kept tokens) for the rest.
-PAPER_FORM: dict[str, dict[str, object]] = {
-    "reopold": {"ratio_clip": (0.8, 1.2), "reward_at": "current", "normaliser": "query"},
-    "token_rkl": {"ratio_clip": (0.8, 1.2), "reward_at": "current", "normaliser": "batch"},
-}
+# baseline (token_rkl, Eq. 3) in the same form. "auto" takes these for them, and mmopd's own
+# choices (no clip, the reward of the rollout, the minibatch's kept tokens) for the rest.
+_PAPER = {"ratio_clip": (0.8, 1.2), "reward_at": "current", "normaliser": "query"}
+PAPER_FORM: dict[str, dict[str, object]] = {"reopold": _PAPER, "token_rkl": _PAPER}
 OWN_FORM: dict[str, object] = {"ratio_clip": None, "reward_at": "rollout", "normaliser": "batch"}
 
 
