@@ -51,8 +51,10 @@ def _torchrun(*args: str, timeout: int = 300,
 
 
 def _case(name: str, overrides: list[str], student, teacher, tok) -> dict:
-    """A fixed minibatch of 8 episodes: 4 with at most 3 reply tokens (rank 0's half), 4 with up
-    to 12 (rank 1's), scored and planned as the trainer does."""
+    """A fixed minibatch of 8 episodes, four queries of two: two with at most 3 reply tokens,
+    two with up to 12, scored and planned as the trainer does. Rank 0 takes the first query,
+    rank 1 the other three: unequal shares of tokens (the batch normaliser) and of queries (the
+    per-query one)."""
     from mmopd.envs import make_env
     from mmopd.logprobs import lm_head_fn
     from mmopd.objectives import make_plan, needed_scores, needs_teacher_hidden
@@ -69,10 +71,13 @@ def _case(name: str, overrides: list[str], student, teacher, tok) -> dict:
     torch.manual_seed(0)
     eps = []
     for max_new in (3, 12):
-        eps += collect_episodes([make_env(cfg.env.id, level=1) for _ in range(4)],
-                                [{"seed": max_new + i} for i in range(2)],
-                                HFSampler(student, tok), ChatRenderer(tok),
-                                SamplingParams(n=2, max_new_tokens=max_new))
+        got = collect_episodes([make_env(cfg.env.id, level=1) for _ in range(4)],
+                               [{"seed": max_new + i} for i in range(2)],
+                               HFSampler(student, tok), ChatRenderer(tok),
+                               SamplingParams(n=2, max_new_tokens=max_new))
+        for ep in got:  # four queries in all: a per-query normaliser counts them over ranks
+            ep.group += len(eps) // 2
+        eps += got
     heads = Heads(lm_head_fn(student), lm_head_fn(student), lm_head_fn(teacher))
     tb, teach, slices, _ = score_batch(
         eps, HFScorer(student, tok.pad_token_id), HFScorer(teacher, tok.pad_token_id), 0,
@@ -80,7 +85,7 @@ def _case(name: str, overrides: list[str], student, teacher, tok) -> dict:
         needs=needed_scores(obj, cfg.objective))
     plan = make_plan(obj, tb, 9, 10, cfg.objective)  # REOPOLD: refinement keeps a subset
     return {"episodes": eps, "slices": slices, "tb": tb, "plan": plan, "teach": teach,
-            "cfg": cfg, "split": [[0, 1, 2, 3], [4, 5, 6, 7]]}
+            "cfg": cfg, "split": [[0, 1], [2, 3, 4, 5, 6, 7]]}
 
 
 def _grads(student, tok, case: dict, name: str, which: list[int]) -> dict[str, torch.Tensor]:
@@ -104,7 +109,8 @@ def _rel_err(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def test_token_mean_is_exact_across_ranks(tiny_overrides, student_dir, teacher_dir, tmp_path):
-    """Two ranks with 1 vs 10 (REOPOLD) and 12 vs 42 (RKL) kept tokens, under DDP and under
+    """Two ranks with 1 vs 3 queries and fewer vs more kept tokens (REOPOLD normalises per
+    query, RKL over the minibatch's kept tokens), under DDP and under
     FSDP2 (which also checks that the output layer applied outside the model's forward gets the
     right, reduce-scattered gradient), by the autograd and the fused loss path: the gradient
     equals one process's over the whole batch."""
@@ -137,8 +143,8 @@ def test_token_mean_is_exact_across_ranks(tiny_overrides, student_dir, teacher_d
             # ranks hold the same ones, equal to one process's over the whole batch
             assert _rel_err(ranks[0][mode][name], ranks[1][mode][name]) == 0.0, (mode, name)
             assert _rel_err(ranks[0][mode][name], whole) < 1e-6, (mode, name)
-        # what DDP would give if each rank took its own token mean: the mean of the two halves'
-        # means, weighting rank 0's few tokens as much as rank 1's many
+        # what DDP would give if each rank normalised by its own share: the mean of the two
+        # halves' means, weighting rank 0's few tokens (or queries) as much as rank 1's many
         halves = [_grads(student, tok, case, name, half) for half in case["split"]]
         naive = {k: (halves[0][k] + halves[1][k]) / 2 for k in whole}
         assert _rel_err(naive, whole) > 1e-2, name

@@ -459,6 +459,7 @@ def test_no_network_namespace_fails_closed(monkeypatch, tiny_overrides):
     """A machine where no network namespace can be made (Docker and Kubernetes deny user
     namespaces): the python tool refuses to be made, and a run whose env offers it stops before
     any model loads; the weaker mode runs only when asked for, by name."""
+    import mmopd.rollout.agent_loop as agent_loop
     import mmopd.tools.sandbox as sandbox
     import mmopd.training.assemble as assemble
     from mmopd.config import TrainConfig, load_config
@@ -475,6 +476,8 @@ def test_no_network_namespace_fails_closed(monkeypatch, tiny_overrides):
     assert run_python("print(1)", FAST).error == "setup"  # a direct call fails closed too
     loaded = []
     monkeypatch.setattr(assemble, "load_model", lambda *a, **k: loaded.append(1))
+    # tools are built once per process: one this worker built earlier must not stand in
+    monkeypatch.setattr(agent_loop, "_TOOL_CACHE", {})
     with pytest.raises(SandboxUnavailable, match="netns"):
         train(load_config(TrainConfig, None, [
             *tiny_overrides, "env.id=mmopd/ToolMath-v0",
