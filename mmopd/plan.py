@@ -19,9 +19,9 @@ per GPU, in GiB:
 - activations of one micro-batch (micro_batch_size x the longest episode: `--prompt-tokens` +
   max_new_tokens x `--turns`, at most rollout.max_episode_tokens; under the per-query
   normaliser a micro-batch holds whole queries, at least samples_per_prompt episodes): about
-  34 x hidden bytes per token and layer under bf16 autocast with a fused attention kernel (Korthikanti et al., 2022;
-  twice that in float32); with gradient checkpointing 2 x hidden per token and layer plus one
-  layer's full set; plus the loss's logit chunks;
+  34 x hidden bytes per token and layer under bf16 autocast with a fused attention kernel
+  (Korthikanti et al., 2022; twice that in float32); with gradient checkpointing 2 x hidden
+  per token and layer plus one layer's full set; plus the loss's logit chunks;
 - an in-process teacher (bf16 weights, on every GPU; an EMA teacher float32; under FSDP2 with
   teacher.shard its blocks divided by the GPUs plus two in flight and its root gathered), the
   reference model of G-OPD, the teacher's final hidden states of every loss token of the

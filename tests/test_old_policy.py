@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mmopd.training.loop as loop
-from mmopd.config import ObjectiveConfig, TrainConfig, load_config
+from mmopd.config import TrainConfig, load_config
 from mmopd.objectives import OBJECTIVES, make_plan, reward_weights
 from mmopd.training.old_policy import before_loss, has_dropout, replanner
 

@@ -90,7 +90,7 @@ class Objective:
     # The whole batch's statistics the plan reads at a rollout iteration, for the reason
     # given (None: none): a plan that reads them is not made from the training forward's
     # log pi_old (those statistics come before the loss)
-    batch_stats: Callable[[int, int, "ObjectiveConfig"], str | None] | None = None
+    batch_stats: Callable[[int, int, ObjectiveConfig], str | None] | None = None
     # False: the reward R = log pi_T - log pi_theta keeps its gradient (the paper's plain RKL
     # baseline, whose expected gradient equals the stop-gradient one's, with more variance)
     stop_gradient: bool = True

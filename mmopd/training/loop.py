@@ -293,7 +293,8 @@ def update(run: Run, episodes: list[Episode], slices: list[torch.Tensor], tb: To
     return {"loss": out.loss, **plan.metrics, **extra, **per_teacher,
             "ratio_mean": out.ratio_sum / n_kept,
             "update_kept_frac": out.kept / max(len(tok) * (not idle), 1),
-            **({"ratio_clipped_frac": out.clipped / n_kept} if cfg.objective.form.ratio_clip else {}),
+            **({"ratio_clipped_frac": out.clipped / n_kept}
+               if cfg.objective.form.ratio_clip else {}),
             "grad_norm": grad_norm, "lr": run.scheduler.get_last_lr()[0],
             "train_tokens_per_s": out.tokens / max(t_train, 1e-9), "time_train_s": t_train,
             "train_padding_frac": out.padding / max(out.tokens + out.padding, 1),
