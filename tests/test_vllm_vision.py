@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +26,13 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from PIL import Image  # noqa: E402
 from transformers import AutoModelForImageTextToText  # noqa: E402
 
-from mmopd.config import ModelConfig, TinyModelConfig, TrainConfig, load_config  # noqa: E402
+from mmopd.config import (  # noqa: E402
+    ModelConfig,
+    TinyModelConfig,
+    TrainConfig,
+    dump_yaml,
+    load_config,
+)
 from mmopd.envs import make_env  # noqa: E402
 from mmopd.episode import Episode  # noqa: E402
 from mmopd.models import load_model, load_tokenizer, load_vision  # noqa: E402
@@ -263,7 +270,13 @@ def test_vision_world_trains_on_vllm_rollouts(tmp_path):
     student = build_vlm(tmp_path / "student", seed=1)
     teacher = build_vlm(tmp_path / "teacher", seed=2)
     out = tmp_path / "run"
-    train(_vision_cfg(student, teacher, out))
+    config = tmp_path / "run.yaml"
+    config.write_text(dump_yaml(_vision_cfg(student, teacher, out)))
+    # a process of its own: the run's engine, torn down at its end, would take vLLM's
+    # process-wide state with it, under the engines this module keeps for its other tests
+    p = subprocess.run([sys.executable, "-m", "mmopd", "train", str(config)], text=True,
+                       capture_output=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["rollout/logprob_gap"] < 1e-3 for r in rows)
