@@ -51,7 +51,7 @@ def jsonl_rows(path: Path) -> list[dict[str, Any]]:
 def finished_run(cfg: Any, candidates: list[Path]) -> Path | None:
     """The first of `candidates` that holds a finished training run of exactly `cfg` (a
     `TrainConfig`; output directories aside), so a rerun reads it instead of training again."""
-    from mmopd.config import TrainConfig, load_config, to_dict
+    from mmopd.config import ConfigError, TrainConfig, load_config, to_dict
 
     def key(c: TrainConfig) -> dict[str, Any]:
         d = to_dict(c)
@@ -61,8 +61,11 @@ def finished_run(cfg: Any, candidates: list[Path]) -> Path | None:
         if not (d / "config.yaml").is_file() or not (d / "eval.jsonl").is_file():
             continue
         evals = jsonl_rows(d / "eval.jsonl")
-        if (evals and evals[-1]["step"] == cfg.trainer.steps
-                and key(load_config(TrainConfig, d / "config.yaml")) == key(cfg)):
+        try:  # a run of an older mmopd whose config names a field since removed is another run
+            old = load_config(TrainConfig, d / "config.yaml")
+        except ConfigError:
+            continue
+        if evals and evals[-1]["step"] == cfg.trainer.steps and key(old) == key(cfg):
             return d
     return None
 

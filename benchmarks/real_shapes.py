@@ -90,8 +90,17 @@ def episodes(student: Path, n: int) -> dict:
 
 
 def run_child(python: str, system: str, spec: dict, tmp: Path) -> dict:
+    """One system's measured step in its own process. A result of the same spec already in
+    `tmp` (one folder per --label, so per interpreter) is read back; a child that fails gives
+    {"failed": why} (a system that runs out of memory is a result too), its stderr's tail
+    printed."""
     spec_path, out = tmp / f"{system}.spec.json", tmp / f"{system}.result.json"
     spec = {**spec, "out_dir": str(tmp / system)}
+    if (out.is_file() and spec_path.is_file()
+            and json.loads(spec_path.read_text()) == spec):
+        print(f"{system}: read back from {out}", flush=True)
+        return json.loads(out.read_text())
+    out.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576",
            "PYTHONPATH": str(Path(__file__).parent)}
@@ -99,7 +108,12 @@ def run_child(python: str, system: str, spec: dict, tmp: Path) -> dict:
     p = subprocess.run([python, str(CHILD), system, str(spec_path), str(out)], env=env,
                        capture_output=True, text=True)
     if p.returncode != 0:
-        raise SystemExit(f"{system} failed ({python}):\n{p.stderr[-3000:]}")
+        why = (f"killed by signal {-p.returncode}" + (" (SIGKILL: on Linux, usually the "
+               "kernel's out-of-memory killer)" if p.returncode == -9 else "")
+               if p.returncode < 0 else f"exit status {p.returncode}")
+        print(f"{system} failed after {time.perf_counter() - t0:.0f} s ({python}): {why}\n"
+              f"{p.stderr[-3000:]}", flush=True)
+        return {"failed": why, "after_s": time.perf_counter() - t0}
     print(f"{system}: {time.perf_counter() - t0:.0f} s", flush=True)
     return json.loads(out.read_text())
 
@@ -116,6 +130,10 @@ def markdown(results: dict) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, systems in results["runs"].items():
         for system, r in systems.items():
+            if "failed" in r:
+                lines.append(f"| {label} | {system} | failed after {r['after_s'] / 60:.1f} min: "
+                             f"{r['failed']} | | | | | | |")
+                continue
             if system == "trl":
                 step, teach, upd = r["step_s"], "(in the loss)", "-"
             else:
@@ -178,20 +196,21 @@ def main() -> None:
     path = out / "real_shapes.json"
     results = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
     results["runs"][args.label] = mine = {}
+    tokens = sum(len(p) + len(r) for p, r in zip(eps["prompt_ids"], eps["reply_ids"]))
     for system in args.systems:
         res = run_child(args.python, system, spec, tmp)
-        if system != "trl":
+        if system != "trl" and "failed" not in res:
             res["padding_per_token"] = padding_per_token(spec, res.get("train_padding_frac"),
                                                          args.micro_batch)
         mine[system] = res
-    tokens = sum(len(p) + len(r) for p, r in zip(eps["prompt_ids"], eps["reply_ids"]))
-    results["meta"] = {"machine": describe(args.threads), "episodes": args.episodes,
-                       "tokens": tokens, "lengths": [len(r) for r in eps["reply_ids"]],
-                       "micro_batch": args.micro_batch, "command": command(),
-                       "written_utc": written_utc()}
-    path.write_text(json.dumps(results, indent=2))
-    text = markdown(results)
-    (out / "real_shapes.md").write_text(text)
+        # written after each system: a later one that takes the machine down loses nothing
+        results["meta"] = {"machine": describe(args.threads), "episodes": args.episodes,
+                           "tokens": tokens, "lengths": [len(r) for r in eps["reply_ids"]],
+                           "micro_batch": args.micro_batch, "command": command(),
+                           "written_utc": written_utc()}
+        path.write_text(json.dumps(results, indent=2))
+        text = markdown(results)
+        (out / "real_shapes.md").write_text(text)
     print(text)
 
 
