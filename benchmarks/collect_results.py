@@ -30,6 +30,9 @@ BENCHMARKS = (
      "gap to the teacher closed, and held-out accuracy against sampled episodes, 3 seeds"),
     ("worlds_vision", "Tiny vision world over seeds (VLM student): REOPOLD vs OPD vs GRPO",
      "gap to the teacher closed, and held-out accuracy against sampled episodes, 3 seeds"),
+    ("ladder", "REOPOLD's ablation ladder on the tiny worlds (its paper's Section 5.3)",
+     "what each piece adds, rung by rung, in the paper's form: token_rkl, stop-gradient, reward "
+     "clip, entropy selection, the exploration-to-refinement schedule; and the former form"),
     ("stability", "Where REOPOLD's relaxation matters: learning rate x minibatches (math)",
      "final accuracy and collapse over lr and optimiser steps per rollout batch, 2 seeds"),
     ("smollm2_teacher", "A real pretrained teacher: SmolLM2-135M-Instruct",
