@@ -21,6 +21,9 @@ from pathlib import Path
 BENCHMARKS = (
     ("vs_trl", "One on-policy distillation step: mmopd vs TRL",
      "seconds per step, tokens/s and peak RSS, same models, prompts and batch, same run"),
+    ("real_shapes", "One training step at real model shapes (Qwen2.5 0.5B <- 1.5B, V = 152k)",
+     "teacher scoring and update time, padding, peak memory and generation tokens/s of one "
+     "bf16 step on this CPU, before and after the GPU-path work, and TRL's where it runs"),
     ("loss_memory", "Loss memory at a real vocabulary (V = 152k, T = 2048)",
      "peak extra memory and time of full-vocabulary, top-k and sampled-token losses: "
      "naive vs chunked autograd (the tests' reference) vs mmopd's fused path"),
@@ -28,8 +31,9 @@ BENCHMARKS = (
      "gap to the teacher closed, and held-out accuracy against sampled episodes, 3 seeds"),
     ("worlds_agent", "Tiny agent world over seeds: SOD on / off, REOPOLD vs OPD vs GRPO",
      "gap to the teacher closed, and held-out accuracy against sampled episodes, 3 seeds"),
-    ("worlds_vision", "Tiny vision world over seeds (VLM student): REOPOLD vs OPD vs GRPO",
-     "gap to the teacher closed, and held-out accuracy against sampled episodes, 3 seeds"),
+    ("worlds_vision", "Tiny vision world over seeds (VLM student)",
+     "gap to the teacher closed, and held-out accuracy against sampled episodes, 3 seeds, for "
+     "the arms the table lists (REOPOLD on HF and on vLLM rollouts, OPD, GRPO)"),
     ("ladder", "REOPOLD's ablation ladder on the tiny worlds (its paper's Section 5.3)",
      "what each piece adds, rung by rung, in the paper's form: token_rkl, stop-gradient, reward "
      "clip, entropy selection, the exploration-to-refinement schedule; and the former form"),
@@ -61,6 +65,7 @@ def section(results: Path, figures: Path, name: str, title: str, what: str) -> l
     command = written = None
     if js.is_file():
         meta = json.loads(js.read_text())
+        meta = meta.get("meta", meta)  # a script that nests its run's facts under "meta"
         command, written = meta.get("command"), meta.get("written_utc")
     # the time the script recorded (a clone does not keep file times), else the file's time
     mtime = dt.datetime.fromtimestamp(md.stat().st_mtime, dt.timezone.utc)
