@@ -119,14 +119,17 @@ class Episode:
 
 @dataclass
 class PaddedBatch:
-    """Tensors for a forward pass over several episodes: right-padded rows, or all of them packed
-    into one row without padding (`position_ids` restart at each sequence; no attention mask:
-    transformers masks packed sequences block-diagonally from the restarts)."""
+    """Tensors for a forward pass over several episodes: right-padded rows, or the episodes
+    packed into rows without padding between them (`position_ids` restart at each sequence; no
+    attention mask: transformers masks packed sequences block-diagonally from the restarts)."""
 
-    input_ids: torch.Tensor  # [B, T] long (packed: [1, total tokens])
+    input_ids: torch.Tensor  # [B, T] long (packed: [rows, T])
     attention_mask: torch.Tensor | None  # [B, T] long; None when packed
     loss_mask: torch.Tensor  # [B, T] bool
-    position_ids: torch.Tensor | None = None  # [1, T] long when packed
+    position_ids: torch.Tensor | None = None  # [rows, T] long when packed
+    # the sequences as laid out, row by row (None: in the order given); packed rows' tail padding
+    order: list[int] | None = None
+    tail_padding: int = 0
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The keyword arguments of the forward besides input_ids."""
@@ -137,8 +140,9 @@ class PaddedBatch:
     @property
     def padding(self) -> int:
         """Padding positions the forward computes."""
-        n = self.input_ids.numel()
-        return 0 if self.attention_mask is None else n - int(self.attention_mask.sum())
+        if self.attention_mask is None:
+            return self.tail_padding
+        return self.input_ids.numel() - int(self.attention_mask.sum())
 
 
 def pad_right(seqs: list[list[int]], masks: list[list[int]], pad_id: int,
@@ -155,22 +159,79 @@ def pad_right(seqs: list[list[int]], masks: list[list[int]], pad_id: int,
     return PaddedBatch(ids.to(device), att.to(device), lm.to(device))
 
 
-def pack(seqs: list[list[int]], masks: list[list[int]],
-         device: torch.device | str = "cpu") -> PaddedBatch:
-    """Token lists packed into one row, in order, with positions restarting at each (no
-    padding). A loss token is never a sequence's first, so the hidden state before each loss
-    token belongs to its own sequence."""
-    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
-    pos = torch.cat([torch.arange(len(s)) for s in seqs])
-    lm = torch.tensor([bool(x) for s, m in zip(seqs, masks)
-                       for x in list(m) + [0] * (len(s) - len(m))], dtype=torch.bool)
-    return PaddedBatch(ids[None].to(device), None, lm[None].to(device), pos[None].to(device))
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Indices 0..n-1 laid out first-fit decreasing in rows of at most `width` tokens (at least
+    the longest sequence)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        j = next((j for j, r in enumerate(room) if r >= lengths[i]), len(rows))
+        if j == len(rows):
+            rows.append([])
+            room.append(max(width, lengths[i]))
+        rows[j].append(i)
+        room[j] -= lengths[i]
+    return rows
+
+
+def packed_width(lengths: list[int], context: float | None) -> int:
+    """The width of the packed rows whose forward costs least, in a decoder layer's FLOPs:
+    each of the rows x width positions costs its linear layers plus attention over the whole
+    row, 1 + width / `context` (`context`: the row length at which a token's attention costs
+    as much as its linear layers, `mmopd.teachers.scorer.attention_context`). Widths tried:
+    the longest sequence, doubled until one row holds them all. `context` None (attention with
+    variable-length kernels, whose cost follows each sequence): one row."""
+    total = sum(lengths)
+    if context is None:
+        return total
+    best, width = (float("inf"), total), max(lengths)
+    while True:
+        cost = len(pack_rows(lengths, width)) * width * (1 + width / context)
+        best = min(best, (cost, width))
+        if width >= total:
+            return best[1]
+        width = min(2 * width, total)
+
+
+def pack(seqs: list[list[int]], masks: list[list[int]], device: torch.device | str = "cpu",
+         *, width: int | None = None, pad_id: int = 0) -> PaddedBatch:
+    """Token lists packed without padding between them, positions restarting at each. A loss
+    token is never a sequence's first, so the hidden state before each loss token belongs to
+    its own sequence.
+
+    `width` None, or at least their total: one row, in order. Otherwise rows from `pack_rows`
+    (SDPA and eager attend over a whole row under a block-diagonal mask, at a cost quadratic in
+    its length: `packed_width` weighs it against padding); each row's tail is padding whose
+    positions restart too, so it is a block of its own, never attended to."""
+    lengths = [len(s) for s in seqs]
+    one_row = width is None or width >= sum(lengths)
+    rows = [list(range(len(seqs)))] if one_row else pack_rows(lengths, width)
+    t = max(sum(lengths[i] for i in r) for r in rows)
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), t), dtype=torch.long)
+    lm = torch.zeros((len(rows), t), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n, m = lengths[i], masks[i]
+            ids[r, at:at + n] = torch.tensor(seqs[i], dtype=torch.long)
+            pos[r, at:at + n] = torch.arange(n)
+            lm[r, at:at + len(m)] = torch.tensor([bool(x) for x in m], dtype=torch.bool)
+            at += n
+        pos[r, at:] = torch.arange(t - at)
+    order = None if one_row else [i for r in rows for i in r]
+    return PaddedBatch(ids.to(device), None, lm.to(device), pos.to(device), order,
+                       ids.numel() - sum(lengths))
 
 
 def collate(seqs: list[list[int]], masks: list[list[int]], pad_id: int,
-            device: torch.device | str, packed: bool) -> PaddedBatch:
-    """`pack` or `pad_right`."""
-    return pack(seqs, masks, device) if packed else pad_right(seqs, masks, pad_id, device)
+            device: torch.device | str, packed: bool,
+            context: float | None = None) -> PaddedBatch:
+    """`pack` (at `packed_width` for attention's `context`) or `pad_right`."""
+    if packed:
+        return pack(seqs, masks, device, pad_id=pad_id,
+                    width=packed_width([len(s) for s in seqs], context))
+    return pad_right(seqs, masks, pad_id, device)
 
 
 def balanced_parts(lengths: list[int], max_items: int, max_tokens: int = 0) -> list[list[int]]:

@@ -160,9 +160,10 @@ def test_packed_scoring_equals_padded(model):
         eps.append(ep)
     padded = HFScorer(model, 0, micro_batch_size=3, packed=False).score(eps, topk=3,
                                                                          keep_hidden=True)
-    for micro in (3, 100):
-        packed = HFScorer(model, 0, micro_batch_size=micro, packed=True).score(
-            eps, topk=3, keep_hidden=True)
+    for micro, context in ((3, None), (100, None), (3, 1.0), (100, 1.0), (100, 40.0)):
+        scorer = HFScorer(model, 0, micro_batch_size=micro, packed=True)
+        scorer.context = context  # one row (flash-attention), one sequence per row, or between
+        packed = scorer.score(eps, topk=3, keep_hidden=True)
         torch.testing.assert_close(packed.logp_N, padded.logp_N, atol=1e-5, rtol=0)
         torch.testing.assert_close(packed.entropy_N, padded.entropy_N, atol=1e-5, rtol=0)
         assert torch.equal(packed.topk_ids_NK, padded.topk_ids_NK)
@@ -173,6 +174,61 @@ def test_packed_scoring_equals_padded(model):
     loads = [sum(lengths[i] for i in p) for p in parts]
     assert max(loads) - min(loads) <= max(lengths)
     assert len(balanced_parts(lengths, 100, max_tokens=40)) == -(-sum(lengths) // 40)
+
+
+def test_packed_rows_weigh_attention_against_padding():
+    """Without variable-length attention kernels (SDPA, eager: attention spans a whole row) a
+    packed micro-batch lays its sequences out first-fit decreasing in rows of the width whose
+    forward costs least: one row where attention is cheap next to the linear layers, rows as
+    long as the longest sequence where it is not; positions restart at each sequence and at
+    each row's tail padding."""
+    from mmopd.episode import pack, pack_rows, packed_width, pad_right
+
+    lengths = [50, 3, 20, 31, 7, 48, 12, 2, 29, 40]
+    seqs = [[i + 1] * n for i, n in enumerate(lengths)]
+    masks = [[0] + [1] * (n - 1) for n in lengths]
+    assert packed_width(lengths, None) == packed_width(lengths, 1e9) == sum(lengths)
+    assert packed_width(lengths, 1.0) == max(lengths)
+    rows = pack_rows(lengths, max(lengths))
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= max(lengths) for r in rows)
+    b = pack(seqs, masks, width=max(lengths), pad_id=0)
+    assert b.input_ids.shape == (len(rows), max(lengths))
+    assert b.order == [i for r in rows for i in r]
+    assert b.padding == b.input_ids.numel() - sum(lengths)
+    assert b.padding < pad_right(seqs, masks, 0).padding / 3
+    for r, row in enumerate(rows):  # the row's sequences, then its padding
+        want = [t for i in row for t in seqs[i]]
+        assert b.input_ids[r, :len(want)].tolist() == want
+        assert b.position_ids[r, :len(want)].tolist() == [p for i in row
+                                                         for p in range(lengths[i])]
+        assert b.position_ids[r, len(want):].tolist() == list(range(max(lengths) - len(want)))
+        assert int(b.loss_mask[r].sum()) == sum(lengths[i] - 1 for i in row)
+    one = pack(seqs, masks)  # one row, in order, no padding
+    assert one.input_ids.shape == (1, sum(lengths)) and one.padding == 0 and one.order is None
+
+
+def test_attention_context_from_the_model_shape(model):
+    """The row length at which attention costs as much as the linear layers: Qwen2.5-0.5B's
+    published shape gives 8,320 tokens (so its micro-batches pack into one row), a tiny
+    model's a few hundred; flash-attention has none (one row)."""
+    from transformers import Qwen2Config
+
+    from mmopd.teachers.scorer import HFScorer, attention_context
+
+    def of(**kw):
+        return attention_context(type("M", (), {"config": Qwen2Config(**kw)})())
+
+    qwen05 = dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
+                  intermediate_size=4864)
+    assert of(**qwen05) == (2 * 896 * 896 + 2 * 896 * 128 + 3 * 896 * 4864) / (2 * 896)
+    assert round(of(**qwen05)) == 8320
+    assert of(hidden_size=96, num_attention_heads=3, num_key_value_heads=1,
+              intermediate_size=256) == 512
+    assert of(**qwen05, attn_implementation="flash_attention_2") is None
+    assert model.config._attn_implementation in ("sdpa", "eager")
+    assert HFScorer(model, 0).context == attention_context(model) > 0
+
 
 
 def test_entropy_can_be_left_out(model):

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -147,14 +148,23 @@ def test_gradient_accumulation_is_exact(name, extra, tiny_overrides, student_dir
     if obj.aux:  # some tokens carry the auxiliary divergence, some the policy gradient
         assert 0 < int((plan.aux_N > 0).sum()) < len(plan.keep_N) or name == "eopd"
     grads = []
-    # micro-batches of 1, 3 and 8 episodes, packed into one row each and padded: one gradient
-    for micro, packing in ((1, True), (3, True), (8, True), (3, False), (8, False)):
+    # micro-batches of 1, 3 and 8 episodes, packed (into one row each, as under
+    # flash-attention, or into rows as long as the longest episode, as where attention is
+    # costly) and padded: one gradient
+    padding = {}
+    for micro, packing, one_row in ((1, True, True), (3, True, True), (8, True, True),
+                                    (3, True, False), (8, True, False), (3, False, False),
+                                    (8, False, False)):
         cfg.trainer.micro_batch_size, cfg.trainer.packing = micro, packing
         student.zero_grad()
-        out = accumulate_gradients(student, make_accelerator(), eps, slices, tb, plan, teach,
-                                   obj, cfg, heads, tok.pad_token_id)
-        assert (out.padding == 0) == (packing or micro == 1)
+        context = None if one_row else 1.0
+        with mock.patch("mmopd.training.losses.attention_context", lambda m, c=context: c):
+            out = accumulate_gradients(student, make_accelerator(), eps, slices, tb, plan,
+                                       teach, obj, cfg, heads, tok.pad_token_id)
+        padding[micro, packing, one_row] = out.padding
         grads.append({k: p.grad.clone() for k, p in student.named_parameters()})
+    assert padding[1, True, True] == padding[3, True, True] == padding[8, True, True] == 0
+    assert padding[8, True, False] <= padding[8, False, False]
     for g in grads[1:]:
         for k in g:
             assert torch.allclose(g[k], grads[0][k], atol=1e-6, rtol=1e-4), k

@@ -88,7 +88,9 @@ class TrainerConfig:
     report_to: str | list[str] = "auto"
     # micro-batches hold at most micro_batch_size episodes (and, when > 0, about
     # micro_batch_tokens tokens), their token counts balanced; with `packing` the episodes of a
-    # micro-batch run as one row without padding (text models; VLMs' rows are padded)
+    # micro-batch run without padding between them (text models; VLMs' rows are padded): in one
+    # row under flash-attention, in rows no longer than the longest episode under SDPA / eager,
+    # which attend over a whole row
     micro_batch_tokens: int = 0
     packing: bool = True
     # with one optimiser step per rollout batch (rollout.minibatches 1, so rho = 1), take

@@ -69,6 +69,25 @@ def packs(model: Any) -> bool:
     return not is_vision_model(model)
 
 
+def attention_context(model: Any) -> float | None:
+    """The row length at which a token's attention costs as many FLOPs as its linear layers
+    (projections and MLP of a decoder layer): packed rows are laid out by it
+    (`mmopd.episode.packed_width`). SDPA and eager attend over a whole packed row under a
+    block-diagonal mask; a small model's attention is costly next to its linear layers (the
+    tiny worlds' students: 512 tokens; Qwen2.5-0.5B: 8,320). None under flash-attention,
+    whose variable-length kernels attend within each sequence: one row."""
+    config = model.config
+    if "flash" in (getattr(config, "_attn_implementation", None) or ""):
+        return None
+    c = config.get_text_config()
+    h, heads = c.hidden_size, c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or h // heads
+    q, kv = heads * head_dim, (getattr(c, "num_key_value_heads", None) or heads) * head_dim
+    mlp = getattr(c, "intermediate_size", None) or 4 * h
+    # per token: 2 x (h q + 2 h kv + q h + 3 h mlp) FLOPs; per position attended: 4 q
+    return (2 * h * q + 2 * h * kv + 3 * h * mlp) / (2 * q)
+
+
 class HFScorer:
     """No-grad chunked scoring with an in-process Hugging Face model."""
 
@@ -81,11 +100,13 @@ class HFScorer:
         self.pad_id = pad_id
         self.view = view  # which prompt view of each episode the model reads (Episode.view)
         # micro-batches: at most micro_batch_size episodes (and about micro_batch_tokens tokens),
-        # token counts balanced; packed into one row without padding (default: text models;
-        # Qwen-VL's 3-D rope positions are computed per padded row)
+        # token counts balanced; packed without padding between sequences (default: text
+        # models; Qwen-VL's 3-D rope positions are computed per padded row), in rows laid out
+        # by the attention's cost (`context`; one row under flash-attention)
         self.micro_batch_size = micro_batch_size
         self.micro_batch_tokens = micro_batch_tokens
         self.packed = packs(model) if packed is None else packed
+        self.context = attention_context(model)
         self.chunk_size = chunk_size
         self.head = projection(model, dtype=dtype)  # dtype: the output layer's compute dtype
         self.topk_vocab = topk_vocab  # top-k ids only among rows the student also has
@@ -115,7 +136,9 @@ class HFScorer:
             for j in range(n_runs):
                 part = parts[j] if j < len(parts) else parts[0]
                 batch = collate([views[i][0] for i in part], [views[i][1] for i in part],
-                                self.pad_id, device, self.packed)
+                                self.pad_id, device, self.packed, self.context)
+                if batch.order is not None:  # the sequences as the rows lay them out
+                    part = [part[k] for k in batch.order]
                 vision = VisionInputs.cat(views[i][2] for i in part)
                 hidden = final_hidden(self.model, batch.input_ids, **batch.model_inputs(),
                                       **forward_kwargs(self.model, batch.input_ids, vision))

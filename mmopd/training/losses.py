@@ -34,7 +34,7 @@ from mmopd.objectives import (
 )
 from mmopd.objectives.divergences import uld_distance
 from mmopd.objectives.zoo import pair_stats, teacher_topk_fkl
-from mmopd.teachers.scorer import TokenScores, packs
+from mmopd.teachers.scorer import TokenScores, attention_context, packs
 from mmopd.training.fused import (
     Projection,
     SampledScores,
@@ -227,14 +227,15 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
     loss_total, ratio_sum, seq_tokens, clipped, padding = 0.0, 0.0, 0, 0, 0
     kept = torch.zeros((), dtype=torch.long, device=device)
     # micro-batches of at most micro_batch_size episodes (whole queries under the per-query
-    # normaliser), token counts balanced, each packed into one row without padding (text
-    # students; a VLM's rows are padded)
+    # normaliser), token counts balanced, each packed without padding between sequences (text
+    # students: one row under flash-attention, rows laid out by the attention's cost under SDPA
+    # / eager; a VLM's rows are padded)
     lengths = [len(e.input_ids) for e in episodes]
     parts = [] if idle else (
         group_parts([int(e.group) for e in episodes], lengths, tcfg.micro_batch_size,
                     tcfg.micro_batch_tokens) if per_query else
         balanced_parts(lengths, tcfg.micro_batch_size, tcfg.micro_batch_tokens))
-    packed = tcfg.packing and packs(unwrapped)
+    packed, context = tcfg.packing and packs(unwrapped), attention_context(unwrapped)
     # FSDP: every rank runs as many sharded passes as the rank with the most micro-batches; the
     # extra ones repeat the first at zero weight (the same modules gather in the same order)
     n_parts = lockstep_count(len(parts), unwrapped)
@@ -243,9 +244,11 @@ def accumulate_gradients(student: torch.nn.Module, accelerator: Accelerator,
     for j in range(n_parts):
         idle = j >= len(parts)
         part = parts[j] if not idle else [0]
+        batch = collate([episodes[i].input_ids for i in part],
+                        [episodes[i].loss_mask for i in part], pad_id, device, packed, context)
+        if batch.order is not None:  # the sequences as the rows lay them out
+            part = [part[k] for k in batch.order]
         eps, tok = [episodes[i] for i in part], torch.cat([slices[i] for i in part])
-        batch = collate([e.input_ids for e in eps], [e.loss_mask for e in eps], pad_id, device,
-                        packed)
         sync = j == n_parts - 1
         vision = VisionInputs.cat(e.vision for e in eps)
         with accelerator.no_sync(student) if not sync else nullcontext():
