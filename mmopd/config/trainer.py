@@ -89,8 +89,8 @@ class TrainerConfig:
     # micro-batches hold at most micro_batch_size episodes (and, when > 0, about
     # micro_batch_tokens tokens), their token counts balanced; with `packing` the episodes of a
     # micro-batch run without padding between them (text models; VLMs' rows are padded): in one
-    # row under flash-attention, in rows no longer than the longest episode under SDPA / eager,
-    # which attend over a whole row
+    # row under flash-attention; under SDPA / eager, which attend over a whole row, in the rows
+    # whose forward costs least (mmopd.episode.packed_width)
     micro_batch_tokens: int = 0
     packing: bool = True
     # with one optimiser step per rollout batch (rollout.minibatches 1, so rho = 1), take
