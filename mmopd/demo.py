@@ -72,13 +72,15 @@ WORLDS = {
     # two-digit addition in worked column steps; the careless solver forgets 70 % of carries.
     # The student gets twice the teacher's examples so the few carried ones still teach it
     # every three-term column sum (with 6,000 it knew only half of them; then distillation has
-    # facts to teach, not just the habit)
+    # facts to teach, not just the habit). The learning rate decays (cosine): at a constant one
+    # the greedy accuracy sagged late in refinement (0.98 -> 0.88 over the last 20 steps of one
+    # run; final 0.990 / 0.935 / 0.970 over 3 seeds, against 1.000 on each with the decay)
     "math": World(
         env={"id": "mmopd/MathText-v0", "kwargs": {"level": 2}},
         student_env={"careless": 0.7}, habit="forgets the carry 70 % of the time",
         teacher_examples=6000, student_examples=12000, sft_lr=3e-3,
         distill=("rollout.prompts_per_batch=64", "rollout.max_new_tokens=48", "trainer.steps=100",
-                 "eval.every=20")),
+                 "optim.schedule=cosine", "eval.every=20")),
     # two-digit x two-digit products: "Action: calculator[12*45]", the result, then
     # "Answer: N" (two assistant turns); the careless demonstrator answers from its head 60 % of
     # the time (lr 1e-3: at 3e-3 the teacher never learned to copy the expression). With
