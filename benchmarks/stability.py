@@ -6,7 +6,8 @@ REOPOLD's premise is instability — heavy negative token rewards and importance
 lr in --lrs and each number of minibatches (optimiser steps per rollout batch; more of them move
 rho further from 1 within a batch) in --minibatches, both objectives distil the same careless
 student from the same teacher (the math world's demo of that seed, built by benchmarks/worlds.py
-into runs/worlds/math-seedS, or here if missing) for the same number of optimiser steps.
+into runs/worlds/math-seedS, or here if missing) for the same number of optimiser steps, at a
+constant learning rate (the world's recipe decays it, which would hide a late collapse).
 `reopold` is the paper's form (PPO's ratio clip [0.8, 1.2], the reward at the parameters being
 updated, the per-query normaliser: mmopd's default), `reopold-former` mmopd's former one (the
 reward at pi_old, the minibatch normaliser, no clip), `opd` OPD's own (reward at pi_old, no
@@ -47,7 +48,7 @@ def one_run(demo: Path, seed: int, objective: str, lr: float, minibatches: int
     base = demo_configs(demo, world=WORLD, seed=seed)[2]
     run_dir = demo / "stability" / f"{objective}-lr{lr:g}-mb{minibatches}"
     _, reused = train_or_reuse(
-        base, [*VARIANTS[objective], f"optim.lr={lr}",
+        base, [*VARIANTS[objective], f"optim.lr={lr}", "optim.schedule=constant",
                f"rollout.minibatches={minibatches}", "eval.pass_k=0"],
         run_dir, f"seed {seed}: {objective} lr {lr:g} minibatches {minibatches}")
     evals = jsonl_rows(run_dir / "eval.jsonl")
