@@ -38,7 +38,11 @@ BENCHMARKS = (
      "what each piece adds, rung by rung, in the paper's form: token_rkl, stop-gradient, reward "
      "clip, entropy selection, the exploration-to-refinement schedule; and the former form"),
     ("stability", "Where REOPOLD's relaxation matters: learning rate x minibatches (math)",
-     "final accuracy and collapse over lr and optimiser steps per rollout batch, 2 seeds"),
+     "final accuracy and collapse over lr and optimiser steps per rollout batch, 2 seeds, "
+     "REOPOLD in the paper's form"),
+    ("stability_former", "The same sweep before REOPOLD took the paper's form",
+     "REOPOLD in mmopd's former form (reward at pi_old, minibatch normaliser, no ratio clip) "
+     "and OPD, one packed row per micro-batch (earlier commits)"),
     ("smollm2_teacher", "A real pretrained teacher: SmolLM2-135M-Instruct",
      "a layer-pruned student distilled with REOPOLD on arithmetic"),
     ("cross_tokenizer", "Cross-tokenizer distillation with real models: SmolLM2-135M and "
@@ -54,6 +58,7 @@ BENCHMARKS = (
 )
 # results written by a script of another name
 SCRIPTS = {f"worlds_{w}": f"worlds.py --worlds {w}" for w in ("math", "agent", "vision")}
+SCRIPTS["stability_former"] = "stability.py --objectives reopold-former,opd"
 
 
 def section(results: Path, figures: Path, name: str, title: str, what: str) -> list[str]:
